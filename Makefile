@@ -1,0 +1,46 @@
+# Every target CI or a newcomer needs. `make test` and `make demo` work on a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install lint format typecheck test test-unit test-integration test-acceptance demo bench soak docs wheel clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check durable tests examples benchmarks
+
+format: install
+	$(VENV)/bin/ruff check --fix durable tests examples benchmarks
+	$(VENV)/bin/ruff format durable tests examples benchmarks
+
+typecheck: install
+	$(VENV)/bin/mypy --strict durable
+
+test: lint typecheck
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: install
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+test-acceptance: install
+	$(VENV)/bin/pytest tests/acceptance $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/durable demo
+
+wheel: install
+	$(PY) -m build --wheel --outdir dist .
+
+clean:
+	rm -rf $(VENV) dist build .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""The exception hierarchy: every error `durable` raises is a `DurableError`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from durable.model import Run
+
+
+class DurableError(Exception):
+    """Raised for any failure that `durable` itself detects; the root of all its errors."""
+
+
+class DefinitionError(DurableError):
+    """Raised when a workflow definition is invalid (bad name, duplicate node, bad option)."""
+
+
+class WorkflowNotFound(DurableError):
+    """Raised when a workflow name is not registered with the engine."""
+
+
+class RunNotFound(DurableError):
+    """Raised when no run has the given id."""
+
+
+class SerializationError(DurableError):
+    """Raised when an input, result or payload cannot be stored as JSON."""
+
+
+class ConfigurationError(DurableError):
+    """Raised when the engine is configured wrongly (bad schema name, no DSN, closed engine)."""
+
+
+class DatabaseUnavailable(DurableError):
+    """Raised when PostgreSQL cannot be reached."""
+
+
+class RunFailed(DurableError):
+    """Raised by `Engine.wait` when the run ended `failed`; `.run` is the final `Run`."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(f"run {run.id} ({run.workflow}) failed: {run.error}")
+        self.run = run
+
+
+class RunCancelled(DurableError):
+    """Raised by `Engine.wait` when the run ended `cancelled`; `.run` is the final `Run`."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(f"run {run.id} ({run.workflow}) was cancelled")
+        self.run = run
+
+
+class NonRetryable(DurableError):
+    """Raise it in a handler to fail the node at once, without further attempts."""
+
+
+class IllegalTransition(DurableError):
+    """Raised when a run is asked to move between statuses that do not connect."""

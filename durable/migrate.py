@@ -1,0 +1,46 @@
+"""Applies the schema and pending migrations once, under an advisory lock."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+
+from durable.sql import Queries, migrations, render, schema_sql
+
+log = logging.getLogger("durable.migrate")
+
+
+async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
+    """Bring `schema` up to date on `conn`; return the versions this call applied.
+
+    A fresh database gets `schema.sql` whole and every migration recorded as applied; an
+    existing one gets the migrations it lacks, in order. The transaction-scoped advisory lock
+    makes concurrent callers (several workers starting at once) queue up: the first applies,
+    the others then find nothing to do.
+    """
+    queries = Queries(schema)
+    all_migrations = migrations()
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"durable.migrate.{schema}")
+        table = await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".migrations')
+        if table is None:
+            await conn.execute(render("CREATE SCHEMA IF NOT EXISTS __SCHEMA__", schema))
+            await conn.execute(render(schema_sql(), schema))
+            await conn.executemany(
+                queries["record_migration"], [(m.version, m.name) for m in all_migrations]
+            )
+            applied = [m.version for m in all_migrations]
+        else:
+            done = {r[0] for r in await conn.fetch(queries["applied_migrations"])}
+            applied = []
+            for m in all_migrations:
+                if m.version in done:
+                    continue
+                await conn.execute(render(m.sql, schema))
+                await conn.execute(queries["record_migration"], m.version, m.name)
+                applied.append(m.version)
+    if applied:
+        log.info("applied migrations %s to schema %s", applied, schema,
+                 extra={"schema": schema, "versions": applied})
+    return applied

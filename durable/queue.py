@@ -1,0 +1,128 @@
+"""The built-in job queue: enqueue, claim, settle and retry jobs on a caller's connection.
+
+Every function takes the connection whose transaction the operation must join: enqueueing
+commits with the caller's writes, and a claimed job's row lock lasts exactly as long as the
+transaction that does its work. A worker that dies mid-job loses its transaction, so the lock
+goes with it and the job is claimable again at once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from durable.db import dumps, loads
+from durable.sql import Queries
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed job. `attempts` counts its earlier failed or leased attempts."""
+
+    id: int
+    queue: str
+    task: str
+    run_id: str | None
+    payload: dict[str, Any]
+    priority: int
+    attempts: int
+    lease_token: uuid.UUID | None
+
+    @classmethod
+    def from_record(cls, row: asyncpg.Record) -> Job:
+        """Build a `Job` from a row of the claim queries."""
+        return cls(
+            id=row["id"],
+            queue=row["queue"],
+            task=row["task"],
+            run_id=row["run_id"],
+            payload=loads(row["payload"]),
+            priority=row["priority"],
+            attempts=row["attempts"],
+            lease_token=row["lease_token"],
+        )
+
+
+class JobQueue:
+    """Queue operations for one schema."""
+
+    def __init__(self, queries: Queries) -> None:
+        self.q = queries
+
+    async def enqueue(
+        self,
+        conn: asyncpg.Connection,
+        queue: str,
+        task: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        delay: float = 0.0,
+        priority: int = 0,
+    ) -> int:
+        """Insert a job in `conn`'s transaction; it is due `delay` seconds after DB `now()`."""
+        text = dumps(dict(payload or {}), f"payload of job {task!r}")
+        job_id: int = await conn.fetchval(
+            self.q["enqueue_job"], queue, task, run_id, text, priority, float(delay)
+        )
+        return job_id
+
+    async def claim(self, conn: asyncpg.Connection, queues: Sequence[str]) -> Job | None:
+        """Lock the most urgent due job of `queues` for `conn`'s open transaction."""
+        row = await conn.fetchrow(self.q["claim_job"], list(queues))
+        return None if row is None else Job.from_record(row)
+
+    async def claim_by_id(self, conn: asyncpg.Connection, job_id: int) -> Job | None:
+        """Lock job `job_id` if it is due and no other transaction holds it."""
+        row = await conn.fetchrow(self.q["claim_job_by_id"], job_id)
+        return None if row is None else Job.from_record(row)
+
+    async def next_due(self, conn: asyncpg.Connection, queues: Sequence[str]) -> float | None:
+        """Seconds until the next job of `queues` is due (<= 0: due now; None: no job)."""
+        value: float | None = await conn.fetchval(self.q["next_due"], list(queues))
+        return value
+
+    async def delete(self, conn: asyncpg.Connection, job_id: int) -> None:
+        """Delete a job; call it in the transaction that commits the job's work."""
+        await conn.execute(self.q["delete_job"], job_id)
+
+    async def reschedule(
+        self, conn: asyncpg.Connection, job_id: int, delay: float, payload: Mapping[str, Any]
+    ) -> None:
+        """Make a held job due again after `delay` seconds, with a new payload."""
+        await conn.execute(
+            self.q["reschedule_job"], job_id, float(delay), dumps(dict(payload), "job payload")
+        )
+
+    async def retry(self, conn: asyncpg.Connection, job_id: int, delay: float) -> int | None:
+        """Count a failed attempt and delay the job; None if another worker holds it now."""
+        attempts: int | None = await conn.fetchval(self.q["retry_job"], job_id, float(delay))
+        return attempts
+
+    async def lease(self, conn: asyncpg.Connection, job_id: int, seconds: float) -> uuid.UUID:
+        """Lease a held job for `seconds`; commit, then work outside any transaction."""
+        token = uuid.uuid4()
+        await conn.execute(self.q["lease_job"], job_id, token, float(seconds))
+        return token
+
+    async def extend_lease(
+        self, conn: asyncpg.Connection, job_id: int, token: uuid.UUID, seconds: float
+    ) -> bool:
+        """Push the lease of a job `seconds` past now; False if the lease was lost."""
+        return await conn.fetchval(self.q["extend_lease"], job_id, token, float(seconds)) is not None
+
+    async def claim_leased(
+        self, conn: asyncpg.Connection, job_id: int, token: uuid.UUID
+    ) -> Job | None:
+        """Lock a leased job to settle it; None if the lease lapsed and was taken over."""
+        row = await conn.fetchrow(self.q["claim_leased_job"], job_id, token)
+        return None if row is None else Job.from_record(row)
+
+    async def count(self, conn: asyncpg.Connection) -> int:
+        """Number of live jobs."""
+        n: int = await conn.fetchval(self.q["count_jobs"])
+        return n

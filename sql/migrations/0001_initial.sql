@@ -1,0 +1,134 @@
+-- 0001: the first schema: runs, journal, attempts, signal mailbox, jobs.
+-- __SCHEMA__ is replaced by the validated, quoted schema name before execution.
+
+CREATE TABLE __SCHEMA__.migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per workflow run. `cursor` is the index of the node the run is at.
+CREATE TABLE __SCHEMA__.runs (
+    id text PRIMARY KEY,
+    workflow text NOT NULL CHECK (workflow <> ''),
+    status text NOT NULL DEFAULT 'pending' CHECK (status IN
+        ('pending', 'running', 'waiting', 'compensating', 'completed', 'failed', 'cancelled')),
+    input jsonb NOT NULL,
+    result jsonb,
+    error text,
+    cursor integer NOT NULL DEFAULT 0 CHECK (cursor >= 0),
+    current_node text,
+    wake_at timestamptz,
+    waiting_for text,
+    parent_id text REFERENCES __SCHEMA__.runs (id) ON DELETE SET NULL,
+    parent_node text,
+    idempotency_key text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    CONSTRAINT runs_finished_iff_terminal
+        CHECK ((status IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
+);
+CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX runs_status_idx ON __SCHEMA__.runs (status, id DESC);
+CREATE INDEX runs_workflow_idx ON __SCHEMA__.runs (workflow, id DESC);
+CREATE INDEX runs_finished_idx ON __SCHEMA__.runs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX runs_parent_idx ON __SCHEMA__.runs (parent_id) WHERE parent_id IS NOT NULL;
+
+-- Statuses move only along these edges; the database refuses anything else.
+CREATE FUNCTION __SCHEMA__.runs_status_guard_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT (
+        (OLD.status = 'pending' AND NEW.status IN
+            ('running', 'waiting', 'compensating', 'completed', 'failed', 'cancelled'))
+        OR (OLD.status = 'running' AND NEW.status IN
+            ('waiting', 'compensating', 'completed', 'failed', 'cancelled'))
+        OR (OLD.status = 'waiting' AND NEW.status IN
+            ('running', 'compensating', 'completed', 'failed', 'cancelled'))
+        OR (OLD.status = 'compensating' AND NEW.status IN ('failed', 'cancelled'))
+        OR (OLD.status = 'failed' AND NEW.status = 'running')
+    ) THEN
+        RAISE EXCEPTION 'durable: illegal run status change % -> % for run %',
+            OLD.status, NEW.status, OLD.id USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER runs_status_guard BEFORE UPDATE OF status ON __SCHEMA__.runs
+    FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
+    EXECUTE FUNCTION __SCHEMA__.runs_status_guard_v1();
+
+-- Every committed node outcome: `key` is the node name, `name#branch`, `name#N`,
+-- `name@route` or `name@compensate`. The primary key makes a second commit impossible.
+CREATE TABLE __SCHEMA__.journal (
+    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    key text NOT NULL,
+    node text NOT NULL,
+    status text NOT NULL CHECK (status IN ('completed', 'failed')),
+    result jsonb,
+    error text,
+    attempts integer NOT NULL DEFAULT 1 CHECK (attempts >= 1),
+    started_at timestamptz,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    PRIMARY KEY (run_id, key)
+);
+
+-- Failed attempts, for retries and the timeline; the node's final outcome is in journal.
+CREATE TABLE __SCHEMA__.attempts (
+    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    key text NOT NULL,
+    attempt integer NOT NULL CHECK (attempt >= 1),
+    error text NOT NULL,
+    started_at timestamptz,
+    failed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, key, attempt)
+);
+
+-- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
+CREATE TABLE __SCHEMA__.signals (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    name text NOT NULL,
+    payload jsonb,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    consumed_by text,
+    consumed_at timestamptz,
+    CHECK ((consumed_by IS NULL) = (consumed_at IS NULL))
+);
+CREATE INDEX signals_pending_idx ON __SCHEMA__.signals (run_id, name, id)
+    WHERE consumed_at IS NULL;
+CREATE INDEX signals_run_idx ON __SCHEMA__.signals (run_id);
+
+-- The job queue. Rows are deleted in the transaction that commits their work, so the table
+-- holds only live jobs. `run_at` is on the database clock; a job leased to a
+-- non-transactional handler has `run_at` pushed to its lease expiry and a `lease_token`.
+CREATE TABLE __SCHEMA__.jobs (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue text NOT NULL,
+    task text NOT NULL,
+    run_id text,
+    payload jsonb NOT NULL DEFAULT '{}',
+    priority smallint NOT NULL DEFAULT 0,
+    run_at timestamptz NOT NULL DEFAULT now(),
+    attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    lease_token uuid,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+-- The claim walks this index in (priority desc, run_at) order and stops at the first future job.
+CREATE INDEX jobs_ready_idx ON __SCHEMA__.jobs (priority DESC, run_at, id);
+CREATE INDEX jobs_run_idx ON __SCHEMA__.jobs (run_id) WHERE run_id IS NOT NULL;
+
+-- One coalesced wake-up per inserting statement; PostgreSQL folds identical notifications
+-- of one transaction into one, so a transaction that enqueues many jobs notifies once.
+CREATE FUNCTION __SCHEMA__.jobs_notify_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify(TG_TABLE_SCHEMA || '_jobs', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
