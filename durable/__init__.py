@@ -1,5 +1,7 @@
 """durable: crash-resumable asyncio workflows that need nothing but PostgreSQL."""
 
+from durable.context import Context
+from durable.engine import Engine
 from durable.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -13,17 +15,30 @@ from durable.errors import (
     SerializationError,
     WorkflowNotFound,
 )
+from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
+    "Attempt",
     "ConfigurationError",
+    "Context",
     "DatabaseUnavailable",
     "DefinitionError",
     "DurableError",
+    "Engine",
     "IllegalTransition",
+    "JournalEntry",
+    "Node",
     "NonRetryable",
+    "Run",
     "RunCancelled",
     "RunFailed",
     "RunNotFound",
+    "RunStatus",
     "SerializationError",
+    "Step",
+    "Workflow",
     "WorkflowNotFound",
+    "default_backoff",
+    "exponential",
 ]

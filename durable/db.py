@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from durable.errors import DatabaseUnavailable, SerializationError
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    #: A connection as handlers and queries see it: plain, or borrowed from a pool.
+    Connection = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+else:
+    Connection = asyncpg.Connection
 
 # Errors that mean "the database went away or is restarting", not "this query is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

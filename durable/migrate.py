@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import asyncpg
-
+from durable.db import Connection
 from durable.sql import Queries, migrations, render, schema_sql
 
 log = logging.getLogger("durable.migrate")
 
 
-async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
+async def migrate(conn: Connection, schema: str) -> list[int]:
     """Bring `schema` up to date on `conn`; return the versions this call applied.
 
     A fresh database gets `schema.sql` whole and every migration recorded as applied; an
@@ -22,7 +21,9 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
     queries = Queries(schema)
     all_migrations = migrations()
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"durable.migrate.{schema}")
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", f"durable.migrate.{schema}"
+        )
         table = await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".migrations')
         if table is None:
             await conn.execute(render("CREATE SCHEMA IF NOT EXISTS __SCHEMA__", schema))
@@ -41,6 +42,10 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
                 await conn.execute(queries["record_migration"], m.version, m.name)
                 applied.append(m.version)
     if applied:
-        log.info("applied migrations %s to schema %s", applied, schema,
-                 extra={"schema": schema, "versions": applied})
+        log.info(
+            "applied migrations %s to schema %s",
+            applied,
+            schema,
+            extra={"schema": schema, "versions": applied},
+        )
     return applied

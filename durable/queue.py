@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from durable.db import dumps, loads
+from durable.db import Connection, dumps, loads
 from durable.sql import Queries
 
 
@@ -55,7 +55,7 @@ class JobQueue:
 
     async def enqueue(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         queue: str,
         task: str,
         payload: Mapping[str, Any] | None = None,
@@ -71,58 +71,58 @@ class JobQueue:
         )
         return job_id
 
-    async def claim(self, conn: asyncpg.Connection, queues: Sequence[str]) -> Job | None:
+    async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
         """Lock the most urgent due job of `queues` for `conn`'s open transaction."""
         row = await conn.fetchrow(self.q["claim_job"], list(queues))
         return None if row is None else Job.from_record(row)
 
-    async def claim_by_id(self, conn: asyncpg.Connection, job_id: int) -> Job | None:
+    async def claim_by_id(self, conn: Connection, job_id: int) -> Job | None:
         """Lock job `job_id` if it is due and no other transaction holds it."""
         row = await conn.fetchrow(self.q["claim_job_by_id"], job_id)
         return None if row is None else Job.from_record(row)
 
-    async def next_due(self, conn: asyncpg.Connection, queues: Sequence[str]) -> float | None:
+    async def next_due(self, conn: Connection, queues: Sequence[str]) -> float | None:
         """Seconds until the next job of `queues` is due (<= 0: due now; None: no job)."""
         value: float | None = await conn.fetchval(self.q["next_due"], list(queues))
         return value
 
-    async def delete(self, conn: asyncpg.Connection, job_id: int) -> None:
+    async def delete(self, conn: Connection, job_id: int) -> None:
         """Delete a job; call it in the transaction that commits the job's work."""
         await conn.execute(self.q["delete_job"], job_id)
 
     async def reschedule(
-        self, conn: asyncpg.Connection, job_id: int, delay: float, payload: Mapping[str, Any]
+        self, conn: Connection, job_id: int, delay: float, payload: Mapping[str, Any]
     ) -> None:
         """Make a held job due again after `delay` seconds, with a new payload."""
         await conn.execute(
             self.q["reschedule_job"], job_id, float(delay), dumps(dict(payload), "job payload")
         )
 
-    async def retry(self, conn: asyncpg.Connection, job_id: int, delay: float) -> int | None:
+    async def retry(self, conn: Connection, job_id: int, delay: float) -> int | None:
         """Count a failed attempt and delay the job; None if another worker holds it now."""
         attempts: int | None = await conn.fetchval(self.q["retry_job"], job_id, float(delay))
         return attempts
 
-    async def lease(self, conn: asyncpg.Connection, job_id: int, seconds: float) -> uuid.UUID:
+    async def lease(self, conn: Connection, job_id: int, seconds: float) -> uuid.UUID:
         """Lease a held job for `seconds`; commit, then work outside any transaction."""
         token = uuid.uuid4()
         await conn.execute(self.q["lease_job"], job_id, token, float(seconds))
         return token
 
     async def extend_lease(
-        self, conn: asyncpg.Connection, job_id: int, token: uuid.UUID, seconds: float
+        self, conn: Connection, job_id: int, token: uuid.UUID, seconds: float
     ) -> bool:
         """Push the lease of a job `seconds` past now; False if the lease was lost."""
-        return await conn.fetchval(self.q["extend_lease"], job_id, token, float(seconds)) is not None
+        return (
+            await conn.fetchval(self.q["extend_lease"], job_id, token, float(seconds)) is not None
+        )
 
-    async def claim_leased(
-        self, conn: asyncpg.Connection, job_id: int, token: uuid.UUID
-    ) -> Job | None:
+    async def claim_leased(self, conn: Connection, job_id: int, token: uuid.UUID) -> Job | None:
         """Lock a leased job to settle it; None if the lease lapsed and was taken over."""
         row = await conn.fetchrow(self.q["claim_leased_job"], job_id, token)
         return None if row is None else Job.from_record(row)
 
-    async def count(self, conn: asyncpg.Connection) -> int:
+    async def count(self, conn: Connection) -> int:
         """Number of live jobs."""
         n: int = await conn.fetchval(self.q["count_jobs"])
         return n

@@ -36,10 +36,10 @@ DEFAULT_SETTINGS: Mapping[str, str] = {
 
 def _find_bin_dir() -> Path:
     try:
-        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+        from pgserver._commands import POSTGRES_BIN_PATH
 
         return Path(POSTGRES_BIN_PATH)
-    except Exception:  # noqa: BLE001 - pgserver is optional; any import failure means "absent"
+    except Exception:
         pass
     found = shutil.which("pg_ctl")
     if found:
@@ -67,8 +67,14 @@ def _server_user() -> pwd.struct_passwd | None:
         return pwd.getpwnam(_SERVER_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             _SERVER_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                _SERVER_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -129,16 +135,35 @@ class LocalPostgres:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             if self._user is not None:
                 os.chown(self.data_dir, self._user.pw_uid, self._user.pw_gid)
-            self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                      "--encoding=UTF8", "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
         self._start_server()
         return self.dsn
 
     def _start_server(self) -> None:
         opts = " ".join(f"-c {k}={v}" if v else f"-c {k}=''" for k, v in self.settings.items())
         opts += f" -p {self.port}"
-        self._run("pg_ctl", "-D", str(self.data_dir), "-o", opts, "-w", "-t", "60",
-                  "-l", str(self.data_dir / "server.log"), "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(self.data_dir / "server.log"),
+            "start",
+        )
         self._running = True
 
     def stop(self, mode: str = "fast") -> None:
@@ -193,7 +218,7 @@ def provision(env_var: str = "DURABLE_DSN") -> Iterator[str]:
     except DurableError:
         if not _docker_answers():
             raise
-        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+        from testcontainers.postgres import PostgresContainer
 
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield str(container.get_connection_url())

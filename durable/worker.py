@@ -27,7 +27,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup
 
-from durable.db import is_connection_error
+from durable.db import Connection, is_connection_error
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
 
@@ -49,7 +49,7 @@ class Outcome:
     after_commit: Callable[[], Awaitable[None]] | None = None
 
 
-Handler = Callable[[asyncpg.Connection, Job], Awaitable[Outcome | None]]
+Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
 
 
 def retry_delay(attempts: int) -> float:
@@ -68,15 +68,19 @@ class _Health:
         self.failures += 1
         if self.down_since is None:
             self.down_since = asyncio.get_running_loop().time()
-            log.warning("database unavailable, retrying with backoff: %s", exc,
-                        extra={"error": repr(exc)})
-        return min(0.05 * 2 ** min(self.failures, 7), 5.0)
+            log.warning(
+                "database unavailable, retrying with backoff: %s", exc, extra={"error": repr(exc)}
+            )
+        return float(min(0.05 * 2 ** min(self.failures, 7), 5.0))
 
     def ok(self) -> None:
         if self.down_since is not None:
             seconds = asyncio.get_running_loop().time() - self.down_since
-            log.warning("database reachable again after %.1f s", seconds,
-                        extra={"outage_seconds": round(seconds, 3)})
+            log.warning(
+                "database reachable again after %.1f s",
+                seconds,
+                extra={"outage_seconds": round(seconds, 3)},
+            )
         self.down_since = None
         self.failures = 0
 
@@ -128,13 +132,19 @@ class Worker:
         """True once `stop()` was called."""
         return self._stopping.is_set()
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Work until `stop()` is called (then shut down gracefully) or until cancelled."""
         if not self.queues:
             raise ValueError("a worker needs at least one queue to claim from")
-        log.info("worker %s started: queues=%s concurrency=%d", self.name, self.queues,
-                 self.concurrency, extra={"worker": self.name})
+        log.info(
+            "worker %s started: queues=%s concurrency=%d",
+            self.name,
+            self.queues,
+            self.concurrency,
+            extra={"worker": self.name},
+        )
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._listen)
             async with anyio.create_task_group() as jobs_tg:
@@ -143,12 +153,19 @@ class Worker:
                 with anyio.move_on_after(self.grace_period):
                     await self._idle.wait()
                 if self._inflight:
-                    log.warning("grace period over: releasing %d in-flight jobs", self._inflight,
-                                extra={"worker": self.name})
+                    log.warning(
+                        "grace period over: releasing %d in-flight jobs",
+                        self._inflight,
+                        extra={"worker": self.name},
+                    )
                 jobs_tg.cancel_scope.cancel()
             outer.cancel_scope.cancel()
-        log.info("worker %s stopped after %d jobs", self.name, self.processed,
-                 extra={"worker": self.name})
+        log.info(
+            "worker %s stopped after %d jobs",
+            self.name,
+            self.processed,
+            extra={"worker": self.name},
+        )
 
     # -- waking up -------------------------------------------------------------------------
 
@@ -162,7 +179,7 @@ class Worker:
             lost = asyncio.Event()
             try:
                 async with self.pool.acquire() as conn:
-                    conn.add_termination_listener(lambda _c: lost.set())
+                    conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                     await conn.add_listener(self.channel, self._on_notify)
                     health.ok()
                     # A notification may have been missed while we were not listening.
@@ -209,7 +226,9 @@ class Worker:
                 tg.start_soon(self._work, *claimed)
                 continue
             self._slots.release()
-            timeout = self.poll_interval if due is None or due <= 0 else min(due, self.poll_interval)
+            timeout = (
+                self.poll_interval if due is None or due <= 0 else min(due, self.poll_interval)
+            )
             await self._wait_for_work(timeout)
 
     async def _wait_stop(self, seconds: float) -> None:
@@ -218,7 +237,7 @@ class Worker:
 
     async def _claim(
         self,
-    ) -> tuple[tuple[asyncpg.Connection, asyncpg.transaction.Transaction, Job] | None, float | None]:
+    ) -> tuple[tuple[Connection, asyncpg.transaction.Transaction, Job] | None, float | None]:
         conn = await self.pool.acquire()
         try:
             tx = conn.transaction()
@@ -234,12 +253,12 @@ class Worker:
         await self.pool.release(conn)
         return None, due
 
-    async def _discard(self, conn: asyncpg.Connection) -> None:
+    async def _discard(self, conn: Connection) -> None:
         """Drop a connection whose transaction state is unknown; the server rolls it back."""
         with anyio.CancelScope(shield=True):
             conn.terminate()
             with contextlib.suppress(Exception):
-                await self.pool.release(conn)
+                await self.pool.release(conn)  # type: ignore[arg-type]
 
     # -- working ---------------------------------------------------------------------------
 
@@ -253,9 +272,7 @@ class Worker:
         if self._inflight == 0:
             self._idle.set()
 
-    async def _work(
-        self, conn: asyncpg.Connection, tx: asyncpg.transaction.Transaction, job: Job
-    ) -> None:
+    async def _work(self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job) -> None:
         after: Callable[[], Awaitable[None]] | None = None
         try:
             while True:
@@ -276,8 +293,11 @@ class Worker:
         except Exception as exc:
             # The connection failed under us; the server rolls back and frees the job.
             if not is_connection_error(exc):
-                log.exception("job %s failed outside its handler", job.id,
-                              extra={"job_id": job.id, "task": job.task, "run_id": job.run_id})
+                log.exception(
+                    "job %s failed outside its handler",
+                    job.id,
+                    extra={"job_id": job.id, "task": job.task, "run_id": job.run_id},
+                )
             await self._discard(conn)
             self._finished()
             return
@@ -285,22 +305,32 @@ class Worker:
             await self._discard(conn)
             self._finished()
             raise
-        await self.pool.release(conn)
+        await self.pool.release(conn)  # type: ignore[arg-type]
         try:
             if after is not None:
                 await after()
+                # The run's next job became due without a NOTIFY: look for it now.
+                self._wakeup.set()
         except Exception:
-            log.exception("after-commit work of job %s failed", job.id,
-                          extra={"job_id": job.id, "task": job.task, "run_id": job.run_id})
+            log.exception(
+                "after-commit work of job %s failed",
+                job.id,
+                extra={"job_id": job.id, "task": job.task, "run_id": job.run_id},
+            )
         finally:
             self._finished()
 
     async def _run_one(
-        self, conn: asyncpg.Connection, tx: asyncpg.transaction.Transaction, job: Job
+        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
     ) -> Outcome | None:
         """Run one claimed job and commit; on error roll back and schedule a retry."""
-        fields = {"job_id": job.id, "task": job.task, "run_id": job.run_id, "queue": job.queue,
-                  "worker": self.name}
+        fields = {
+            "job_id": job.id,
+            "task": job.task,
+            "run_id": job.run_id,
+            "queue": job.queue,
+            "worker": self.name,
+        }
         try:
             handler = self.handlers.get(job.task)
             if handler is None:
@@ -320,10 +350,17 @@ class Worker:
             return None
 
     async def _retry(
-        self, conn: asyncpg.Connection, job: Job, exc: Exception, fields: dict[str, object]
+        self, conn: Connection, job: Job, exc: Exception, fields: dict[str, object]
     ) -> None:
         delay = retry_delay(job.attempts + 1)
-        log.error("job %s (%s) failed, retrying in %.0f s: %r", job.id, job.task, delay, exc,
-                  extra={**fields, "attempt": job.attempts + 1}, exc_info=exc)
+        log.error(
+            "job %s (%s) failed, retrying in %.0f s: %r",
+            job.id,
+            job.task,
+            delay,
+            exc,
+            extra={**fields, "attempt": job.attempts + 1},
+            exc_info=exc,
+        )
         async with conn.transaction():
             await self.jobs.retry(conn, job.id, delay)

@@ -80,3 +80,199 @@ SELECT version FROM __SCHEMA__.migrations ORDER BY version;
 -- record_migration --
 -- Remember that a migration was applied.
 INSERT INTO __SCHEMA__.migrations (version, name) VALUES ($1, $2);
+
+-- insert_run --
+-- Create a run and its first job in one statement; nothing when the idempotency key is taken.
+WITH run AS (
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, input, current_node, idempotency_key, parent_id, parent_node)
+    VALUES ($1, $2, $3::jsonb, $4, $5, $6, $7)
+    ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, workflow
+), job AS (
+    INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+    SELECT workflow, 'advance', id, '{"c": 0, "a": 1}'::jsonb FROM run
+)
+SELECT id FROM run;
+
+-- find_idempotent_run --
+-- The run that already holds an idempotency key.
+SELECT id FROM __SCHEMA__.runs WHERE workflow = $1 AND idempotency_key = $2;
+
+-- lock_run --
+-- Lock a run (always after its job: one lock order everywhere) and read what a node needs.
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.error, r.parent_id,
+       clock_timestamp() AS now,
+       (SELECT jsonb_object_agg(j.key, j.result)
+          FROM __SCHEMA__.journal j
+         WHERE j.run_id = r.id AND j.status = 'completed'
+           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results
+FROM __SCHEMA__.runs r
+WHERE r.id = $1
+FOR UPDATE OF r;
+
+-- complete_node --
+-- Journal a node's result, move the cursor and hand the run's job on to the next node.
+WITH entry AS (
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET cursor = $6, current_node = $7, status = 'running', updated_at = now()
+    WHERE id = $1
+)
+UPDATE __SCHEMA__.jobs
+SET task = 'advance', payload = $8::jsonb, run_at = now(), lease_token = NULL
+WHERE id = $9;
+
+-- complete_run --
+-- Journal the last node, finish the run with every node's result and drop its job.
+WITH entry AS (
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET cursor = $6, current_node = NULL, status = 'completed', result = $7::jsonb,
+        finished_at = now(), updated_at = now()
+    WHERE id = $1
+), job AS (
+    DELETE FROM __SCHEMA__.jobs WHERE id = $8
+)
+SELECT pg_notify($9, $1);
+
+-- retry_node --
+-- Record a failed attempt and make the run's job due again after the backoff.
+WITH attempt AS (
+    INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
+    VALUES ($1, $2, $3, $4, $5)
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+        updated_at = now()
+    WHERE id = $1
+)
+UPDATE __SCHEMA__.jobs
+SET run_at = now() + make_interval(secs => $6), payload = $7::jsonb, lease_token = NULL
+WHERE id = $8;
+
+-- fail_node --
+-- Record the last failed attempt, journal the node as failed and turn the job into the
+-- first compensation step.
+WITH attempt AS (
+    INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
+    VALUES ($1, $2, $3, $4, $5)
+), entry AS (
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, error, attempts, started_at)
+    VALUES ($1, $2, $6, 'failed', $4, $3, $5)
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = 'compensating', error = $4, current_node = $6, updated_at = now()
+    WHERE id = $1
+)
+UPDATE __SCHEMA__.jobs
+SET task = 'compensate', payload = $7::jsonb, run_at = now(), lease_token = NULL
+WHERE id = $8;
+
+-- compensation_state --
+-- The run's journal, newest first, for choosing the next compensation.
+SELECT key, node, status, result::text AS result
+FROM __SCHEMA__.journal
+WHERE run_id = $1
+ORDER BY seq DESC;
+
+-- journal_compensation --
+-- Journal the outcome of one compensator and hand the job on to the next one.
+WITH entry AS (
+    INSERT INTO __SCHEMA__.journal
+        (run_id, key, node, status, result, error, attempts, started_at)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)
+), run AS (
+    UPDATE __SCHEMA__.runs SET updated_at = now() WHERE id = $1
+)
+UPDATE __SCHEMA__.jobs
+SET task = 'compensate', payload = $9::jsonb, run_at = now(), lease_token = NULL
+WHERE id = $10;
+
+-- finish_run --
+-- End a run as failed or cancelled, drop its job and wake whoever waits for it.
+WITH run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = $2, current_node = NULL, finished_at = now(), updated_at = now(),
+        error = coalesce(error, $3)
+    WHERE id = $1
+), job AS (
+    DELETE FROM __SCHEMA__.jobs WHERE id = $4
+)
+SELECT pg_notify($5, $1);
+
+-- lease_node --
+-- Lease the run's job to a non-transactional step: invisible to claims until the lease
+-- lapses; a worker that takes it over after that starts the next attempt.
+WITH run AS (
+    UPDATE __SCHEMA__.runs SET status = 'running', updated_at = now() WHERE id = $1
+)
+UPDATE __SCHEMA__.jobs
+SET lease_token = $2, run_at = now() + make_interval(secs => $3), payload = $4::jsonb
+WHERE id = $5;
+
+-- get_run --
+-- A run with the results of its completed nodes.
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
+       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+       (SELECT jsonb_object_agg(j.key, j.result)
+          FROM __SCHEMA__.journal j
+         WHERE j.run_id = r.id AND j.status = 'completed'
+           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results,
+       ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
+           AS children
+FROM __SCHEMA__.runs r
+WHERE r.id = $1;
+
+-- list_runs --
+-- Runs, newest first, optionally filtered by status and workflow.
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
+       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+       (SELECT jsonb_object_agg(j.key, j.result)
+          FROM __SCHEMA__.journal j
+         WHERE j.run_id = r.id AND j.status = 'completed'
+           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results,
+       ARRAY[]::text[] AS children
+FROM __SCHEMA__.runs r
+WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
+ORDER BY r.id DESC
+LIMIT $3;
+
+-- get_journal --
+-- A run's journal in commit order.
+SELECT key, node, status, result::text AS result, error, attempts, started_at, finished_at
+FROM __SCHEMA__.journal
+WHERE run_id = $1
+ORDER BY seq;
+
+-- get_attempts --
+-- A run's failed attempts in order.
+SELECT key, attempt, error, started_at, failed_at
+FROM __SCHEMA__.attempts
+WHERE run_id = $1
+ORDER BY failed_at, key, attempt;
+
+-- run_status --
+-- The status of a run (None when it does not exist).
+SELECT status FROM __SCHEMA__.runs WHERE id = $1;
+
+-- lock_run_jobs --
+-- Lock every job of a run, first (jobs before runs: one lock order everywhere).
+SELECT id FROM __SCHEMA__.jobs WHERE run_id = $1 ORDER BY id FOR UPDATE;
+
+-- begin_cancel --
+-- Drop a run's pending jobs and start its compensation towards `cancelled`.
+WITH gone AS (
+    DELETE FROM __SCHEMA__.jobs WHERE run_id = $1
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = 'compensating', error = $2, updated_at = now()
+    WHERE id = $1
+)
+INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+VALUES ($3, 'compensate', $1, $4::jsonb)
+RETURNING id;

@@ -1,0 +1,28 @@
+"""What a node handler receives: the run's input, earlier results and its transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from durable.db import Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The view a handler has of its run.
+
+    `input` is the run's input; `results` maps the name of every completed node to its
+    result (read-only); `attempt` is 1-based; `conn` is the connection of the transaction the
+    node commits in (None for `transactional=False` steps): writes through it commit
+    atomically with the node's journal entry, or not at all.
+    """
+
+    input: dict[str, Any]
+    results: Mapping[str, Any]
+    run_id: str
+    workflow: str
+    node: str
+    attempt: int
+    conn: Connection | None

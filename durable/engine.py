@@ -1,0 +1,398 @@
+"""The public entry point: `Engine` starts, inspects, waits for and cancels runs, and runs
+workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import anyio
+import asyncpg
+from ulid import ULID
+
+from durable.db import Connection, create_pool, dumps, loads, redact
+from durable.errors import (
+    ConfigurationError,
+    DefinitionError,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    WorkflowNotFound,
+)
+from durable.migrate import migrate
+from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.runner import Runner
+from durable.sql import Queries
+from durable.worker import Worker
+from durable.workflow import Workflow
+
+log = logging.getLogger("durable.engine")
+
+# How often `wait` re-reads a run in case a notification was missed (e.g. a reconnect).
+_WAIT_RECHECK = 5.0
+
+
+def _run_from_record(row: asyncpg.Record) -> Run:
+    return Run(
+        id=row["id"],
+        workflow=row["workflow"],
+        status=RunStatus(row["status"]),
+        input=loads(row["input"]),
+        results=loads(row["results"]) or {},
+        result=loads(row["result"]),
+        error=row["error"],
+        current_node=row["current_node"],
+        parent_id=row["parent_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        children=tuple(row["children"] or ()),
+    )
+
+
+class Engine:
+    """Runs registered workflows on PostgreSQL.
+
+    Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
+    `async with engine:` (opens the pool and applies migrations), or call `open()`/`close()`.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: asyncpg.Pool | None = None,
+        workflows: Iterable[Workflow] = (),
+        schema: str = "durable",
+        pool_size: int = 10,
+        lease_seconds: float = 30.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        if (dsn is None) == (pool is None):
+            raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
+        self.dsn = dsn
+        self.queries = Queries(schema)
+        self.schema = schema
+        self._workflows: dict[str, Workflow] = {}
+        for wf in workflows:
+            self.register(wf)
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._pool_size = pool_size
+        self.poll_interval = poll_interval
+        self.runner = Runner(self.queries, self._workflows, lease_seconds=lease_seconds)
+        self._runs_channel = f"{schema}_runs"
+        self._listener: Connection | None = None
+        self._listener_lock = asyncio.Lock()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+
+    def __repr__(self) -> str:
+        where = redact(self.dsn) if self.dsn else "pool"
+        return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._workflows)})"
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def register(self, workflow: Workflow) -> None:
+        """Make `workflow` known to this engine (names are unique per engine)."""
+        if not isinstance(workflow, Workflow):
+            raise DefinitionError(f"expected a durable.Workflow, got {workflow!r}")
+        if not workflow.nodes:
+            raise DefinitionError(f"workflow {workflow.name!r} has no nodes")
+        existing = self._workflows.get(workflow.name)
+        if existing is not None and existing is not workflow:
+            raise DefinitionError(f"a workflow named {workflow.name!r} is already registered")
+        self._workflows[workflow.name] = workflow
+
+    @property
+    def workflows(self) -> Mapping[str, Workflow]:
+        """The registered workflows by name."""
+        return dict(self._workflows)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The engine's asyncpg pool (open the engine first)."""
+        if self._pool is None:
+            raise ConfigurationError("the engine is not open: use 'async with engine:'")
+        return self._pool
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Open the pool (when given a DSN) and, by default, apply pending migrations."""
+        if self._pool is None:
+            assert self.dsn is not None
+            self._pool = await create_pool(self.dsn, min_size=1, max_size=self._pool_size)
+        if migrate:
+            await self.migrate()
+
+    async def close(self) -> None:
+        """Close the listener and, if the engine opened it, the pool."""
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                if self.dsn is not None:
+                    await self._listener.close()
+                else:
+                    await self._listener.remove_listener(self._runs_channel, self._on_finished)
+                    await self.pool.release(self._listener)  # type: ignore[arg-type]
+            self._listener = None
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> Engine:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations (safe from many processes at once)."""
+        async with self.pool.acquire() as conn:
+            return await migrate(conn, self.schema)
+
+    def _workflow(self, workflow: str | Workflow) -> Workflow:
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        found = self._workflows.get(name)
+        if found is None:
+            known = ", ".join(sorted(self._workflows)) or "none"
+            raise WorkflowNotFound(f"workflow {name!r} is not registered (registered: {known})")
+        return found
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: str | Workflow,
+        input: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conn: Connection | None = None,
+    ) -> str:
+        """Create a run and its first job in one transaction; return the run id (a ULID).
+
+        Nothing is written unless the workflow is registered and `input` serializes to JSON.
+        With `conn`, the run commits (or rolls back) with the caller's transaction. With an
+        `idempotency_key`, a second start with the same key returns the first run's id.
+        """
+        wf = self._workflow(workflow)
+        if input is None:
+            input = {}
+        if not isinstance(input, Mapping):
+            raise TypeError(f"input must be a mapping (a JSON object), got {type(input).__name__}")
+        text = dumps(dict(input), f"input of workflow {wf.name!r}")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            raise ValueError("idempotency_key must be a non-empty string")
+        run_id = str(ULID())
+        args = (run_id, wf.name, text, wf.nodes[0].name, idempotency_key, None, None)
+        if conn is not None:
+            return await self._insert_run(conn, wf.name, idempotency_key, args)
+        async with self.pool.acquire() as c:
+            return await self._insert_run(c, wf.name, idempotency_key, args)
+
+    async def _insert_run(
+        self, conn: Connection, workflow: str, key: str | None, args: tuple[Any, ...]
+    ) -> str:
+        created: str | None = await conn.fetchval(self.queries["insert_run"], *args)
+        if created is not None:
+            log.debug("run %s started", created, extra={"run_id": created, "workflow": workflow})
+            return created
+        existing: str = await conn.fetchval(self.queries["find_idempotent_run"], workflow, key)
+        return existing
+
+    async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
+        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(self.queries["get_run"], run_id)
+            if row is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            run = _run_from_record(row)
+            if not journal:
+                return run
+            entries = tuple(
+                JournalEntry(
+                    key=r["key"],
+                    node=r["node"],
+                    status=r["status"],
+                    result=loads(r["result"]),
+                    error=r["error"],
+                    attempts=r["attempts"],
+                    started_at=r["started_at"],
+                    finished_at=r["finished_at"],
+                )
+                for r in await conn.fetch(self.queries["get_journal"], run_id)
+            )
+            attempts = tuple(
+                Attempt(
+                    key=r["key"],
+                    attempt=r["attempt"],
+                    error=r["error"],
+                    started_at=r["started_at"],
+                    failed_at=r["failed_at"],
+                )
+                for r in await conn.fetch(self.queries["get_attempts"], run_id)
+            )
+        return Run(**{**run.__dict__, "journal": entries, "attempts": attempts})
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[Run]:
+        """Runs, newest first, optionally of one status and/or workflow."""
+        if status is not None:
+            status = RunStatus(status).value
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
+        return [_run_from_record(r) for r in rows]
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _on_finished(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        for event in self._waiters.get(str(payload), ()):
+            event.set()
+
+    async def _ensure_listener(self) -> None:
+        async with self._listener_lock:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            conn: Connection
+            if self.dsn is not None:
+                conn = await asyncpg.connect(self.dsn)
+            else:
+                conn = await self.pool.acquire()
+            await conn.add_listener(self._runs_channel, self._on_finished)
+            self._listener = conn
+
+    async def wait(self, run_id: str, timeout: float | None = None) -> Any:
+        """Wait until the run finishes; return its result.
+
+        Raises `RunFailed` or `RunCancelled` (carrying the final `Run`), `RunNotFound`, or
+        `TimeoutError` after `timeout` seconds. Woken by the run's own final transaction.
+        """
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        try:
+            with anyio.fail_after(timeout):
+                with contextlib.suppress(Exception):
+                    await self._ensure_listener()
+                while True:
+                    event.clear()
+                    run = await self.get_run(run_id)
+                    if run.status is RunStatus.COMPLETED:
+                        return run.result
+                    if run.status is RunStatus.FAILED:
+                        raise RunFailed(run)
+                    if run.status is RunStatus.CANCELLED:
+                        raise RunCancelled(run)
+                    with anyio.move_on_after(_WAIT_RECHECK):
+                        await event.wait()
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[run_id]
+
+    # -- cancelling ------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled") -> bool:
+        """Cancel a pending, running or waiting run: its completed steps are compensated and
+        it ends `cancelled`. Returns False if the run had already finished or was failing.
+
+        A handler in flight finishes first (its job is locked until it commits).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetch(self.queries["lock_run_jobs"], run_id)
+            row = await conn.fetchrow(self.queries["lock_run"], run_id)
+            if row is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            if row["status"] in ("completed", "failed", "cancelled", "compensating"):
+                return False
+            await conn.fetchval(
+                self.queries["begin_cancel"],
+                run_id,
+                reason,
+                row["workflow"],
+                dumps({"final": "cancelled", "a": 1}, "job payload"),
+            )
+        log.info("run %s cancelled", run_id, extra={"run_id": run_id})
+        return True
+
+    # -- working ---------------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Any]:
+        return {"advance": self.runner.advance, "compensate": self.runner.compensate}
+
+    async def run_worker(
+        self,
+        *,
+        concurrency: int = 16,
+        poll_interval: float | None = None,
+        grace_period: float = 10.0,
+        task_status: anyio.abc.TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a worker for every registered workflow until cancelled.
+
+        With a DSN the worker has its own pool (`concurrency` + 2 connections), so web
+        requests using the engine's pool are never starved by jobs.
+        """
+        if not self._workflows:
+            raise ConfigurationError("register at least one workflow before running a worker")
+        own_pool = self.dsn is not None
+        pool = (
+            await create_pool(self.dsn, min_size=1, max_size=concurrency + 2)
+            if self.dsn is not None
+            else self.pool
+        )
+        self.runner.pool = pool
+        worker = Worker(
+            pool,
+            self.queries,
+            self._handlers(),
+            queues=list(self._workflows),
+            concurrency=concurrency,
+            poll_interval=poll_interval or self.poll_interval,
+            grace_period=grace_period,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.run)
+                task_status.started(worker)
+        finally:
+            if own_pool:
+                with anyio.CancelScope(shield=True):
+                    await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def worker(
+        self,
+        *,
+        concurrency: int = 16,
+        poll_interval: float | None = None,
+        grace_period: float = 10.0,
+    ) -> AsyncIterator[Worker]:
+        """Run a worker in the background for the duration of the block (e.g. a lifespan).
+
+        On exit the worker stops claiming and in-flight jobs get `grace_period` seconds.
+        """
+        async with anyio.create_task_group() as tg:
+            worker: Worker = await tg.start(
+                lambda task_status: self.run_worker(
+                    concurrency=concurrency,
+                    poll_interval=poll_interval,
+                    grace_period=grace_period,
+                    task_status=task_status,
+                )
+            )
+            try:
+                yield worker
+            finally:
+                worker.stop()
