@@ -26,3 +26,10 @@ class Context:
     node: str
     attempt: int
     conn: Connection | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoopContext(Context):
+    """The context of a loop body: a `Context` plus the 0-based `iteration`."""
+
+    iteration: int = 0

@@ -301,6 +301,53 @@ class Engine:
                 if not waiters:
                     del self._waiters[run_id]
 
+    # -- signals ---------------------------------------------------------------------------
+
+    async def signal(
+        self,
+        run_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        conn: Connection | None = None,
+    ) -> bool:
+        """Send signal `name` with `payload` to a run's mailbox.
+
+        The first `wait_for_signal` for that name consumes it (oldest first), whether it is
+        already waiting (it is woken in this transaction) or reaches the wait later. Returns
+        True when recorded, False when the run has finished; raises `RunNotFound`. With
+        `conn`, the signal commits with the caller's transaction.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"signal name must be a non-empty string, got {name!r}")
+        text = dumps(payload, f"payload of signal {name!r}")
+        if conn is not None:
+            return await self._signal(conn, run_id, name, text)
+        async with self.pool.acquire() as c:
+            return await self._signal(c, run_id, name, text)
+
+    async def _signal(self, conn: Connection, run_id: str, name: str, text: str) -> bool:
+        async with conn.transaction():
+            await conn.fetch(self.queries["lock_run_jobs"], run_id)
+            run = await conn.fetchrow(self.queries["lock_run"], run_id)
+            if run is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            if run["status"] in ("completed", "failed", "cancelled"):
+                return False
+            await conn.execute(self.queries["record_signal"], run_id, name, text)
+            if run["status"] == "waiting" and run["waiting_for"] == name:
+                await conn.execute(
+                    self.queries["wake_run"],
+                    run_id,
+                    run["workflow"],
+                    dumps({"c": run["cursor"], "a": 1}, "job payload"),
+                    self.queries.notify_channel,
+                )
+        log.debug(
+            "signal %s sent to run %s", name, run_id, extra={"run_id": run_id, "signal": name}
+        )
+        return True
+
     # -- cancelling ------------------------------------------------------------------------
 
     async def cancel(self, run_id: str, *, reason: str = "cancelled") -> bool:
@@ -323,13 +370,20 @@ class Engine:
                 row["workflow"],
                 dumps({"final": "cancelled", "a": 1}, "job payload"),
             )
+            children = [r["id"] for r in await conn.fetch(self.queries["active_children"], run_id)]
         log.info("run %s cancelled", run_id, extra={"run_id": run_id})
+        for child in children:
+            await self.cancel(child, reason=f"parent run {run_id} was cancelled")
         return True
 
     # -- working ---------------------------------------------------------------------------
 
     def _handlers(self) -> dict[str, Any]:
-        return {"advance": self.runner.advance, "compensate": self.runner.compensate}
+        return {
+            "advance": self.runner.advance,
+            "branch": self.runner.branch,
+            "compensate": self.runner.compensate,
+        }
 
     async def run_worker(
         self,

@@ -1,10 +1,12 @@
-"""Where a node runs: the job handlers that advance a run and walk its compensations.
+"""Where a node runs: the job handlers that advance a run, run parallel branches and walk
+compensations.
 
 Each handler is called by the worker inside the job's transaction, with the job row locked;
-it locks the run next (jobs before runs, everywhere), runs the node under a savepoint so a
-failing handler's writes roll back while its attempt is recorded, and in one statement
+it locks the run next (jobs before runs, everywhere), runs the node's code under a savepoint
+so a failing handler's writes roll back while its attempt is recorded, and in one statement
 journals the outcome, moves the cursor and hands the same job row on to the next node. The
 worker then commits and, when the next node is due, continues with it on the same slot.
+Parked runs (sleeps, signal waits, children) keep at most a delayed job and no worker slot.
 """
 
 from __future__ import annotations
@@ -12,27 +14,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
 import anyio
 import asyncpg
+from ulid import ULID
 
-from durable.context import Context
+from durable.context import Context, LoopContext
 from durable.db import Connection, dumps, loads
 from durable.errors import NonRetryable, SerializationError
-from durable.model import RunStatus
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
 from durable.worker import Outcome
-from durable.workflow import Step, Workflow
+from durable.workflow import (
+    ChildWorkflow,
+    Handler,
+    Loop,
+    Node,
+    Parallel,
+    Route,
+    Sleep,
+    SleepUntil,
+    Step,
+    WaitForSignal,
+    Workflow,
+    resolve,
+)
 
 log = logging.getLogger("durable.runner")
 
-_FINISHED = {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+_FINISHED = ("completed", "failed", "cancelled")
 
 
 class WorkerLost(Exception):
@@ -40,7 +57,15 @@ class WorkerLost(Exception):
 
 
 class DefinitionChanged(Exception):
-    """The run's cursor points past the nodes its workflow now declares."""
+    """The run's journal or cursor no longer matches its workflow's definition."""
+
+
+class ChildFailed(Exception):
+    """A child run ended failed or cancelled."""
+
+
+class SignalTimeout(Exception):
+    """A signal wait without a default timed out."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -48,31 +73,82 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _payload(cursor: int, attempt: int) -> str:
-    return f'{{"c": {cursor}, "a": {attempt}}}'
+def _payload(cursor: int, attempt: int, **extra: Any) -> str:
+    return dumps({"c": cursor, "a": attempt, **extra}, "job payload")
+
+
+@dataclass(slots=True)
+class _Visit:
+    """One job's look at its run: what every node kind needs."""
+
+    conn: Connection
+    job: Job
+    run: asyncpg.Record
+    wf: Workflow
+    cursor: int
+    attempt: int
+    results: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["id"])
+
+    @property
+    def now(self) -> datetime:
+        started: datetime = self.run["now"]
+        return started
+
+    def context(
+        self, node: str, *, transactional: bool = True, results: Mapping[str, Any] | None = None
+    ) -> Context:
+        return Context(
+            input=loads(self.run["input"]),
+            results=MappingProxyType(dict(self.results if results is None else results)),
+            run_id=self.run_id,
+            workflow=self.wf.name,
+            node=node,
+            attempt=self.attempt,
+            conn=self.conn if transactional else None,
+        )
+
+    def fields(self, node: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "workflow": self.wf.name,
+            "node": node,
+            "attempt": self.attempt,
+            **extra,
+        }
 
 
 class Runner:
-    """The `advance` and `compensate` job handlers of one engine."""
+    """The `advance`, `branch` and `compensate` job handlers of one engine."""
 
     def __init__(
-        self,
-        queries: Queries,
-        workflows: Mapping[str, Workflow],
-        *,
-        lease_seconds: float = 30.0,
+        self, queries: Queries, workflows: Mapping[str, Workflow], *, lease_seconds: float = 30.0
     ) -> None:
         self.q = queries
         self.jobs = JobQueue(queries)
         self.workflows = workflows
         self.runs_channel = f"{queries.schema}_runs"
+        self.jobs_channel = queries.notify_channel
         self.lease_seconds = lease_seconds
         self.pool: asyncpg.Pool | None = None
+        self._kinds: dict[str, Callable[[_Visit, Any], Awaitable[Outcome]]] = {
+            "step": self._step,
+            "sleep": self._sleep,
+            "sleep_until": self._sleep,
+            "wait_for_signal": self._wait,
+            "parallel": self._parallel,
+            "route": self._route,
+            "loop": self._loop,
+            "child_workflow": self._child,
+        }
 
     # -- advance ---------------------------------------------------------------------------
 
     async def advance(self, conn: Connection, job: Job) -> Outcome:
-        """Run the node the job points at, if the run is still there."""
+        """Run the node the job points at, if the run is still there and still at it."""
         run = await conn.fetchrow(self.q["lock_run"], job.run_id)
         cursor, attempt = int(job.payload["c"]), int(job.payload["a"])
         if run is None or run["status"] in _FINISHED or run["status"] == "compensating":
@@ -86,43 +162,153 @@ class Runner:
             )
             return Outcome()
         wf = self.workflows[run["workflow"]]
-        results: dict[str, Any] = loads(run["results"]) or {}
+        visit = _Visit(conn, job, run, wf, cursor, attempt, loads(run["results"]) or {})
         if cursor >= len(wf.nodes):
             exc = DefinitionChanged(
                 f"workflow {wf.name!r} has {len(wf.nodes)} nodes but run {job.run_id} is at "
                 f"node #{cursor + 1}: the definition changed while the run was in flight"
             )
-            return await self._fail_terminal(conn, job, run, f"#{cursor}", attempt, exc)
-        step = wf.nodes[cursor]
-        assert isinstance(step, Step)
-        ctx = Context(
-            input=loads(run["input"]),
-            results=MappingProxyType(results),
-            run_id=job.run_id or "",
-            workflow=wf.name,
-            node=step.name,
-            attempt=attempt,
-            conn=conn if step.transactional else None,
-        )
-        if job.lease_token is not None:
-            lost = WorkerLost(
-                f"the worker running attempt {attempt} of step {step.name!r} "
-                "stopped heartbeating and its lease lapsed"
-            )
-            return await self._failed(conn, job, run, step, attempt, lost, run["now"])
-        if not step.transactional:
-            return await self._lease(conn, job, step, ctx, run)
+            return await self._fail_terminal(visit, f"#{cursor}", exc)
+        node = wf.nodes[cursor]
+        return await self._kinds[node.kind](visit, node)
+
+    async def _attempt(
+        self, conn: Connection, what: str, call: Callable[[], Awaitable[Any]]
+    ) -> tuple[bool, Any, str | None]:
+        """Run `call` under a savepoint: (True, value, json) or (False, error, None)."""
         savepoint = conn.transaction()
         await savepoint.start()
         try:
-            value = await self._call(step, ctx)
-            text = dumps(value, f"result of step {step.name!r}")
+            value = await call()
+            return True, value, dumps(value, f"result of {what}")
         except Exception as exc:
             await savepoint.rollback()
-            return await self._failed(conn, job, run, step, attempt, exc, run["now"])
-        return await self._completed(
-            conn, job, wf, cursor, step, attempt, value, text, run["now"], results
+            return False, exc, None
+
+    async def _complete(
+        self, v: _Visit, node: Node, value: Any, text: str | None = None
+    ) -> Outcome:
+        """Journal `node` with `value`, move the cursor and pass the job to the next node."""
+        if text is None:
+            text = dumps(value, f"result of node {node.name!r}")
+        nxt = v.cursor + 1
+        if nxt < len(v.wf.nodes):
+            await v.conn.execute(
+                self.q["complete_node"],
+                v.run_id,
+                node.name,
+                text,
+                v.attempt,
+                v.now,
+                nxt,
+                v.wf.nodes[nxt].name,
+                _payload(nxt, 1),
+                v.job.id,
+            )
+            log.debug("node %s completed", node.name, extra=v.fields(node.name))
+            return Outcome(settled=True, follow=v.job.id)
+        final = dumps({**v.results, node.name: value}, f"result of run {v.run_id}")
+        await v.conn.execute(
+            self.q["complete_run"],
+            v.run_id,
+            node.name,
+            text,
+            v.attempt,
+            v.now,
+            nxt,
+            final,
+            v.job.id,
+            self.runs_channel,
         )
+        log.info("run %s completed", v.run_id, extra=v.fields(node.name))
+        return Outcome(settled=True)
+
+    async def _failure(
+        self,
+        v: _Visit,
+        node: Node,
+        key: str,
+        exc: BaseException,
+        max_attempts: int,
+        backoff: Callable[[int], float],
+        **extra: Any,
+    ) -> Outcome:
+        """Retry attempt `v.attempt` of `key` after its backoff, or fail the node for good."""
+        error = _describe(exc)
+        if not isinstance(exc, NonRetryable | SerializationError) and v.attempt < max_attempts:
+            delay = max(0.0, float(backoff(v.attempt)))
+            await v.conn.execute(
+                self.q["retry_node"],
+                v.run_id,
+                key,
+                v.attempt,
+                error,
+                v.now,
+                delay,
+                _payload(v.cursor, v.attempt + 1, **extra),
+                v.job.id,
+            )
+            log.warning(
+                "%s attempt %d failed, retrying in %.2f s: %s",
+                key,
+                v.attempt,
+                delay,
+                error,
+                extra=v.fields(key, error=error),
+            )
+            return Outcome(settled=True)
+        log.error(
+            "%s failed for good after %d attempts: %s",
+            key,
+            v.attempt,
+            error,
+            extra=v.fields(key, error=error),
+        )
+        return await self._fail_terminal(v, node.name, exc, key=key)
+
+    async def _fail_terminal(
+        self, v: _Visit, node: str, exc: BaseException, *, key: str | None = None
+    ) -> Outcome:
+        """Journal `node` as failed and turn the job into the run's compensation walk."""
+        await v.conn.execute(
+            self.q["fail_node"],
+            v.run_id,
+            key or node,
+            v.attempt,
+            _describe(exc),
+            v.now,
+            node,
+            dumps({"final": "failed", "a": 1}, "job payload"),
+            v.job.id,
+        )
+        return Outcome(settled=True, follow=v.job.id)
+
+    async def _park(
+        self, v: _Visit, wake_at: datetime | None, signal: str | None, *, keep_job: bool
+    ) -> Outcome:
+        await v.conn.execute(
+            self.q["park_run"], v.run_id, wake_at, signal, v.job.id, _payload(v.cursor, 1), keep_job
+        )
+        return Outcome(settled=True)
+
+    # -- step ------------------------------------------------------------------------------
+
+    async def _step(self, v: _Visit, step: Step) -> Outcome:
+        ctx = v.context(step.name, transactional=step.transactional)
+        if v.job.lease_token is not None:
+            lost = WorkerLost(
+                f"the worker running attempt {v.attempt} of step {step.name!r} "
+                "stopped heartbeating and its lease lapsed"
+            )
+            return await self._failure(v, step, step.name, lost, step.max_attempts, step.backoff)
+        if not step.transactional:
+            return await self._lease(v, step, ctx)
+        ok, value, text = await self._attempt(
+            v.conn, f"step {step.name!r}", lambda: self._call(step, ctx)
+        )
+        if not ok:
+            return await self._failure(v, step, step.name, value, step.max_attempts, step.backoff)
+        return await self._complete(v, step, value, text)
 
     async def _call(self, step: Step, ctx: Context) -> Any:
         if step.timeout is None:
@@ -134,144 +320,23 @@ class Runner:
                 f"attempt {ctx.attempt} of step {step.name!r} timed out after {step.timeout:g} s"
             ) from None
 
-    async def _completed(
-        self,
-        conn: Connection,
-        job: Job,
-        wf: Workflow,
-        cursor: int,
-        step: Step,
-        attempt: int,
-        value: Any,
-        text: str,
-        started: datetime,
-        results: dict[str, Any],
-    ) -> Outcome:
-        nxt = cursor + 1
-        fields = {"run_id": job.run_id, "workflow": wf.name, "node": step.name, "attempt": attempt}
-        if nxt < len(wf.nodes):
-            await conn.execute(
-                self.q["complete_node"],
-                job.run_id,
-                step.name,
-                text,
-                attempt,
-                started,
-                nxt,
-                wf.nodes[nxt].name,
-                _payload(nxt, 1),
-                job.id,
-            )
-            log.debug("node %s completed", step.name, extra=fields)
-            return Outcome(settled=True, follow=job.id)
-        final = dumps({**results, step.name: value}, f"result of run {job.run_id}")
-        await conn.execute(
-            self.q["complete_run"],
-            job.run_id,
-            step.name,
-            text,
-            attempt,
-            started,
-            nxt,
-            final,
-            job.id,
-            self.runs_channel,
-        )
-        log.info("run %s completed", job.run_id, extra=fields)
-        return Outcome(settled=True)
-
-    async def _failed(
-        self,
-        conn: Connection,
-        job: Job,
-        run: asyncpg.Record,
-        step: Step,
-        attempt: int,
-        exc: BaseException,
-        started: datetime,
-    ) -> Outcome:
-        error = _describe(exc)
-        fields = {
-            "run_id": job.run_id,
-            "workflow": run["workflow"],
-            "node": step.name,
-            "attempt": attempt,
-            "error": error,
-        }
-        final = isinstance(exc, NonRetryable | SerializationError)
-        if not final and attempt < step.max_attempts:
-            delay = max(0.0, float(step.backoff(attempt)))
-            await conn.execute(
-                self.q["retry_node"],
-                job.run_id,
-                step.name,
-                attempt,
-                error,
-                started,
-                delay,
-                _payload(int(job.payload["c"]), attempt + 1),
-                job.id,
-            )
-            log.warning(
-                "step %s attempt %d failed, retrying in %.2f s: %s",
-                step.name,
-                attempt,
-                delay,
-                error,
-                extra=fields,
-            )
-            return Outcome(settled=True)
-        log.error(
-            "step %s failed for good after %d attempts: %s", step.name, attempt, error, extra=fields
-        )
-        return await self._fail_terminal(conn, job, run, step.name, attempt, exc, started)
-
-    async def _fail_terminal(
-        self,
-        conn: Connection,
-        job: Job,
-        run: asyncpg.Record,
-        key: str,
-        attempt: int,
-        exc: BaseException,
-        started: datetime | None = None,
-    ) -> Outcome:
-        await conn.execute(
-            self.q["fail_node"],
-            job.run_id,
-            key,
-            attempt,
-            _describe(exc),
-            started or run["now"],
-            key,
-            dumps({"final": "failed", "a": 1}, "job payload"),
-            job.id,
-        )
-        return Outcome(settled=True, follow=job.id)
-
-    # -- non-transactional steps -----------------------------------------------------------
-
-    async def _lease(
-        self, conn: Connection, job: Job, step: Step, ctx: Context, run: asyncpg.Record
-    ) -> Outcome:
+    async def _lease(self, v: _Visit, step: Step, ctx: Context) -> Outcome:
         token = uuid.uuid4()
-        await conn.execute(
+        await v.conn.execute(
             self.q["lease_node"],
-            job.run_id,
+            v.run_id,
             token,
             self.lease_seconds,
-            _payload(int(job.payload["c"]), ctx.attempt),
-            job.id,
+            _payload(v.cursor, v.attempt),
+            v.job.id,
         )
 
         async def detached() -> None:
-            await self._run_leased(job, token, step, ctx, run["now"])
+            await self._run_leased(v, token, step, ctx)
 
         return Outcome(settled=True, after_commit=detached)
 
-    async def _run_leased(
-        self, job: Job, token: uuid.UUID, step: Step, ctx: Context, started: datetime
-    ) -> None:
+    async def _run_leased(self, v: _Visit, token: uuid.UUID, step: Step, ctx: Context) -> None:
         assert self.pool is not None
         pool = self.pool
         outcome: tuple[bool, Any] | None = None
@@ -283,7 +348,7 @@ class Runner:
                 await anyio.sleep(self.lease_seconds / 3)
                 with contextlib.suppress(Exception):
                     async with pool.acquire() as c:
-                        if not await self.jobs.extend_lease(c, job.id, token, self.lease_seconds):
+                        if not await self.jobs.extend_lease(c, v.job.id, token, self.lease_seconds):
                             lost = True
                             scope.cancel()
                             return
@@ -291,8 +356,7 @@ class Runner:
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat, tg.cancel_scope)
             try:
-                value = await self._call(step, ctx)
-                outcome = (True, value)
+                outcome = (True, await self._call(step, ctx))
             except Exception as exc:
                 outcome = (False, exc)
             tg.cancel_scope.cancel()
@@ -300,42 +364,332 @@ class Runner:
             log.warning(
                 "lease of step %s was lost; another worker retries it",
                 step.name,
-                extra={"run_id": job.run_id, "node": step.name},
+                extra=v.fields(step.name),
             )
             return
         async with pool.acquire() as conn, conn.transaction():
-            held = await self.jobs.claim_leased(conn, job.id, token)
+            held = await self.jobs.claim_leased(conn, v.job.id, token)
             if held is None:
                 return
-            run = await conn.fetchrow(self.q["lock_run"], job.run_id)
-            cursor = int(job.payload["c"])
-            if run is None or run["status"] != "running" or run["cursor"] != cursor:
-                await self.jobs.delete(conn, job.id)
+            run = await conn.fetchrow(self.q["lock_run"], v.run_id)
+            if run is None or run["status"] != "running" or run["cursor"] != v.cursor:
+                await self.jobs.delete(conn, v.job.id)
                 return
-            wf = self.workflows[run["workflow"]]
+            settle = _Visit(conn, held, run, v.wf, v.cursor, v.attempt, loads(run["results"]) or {})
             ok, value = outcome
+            text: str | None = None
             if ok:
                 try:
                     text = dumps(value, f"result of step {step.name!r}")
                 except SerializationError as exc:
                     ok, value = False, exc
             if not ok:
-                await self._failed(conn, held, run, step, ctx.attempt, value, started)
+                await self._failure(settle, step, step.name, value, step.max_attempts, step.backoff)
                 return
-            await self._completed(
-                conn,
-                held,
-                wf,
-                cursor,
-                step,
-                ctx.attempt,
-                value,
-                text,
-                started,
-                loads(run["results"]) or {},
+            await self._complete(settle, step, value, text)
+
+    # -- sleep -----------------------------------------------------------------------------
+
+    async def _sleep(self, v: _Visit, node: Sleep | SleepUntil) -> Outcome:
+        wake_at: datetime | None = v.run["wake_at"]
+        if wake_at is not None:
+            if wake_at > v.now:
+                return await self._park(v, wake_at, None, keep_job=True)  # delivered early
+            return await self._complete(v, node, None)
+        ctx = v.context(node.name)
+        try:
+            if isinstance(node, Sleep):
+                seconds = await resolve(node.seconds, ctx)
+                if (
+                    isinstance(seconds, bool)
+                    or not isinstance(seconds, int | float)
+                    or not math.isfinite(seconds)
+                    or seconds < 0
+                ):
+                    raise TypeError(f"sleep {node.name!r}: expected seconds >= 0, got {seconds!r}")
+                wake_at = v.now + timedelta(seconds=float(seconds))
+            else:
+                wake_at = await resolve(node.when, ctx)
+                if not isinstance(wake_at, datetime) or wake_at.tzinfo is None:
+                    raise TypeError(
+                        f"sleep_until {node.name!r}: expected an aware datetime, got {wake_at!r}"
+                    )
+        except Exception as exc:
+            return await self._fail_terminal(v, node.name, exc)
+        if wake_at <= v.now:
+            return await self._complete(v, node, None)
+        return await self._park(v, wake_at, None, keep_job=True)
+
+    # -- wait_for_signal -------------------------------------------------------------------
+
+    async def _wait(self, v: _Visit, node: WaitForSignal) -> Outcome:
+        signal: str | None = v.run["waiting_for"]
+        first_visit = signal is None
+        if signal is None:
+            try:
+                signal = await resolve(node.signal, v.context(node.name))
+                if not isinstance(signal, str) or not signal:
+                    raise TypeError(
+                        f"wait_for_signal {node.name!r}: the signal name must be a "
+                        f"non-empty string, got {signal!r}"
+                    )
+            except Exception as exc:
+                return await self._fail_terminal(v, node.name, exc)
+        got = await v.conn.fetchrow(self.q["consume_signal"], v.run_id, signal, node.name)
+        if got is not None:
+            return await self._complete(v, node, loads(got["payload"]), got["payload"] or "null")
+        if first_visit:
+            wake_at = None if node.timeout is None else v.now + timedelta(seconds=node.timeout)
+            return await self._park(v, wake_at, signal, keep_job=wake_at is not None)
+        wake_at = v.run["wake_at"]
+        if wake_at is not None and wake_at <= v.now:
+            if node.has_default:
+                return await self._complete(v, node, node.default)
+            err = SignalTimeout(f"no signal {signal!r} arrived within {node.timeout:g} s")
+            return await self._fail_terminal(v, node.name, err)
+        return await self._park(v, wake_at, signal, keep_job=wake_at is not None)
+
+    # -- route -----------------------------------------------------------------------------
+
+    async def _route(self, v: _Visit, node: Route) -> Outcome:
+        decision_key = f"{node.name}@route"
+        ctx = v.context(node.name)
+        decided = await v.conn.fetchrow(self.q["journal_value"], v.run_id, decision_key)
+        if decided is None:
+            try:
+                branch = await resolve(node.select, ctx)
+            except Exception as exc:
+                return await self._failure(v, node, node.name, exc, node.max_attempts, node.backoff)
+            if not isinstance(branch, str) or branch not in node.branches:
+                known = ", ".join(repr(b) for b in node.branches)
+                err = ValueError(
+                    f"route {node.name!r} chose unknown branch {branch!r}; known branches: {known}"
+                )
+                return await self._fail_terminal(v, node.name, err)
+            await v.conn.execute(
+                self.q["journal_entry"],
+                v.run_id,
+                decision_key,
+                node.name,
+                "completed",
+                dumps(branch, "route choice"),
+                None,
+                v.attempt,
+                v.now,
             )
+        else:
+            branch = loads(decided["result"])
+            if branch not in node.branches:
+                changed = DefinitionChanged(
+                    f"route {node.name!r} journaled branch {branch!r}, "
+                    "which the workflow no longer declares"
+                )
+                return await self._fail_terminal(v, node.name, changed)
+        handler = node.branches[branch]
+        ok, value, _ = await self._attempt(v.conn, f"route {node.name!r}", lambda: handler(ctx))
+        if not ok:
+            return await self._failure(v, node, node.name, value, node.max_attempts, node.backoff)
+        return await self._complete(v, node, {"branch": branch, "result": value})
+
+    # -- loop ------------------------------------------------------------------------------
+
+    async def _loop(self, v: _Visit, node: Loop) -> Outcome:
+        rows = await v.conn.fetch(self.q["sub_results"], v.run_id, node.name)
+        done = [loads(r["result"]) for r in rows]
+        i = len(done)
+        if int(v.job.payload.get("i", 0)) != i:
+            return Outcome()  # a duplicate of a job whose iteration already committed
+        results = {**v.results, node.name: list(done)}
+        ctx = v.context(node.name, results=results)
+        key = f"{node.name}#{i}"
+
+        async def iteration() -> tuple[bool, Any]:
+            if not await resolve(node.condition, ctx, i):
+                return False, None
+            if i >= node.max_iterations:
+                raise NonRetryable(
+                    f"loop {node.name!r}: condition still holds after "
+                    f"max_iterations={node.max_iterations}"
+                )
+            body_ctx = LoopContext(
+                input=ctx.input,
+                results=ctx.results,
+                run_id=ctx.run_id,
+                workflow=ctx.workflow,
+                node=key,
+                attempt=ctx.attempt,
+                conn=ctx.conn,
+                iteration=i,
+            )
+            return True, await node.body(body_ctx)
+
+        ok, value, _ = await self._attempt(v.conn, f"loop {node.name!r}", iteration)
+        if not ok:
+            return await self._failure(v, node, key, value, node.max_attempts, node.backoff, i=i)
+        more, result = value
+        if not more:
+            return await self._complete(v, node, done)
+        await v.conn.execute(
+            self.q["journal_entry"],
+            v.run_id,
+            key,
+            node.name,
+            "completed",
+            dumps(result, f"result of {key!r}"),
+            None,
+            v.attempt,
+            v.now,
+        )
+        await self.jobs.reschedule(v.conn, v.job.id, 0.0, {"c": v.cursor, "a": 1, "i": i + 1})
+        return Outcome(settled=True, follow=v.job.id)
+
+    # -- parallel --------------------------------------------------------------------------
+
+    async def _parallel(self, v: _Visit, node: Parallel) -> Outcome:
+        rows = await v.conn.fetch(self.q["sub_results"], v.run_id, node.name)
+        done = {r["key"].split("#", 1)[1]: loads(r["result"]) for r in rows}
+        if len(done) == len(node.branches):
+            return await self._complete(v, node, {b: done[b] for b in node.branches})
+        missing = [b for b in node.branches if b not in done]
+        await v.conn.execute(self.q["fan_out"], v.wf.name, v.run_id, v.cursor, missing)
+        await v.conn.execute(self.q["mark_running"], v.run_id)
+        return Outcome()
+
+    async def branch(self, conn: Connection, job: Job) -> Outcome:
+        """Run one branch of a parallel node in its own transaction."""
+        peek = await conn.fetchrow(self.q["peek_run"], job.run_id)
+        cursor, attempt, branch = int(job.payload["c"]), int(job.payload["a"]), job.payload["b"]
+        if peek is None or peek["status"] != "running" or peek["cursor"] != cursor:
+            return Outcome()
+        wf = self.workflows[peek["workflow"]]
+        node = wf.nodes[cursor] if cursor < len(wf.nodes) else None
+        if not isinstance(node, Parallel) or branch not in node.branches:
+            return Outcome()
+        key = f"{node.name}#{branch}"
+        if await conn.fetchrow(self.q["journal_value"], job.run_id, key) is not None:
+            return Outcome()  # committed already (a duplicate job)
+        ctx = _Visit(conn, job, peek, wf, cursor, attempt, loads(peek["results"]) or {}).context(
+            key
+        )
+        handler: Handler = node.branches[branch]
+        savepoint = conn.transaction()
+        await savepoint.start()
+        try:
+            value = await handler(ctx)
+            text = dumps(value, f"result of branch {key!r}")
+            error: Exception | None = None
+        except Exception as exc:
+            await savepoint.rollback()
+            error = exc
+        run = await conn.fetchrow(self.q["lock_run"], job.run_id)
+        if run is None or run["status"] != "running" or run["cursor"] != cursor:
+            if error is None:
+                await savepoint.rollback()  # the node failed meanwhile: this branch is moot
+            return Outcome()
+        v = _Visit(conn, job, run, wf, cursor, attempt, loads(run["results"]) or {})
+        if error is not None:
+            return await self._failure(
+                v, node, key, error, node.max_attempts, node.backoff, b=branch
+            )
+        await conn.execute(
+            self.q["journal_entry"],
+            job.run_id,
+            key,
+            node.name,
+            "completed",
+            text,
+            None,
+            attempt,
+            v.now,
+        )
+        rows = await conn.fetch(self.q["sub_results"], job.run_id, node.name)
+        if len(rows) < len(node.branches):
+            return Outcome()
+        done = {r["key"].split("#", 1)[1]: loads(r["result"]) for r in rows}
+        return await self._complete(v, node, {b: done[b] for b in node.branches})
+
+    # -- child workflow --------------------------------------------------------------------
+
+    async def _child(self, v: _Visit, node: ChildWorkflow) -> Outcome:
+        marker_key = f"{node.name}@child"
+        marker = await v.conn.fetchrow(self.q["journal_value"], v.run_id, marker_key)
+        if marker is None:
+            try:
+                spec = await resolve(node.start, v.context(node.name))
+                if not (
+                    isinstance(spec, tuple | list)
+                    and len(spec) == 2
+                    and isinstance(spec[1], Mapping)
+                ):
+                    raise TypeError(
+                        f"child_workflow {node.name!r}: start must return "
+                        f"(workflow_name, input_dict), got {spec!r}"
+                    )
+                name, child_input = spec
+                child_wf = self.workflows.get(name) if isinstance(name, str) else None
+                if child_wf is None:
+                    raise LookupError(
+                        f"child_workflow {node.name!r}: workflow {name!r} is not registered"
+                    )
+                text = dumps(dict(child_input), f"input of child workflow {name!r}")
+            except Exception as exc:
+                return await self._fail_terminal(v, node.name, exc)
+            child_id = str(ULID())
+            await v.conn.fetchval(
+                self.q["insert_run"],
+                child_id,
+                child_wf.name,
+                text,
+                child_wf.nodes[0].name,
+                None,
+                v.run_id,
+                node.name,
+            )
+            await v.conn.execute(
+                self.q["journal_entry"],
+                v.run_id,
+                marker_key,
+                node.name,
+                "completed",
+                dumps({"run_id": child_id}, "child marker"),
+                None,
+                v.attempt,
+                v.now,
+            )
+            log.info(
+                "run %s started child %s (%s)",
+                v.run_id,
+                child_id,
+                child_wf.name,
+                extra=v.fields(node.name, child_id=child_id),
+            )
+            return await self._park(v, None, None, keep_job=False)
+        child_id = loads(marker["result"])["run_id"]
+        child = await v.conn.fetchrow(self.q["child_state"], child_id)
+        if child is None:
+            return await self._fail_terminal(
+                v, node.name, ChildFailed(f"child run {child_id} was purged")
+            )
+        if child["status"] == "completed":
+            return await self._complete(v, node, loads(child["result"]), child["result"])
+        if child["status"] in ("failed", "cancelled"):
+            err = ChildFailed(f"child run {child_id} ended {child['status']}: {child['error']}")
+            return await self._fail_terminal(v, node.name, err)
+        return Outcome()  # woken early: the child's end will wake the run again
 
     # -- compensate ------------------------------------------------------------------------
+
+    def _compensator(
+        self, wf: Workflow, row: asyncpg.Record
+    ) -> tuple[Handler, int, Callable[[int], float]] | None:
+        node = wf.node(row["node"])
+        if isinstance(node, Step) and "#" not in row["key"] and node.compensate is not None:
+            return node.compensate, node.max_attempts, node.backoff
+        if isinstance(node, Parallel) and "#" in row["key"]:
+            fn = node.compensate.get(row["key"].split("#", 1)[1])
+            if fn is not None:
+                return fn, node.max_attempts, node.backoff
+        return None
 
     async def compensate(self, conn: Connection, job: Job) -> Outcome:
         """Run the next compensator of a failing run, or finish it when none is left."""
@@ -347,13 +701,13 @@ class Runner:
         attempt = int(job.payload.get("a", 1))
         rows = await conn.fetch(self.q["compensation_state"], job.run_id)
         compensated = {r["key"].rsplit("@", 1)[0] for r in rows if r["key"].endswith("@compensate")}
-        target: tuple[asyncpg.Record, Step] | None = None
+        target = None
         for row in rows:
             if row["status"] != "completed" or "@" in row["key"] or row["key"] in compensated:
                 continue
-            node = wf.node(row["node"])
-            if isinstance(node, Step) and node.compensate is not None:
-                target = (row, node)
+            found = self._compensator(wf, row)
+            if found is not None:
+                target = (row, *found)
                 break
         if target is None:
             await conn.execute(
@@ -366,43 +720,23 @@ class Runner:
                 extra={"run_id": job.run_id, "workflow": wf.name, "status": final},
             )
             return Outcome(settled=True)
-        row, step = target
-        assert step.compensate is not None
+        row, fn, max_attempts, backoff = target
         key = f"{row['key']}@compensate"
-        ctx = Context(
-            input=loads(run["input"]),
-            results=MappingProxyType(loads(run["results"]) or {}),
-            run_id=job.run_id or "",
-            workflow=wf.name,
-            node=key,
-            attempt=attempt,
-            conn=conn,
-        )
-        savepoint = conn.transaction()
-        await savepoint.start()
-        try:
-            value = await step.compensate(ctx)
-            text: str | None = dumps(value, f"result of compensator {key!r}")
-            status, error = "completed", None
-        except Exception as exc:
-            await savepoint.rollback()
-            error = _describe(exc)
-            fields = {
-                "run_id": job.run_id,
-                "workflow": wf.name,
-                "node": key,
-                "attempt": attempt,
-                "error": error,
-            }
-            if attempt < step.max_attempts and not isinstance(exc, NonRetryable):
-                delay = max(0.0, float(step.backoff(attempt)))
+        v = _Visit(conn, job, run, wf, int(run["cursor"]), attempt, loads(run["results"]) or {})
+        ctx = v.context(key)
+        ok, value, text = await self._attempt(conn, f"compensator {key!r}", lambda: fn(ctx))
+        status, error = "completed", None
+        if not ok:
+            error = _describe(value)
+            if attempt < max_attempts and not isinstance(value, NonRetryable):
+                delay = max(0.0, float(backoff(attempt)))
                 await conn.execute(
                     self.q["retry_node"],
                     job.run_id,
                     key,
                     attempt,
                     error,
-                    run["now"],
+                    v.now,
                     delay,
                     dumps({"final": final, "a": attempt + 1}, "job payload"),
                     job.id,
@@ -412,10 +746,12 @@ class Runner:
                     key,
                     attempt,
                     error,
-                    extra=fields,
+                    extra=v.fields(key, error=error),
                 )
                 return Outcome(settled=True)
-            log.error("compensator %s failed for good: %s", key, error, extra=fields)
+            log.error(
+                "compensator %s failed for good: %s", key, error, extra=v.fields(key, error=error)
+            )
             status, text = "failed", None
         await conn.execute(
             self.q["journal_compensation"],
@@ -426,7 +762,7 @@ class Runner:
             text,
             error,
             attempt,
-            run["now"],
+            v.now,
             dumps({"final": final, "a": 1}, "job payload"),
             job.id,
         )

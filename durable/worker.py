@@ -282,6 +282,9 @@ class Worker:
                 self.processed += 1
                 after = outcome.after_commit
                 if outcome.follow is None or self.stopping or after is not None:
+                    # The job may have been rescheduled (a retry) without a NOTIFY: let the
+                    # dispatcher look at the next due time again.
+                    self._wakeup.set()
                     break
                 tx = conn.transaction()
                 await tx.start()

@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from durable.errors import DefinitionError
 
 if TYPE_CHECKING:
-    from durable.context import Context
+    from durable.context import Context, LoopContext
 
 Handler = Callable[["Context"], Awaitable[Any]]
 Backoff = float | int | Callable[[int], float] | None
@@ -23,7 +24,19 @@ MAX_NAME = 200
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_BACKOFF = 60.0
 
-NodeKind = Literal["step"]
+NodeKind = Literal[
+    "step",
+    "sleep",
+    "sleep_until",
+    "wait_for_signal",
+    "parallel",
+    "route",
+    "loop",
+    "child_workflow",
+]
+#: A value, or a sync or async function of the context that computes it.
+Computed = Any
+_NO_DEFAULT: Any = object()
 
 
 def default_backoff(failed_attempt: int) -> float:
@@ -109,6 +122,101 @@ class Step(Node):
     compensate: Handler | None
     timeout: float | None
     transactional: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Sleep(Node):
+    """Park the run for `seconds` (a number, or a function of the context)."""
+
+    seconds: Computed
+
+
+@dataclass(frozen=True, eq=False)
+class SleepUntil(Node):
+    """Park the run until an aware datetime (or a function of the context returning one)."""
+
+    when: Computed
+
+
+@dataclass(frozen=True, eq=False)
+class WaitForSignal(Node):
+    """Park the run until a signal of that name arrives; its payload is the result."""
+
+    signal: Computed
+    timeout: float | None
+    default: Any = field(default=_NO_DEFAULT)
+
+    @property
+    def has_default(self) -> bool:
+        """True when a timeout completes the node with `default` instead of failing it."""
+        return self.default is not _NO_DEFAULT
+
+
+@dataclass(frozen=True, eq=False)
+class Parallel(Node):
+    """Run every branch as its own job; the result is `{branch: result}`."""
+
+    branches: Mapping[str, Handler]
+    max_attempts: int
+    backoff: Callable[[int], float]
+    compensate: Mapping[str, Handler]
+
+
+@dataclass(frozen=True, eq=False)
+class Route(Node):
+    """Run the one branch `select(ctx)` names; the choice is journaled once."""
+
+    select: Callable[[Context], Any]
+    branches: Mapping[str, Handler]
+    max_attempts: int
+    backoff: Callable[[int], float]
+
+
+@dataclass(frozen=True, eq=False)
+class Loop(Node):
+    """Run `body` while `condition(ctx, i)` holds; each iteration commits on its own."""
+
+    condition: Callable[[Context, int], Any]
+    body: Callable[[LoopContext], Awaitable[Any]]
+    max_iterations: int
+    max_attempts: int
+    backoff: Callable[[int], float]
+
+
+@dataclass(frozen=True, eq=False)
+class ChildWorkflow(Node):
+    """Start a child run (`start(ctx) -> (workflow, input)`) and wait for its result."""
+
+    start: Callable[[Context], Any]
+
+
+def _check_callable(fn: object, what: str) -> None:
+    if not callable(fn):
+        raise DefinitionError(f"{what} must be a function, got {fn!r}")
+
+
+def _check_branches(branches: object, what: str) -> dict[str, Handler]:
+    if not isinstance(branches, Mapping) or not branches:
+        raise DefinitionError(f"{what}: branches must be a non-empty mapping of name -> handler")
+    checked: dict[str, Handler] = {}
+    for key, fn in branches.items():
+        validate_name(key, f"{what}: branch")
+        _check_handler(fn, f"{what}: branch {key!r}")
+        checked[key] = fn
+    return checked
+
+
+def _check_timeout(timeout: object, what: str) -> float | None:
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
+    ):
+        raise DefinitionError(f"{what}: timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
 
 
 class Workflow:
@@ -230,15 +338,7 @@ class Workflow:
         _check_handler(fn, f"handler of {what}")
         if compensate is not None:
             _check_handler(compensate, f"compensate of {what}")
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
-            raise DefinitionError(
-                f"{what}: timeout must be a number of seconds > 0, got {timeout!r}"
-            )
+        timeout = _check_timeout(timeout, what)
         if not isinstance(transactional, bool):
             raise DefinitionError(f"{what}: transactional must be True or False")
         self._add(
@@ -249,7 +349,203 @@ class Workflow:
                 max_attempts=_check_attempts(max_attempts, what),
                 backoff=_check_backoff(backoff, what),
                 compensate=compensate,  # type: ignore[arg-type]
-                timeout=None if timeout is None else float(timeout),
+                timeout=timeout,
                 transactional=transactional,
             )
         )
+
+    def sleep(self, name: str, seconds: Computed) -> Workflow:
+        """Park the run for `seconds`: a number, or a (sync or async) function of the context.
+
+        The wake time is computed once, on the database clock, and stored; no worker slot is
+        held while the run sleeps.
+        """
+        node_name = validate_name(name, "node")
+        if not callable(seconds):
+            _check_seconds(seconds, f"sleep {node_name!r} of workflow {self.name!r}")
+        self._add(Sleep(name=node_name, kind="sleep", seconds=seconds))
+        return self
+
+    def sleep_until(self, name: str, when: Computed) -> Workflow:
+        """Park the run until `when`: an aware datetime, or a function of the context
+        returning one."""
+        node_name = validate_name(name, "node")
+        if not callable(when):
+            _check_when(when, f"sleep_until {node_name!r} of workflow {self.name!r}")
+        self._add(SleepUntil(name=node_name, kind="sleep_until", when=when))
+        return self
+
+    def wait_for_signal(
+        self,
+        name: str,
+        signal: Computed,
+        *,
+        timeout: float | None = None,
+        default: Any = _NO_DEFAULT,
+    ) -> Workflow:
+        """Park the run until a signal called `signal` (or `signal(ctx)`) arrives.
+
+        The signal's payload is the node's result. Signals sent earlier wait in the run's
+        mailbox. After `timeout` seconds the node completes with `default` if one was given,
+        else it fails (and compensation starts).
+        """
+        node_name = validate_name(name, "node")
+        what = f"wait_for_signal {node_name!r} of workflow {self.name!r}"
+        if not callable(signal) and (not isinstance(signal, str) or not signal):
+            raise DefinitionError(f"{what}: signal must be a non-empty name or a function")
+        self._add(
+            WaitForSignal(
+                name=node_name,
+                kind="wait_for_signal",
+                signal=signal,
+                timeout=_check_timeout(timeout, what),
+                default=default,
+            )
+        )
+        return self
+
+    def parallel(
+        self,
+        name: str,
+        branches: Mapping[str, Handler],
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff = None,
+        compensate: Mapping[str, Handler] | None = None,
+    ) -> Workflow:
+        """Run every branch as its own job, possibly on different workers.
+
+        Each branch commits its own journal row (`name#branch`) in its own transaction, with
+        its own retry budget; the node completes when the last branch commits, with the
+        result `{branch: result}`. `compensate` maps branch names to compensators.
+        """
+        node_name = validate_name(name, "node")
+        what = f"parallel {node_name!r} of workflow {self.name!r}"
+        checked = _check_branches(branches, what)
+        compensators: dict[str, Handler] = {}
+        for key, fn in (compensate or {}).items():
+            if key not in checked:
+                raise DefinitionError(f"{what}: compensate names unknown branch {key!r}")
+            _check_handler(fn, f"{what}: compensate of branch {key!r}")
+            compensators[key] = fn
+        self._add(
+            Parallel(
+                name=node_name,
+                kind="parallel",
+                branches=checked,
+                max_attempts=_check_attempts(max_attempts, what),
+                backoff=_check_backoff(backoff, what),
+                compensate=compensators,
+            )
+        )
+        return self
+
+    def route(
+        self,
+        name: str,
+        select: Callable[[Context], Any],
+        branches: Mapping[str, Handler],
+        *,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff = None,
+    ) -> Workflow:
+        """Run the branch named by `select(ctx)` (sync or async).
+
+        The choice is journaled once (`name@route`), so retries run the same branch. The
+        result is `{"branch": key, "result": value}`; an unknown key fails the node.
+        """
+        node_name = validate_name(name, "node")
+        what = f"route {node_name!r} of workflow {self.name!r}"
+        _check_callable(select, f"{what}: select")
+        self._add(
+            Route(
+                name=node_name,
+                kind="route",
+                select=select,
+                branches=_check_branches(branches, what),
+                max_attempts=_check_attempts(max_attempts, what),
+                backoff=_check_backoff(backoff, what),
+            )
+        )
+        return self
+
+    def loop(
+        self,
+        name: str,
+        condition: Callable[[Context, int], Any],
+        body: Callable[[LoopContext], Awaitable[Any]],
+        *,
+        max_iterations: int = 1000,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        backoff: Backoff = None,
+    ) -> Workflow:
+        """Run `body` while `condition(ctx, i)` (sync or async) holds.
+
+        Each iteration commits its own journal row (`name#i`) with its own retry budget; the
+        node fails only if the condition still holds after `max_iterations` iterations. Its
+        result is the list of iteration results (also `ctx.results[name]` while looping).
+        """
+        node_name = validate_name(name, "node")
+        what = f"loop {node_name!r} of workflow {self.name!r}"
+        _check_callable(condition, f"{what}: condition")
+        _check_handler(body, f"{what}: body")
+        if (
+            isinstance(max_iterations, bool)
+            or not isinstance(max_iterations, int)
+            or max_iterations < 0
+        ):
+            raise DefinitionError(
+                f"{what}: max_iterations must be an integer >= 0, got {max_iterations!r}"
+            )
+        self._add(
+            Loop(
+                name=node_name,
+                kind="loop",
+                condition=condition,
+                body=body,
+                max_iterations=max_iterations,
+                max_attempts=_check_attempts(max_attempts, what),
+                backoff=_check_backoff(backoff, what),
+            )
+        )
+        return self
+
+    def child_workflow(self, name: str, start: Callable[[Context], Any]) -> Workflow:
+        """Start a child run and wait for it: `start(ctx)` (sync or async) returns
+        `(workflow_name, input)`.
+
+        The child is created in the same transaction as the parent's journal marker and wakes
+        the parent when it ends: completed -> the child's result; failed or cancelled -> the
+        node fails.
+        """
+        node_name = validate_name(name, "node")
+        _check_callable(start, f"child_workflow {node_name!r} of workflow {self.name!r}: start")
+        self._add(ChildWorkflow(name=node_name, kind="child_workflow", start=start))
+        return self
+
+
+def _check_seconds(seconds: object, what: str) -> float:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds < 0
+    ):
+        raise DefinitionError(f"{what}: seconds must be a number >= 0, got {seconds!r}")
+    return float(seconds)
+
+
+def _check_when(when: object, what: str) -> datetime:
+    if not isinstance(when, datetime) or when.tzinfo is None:
+        raise DefinitionError(f"{what}: expected an aware datetime, got {when!r}")
+    return when
+
+
+async def resolve(value: Any, *args: Any) -> Any:
+    """Return `value`, or call it with `args` (awaiting the result if it is awaitable)."""
+    if not callable(value):
+        return value
+    out = value(*args)
+    if inspect.isawaitable(out):
+        out = await out
+    return out

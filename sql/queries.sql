@@ -102,7 +102,7 @@ SELECT id FROM __SCHEMA__.runs WHERE workflow = $1 AND idempotency_key = $2;
 -- lock_run --
 -- Lock a run (always after its job: one lock order everywhere) and read what a node needs.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.error, r.parent_id,
-       clock_timestamp() AS now,
+       r.wake_at, r.waiting_for, clock_timestamp() AS now,
        (SELECT jsonb_object_agg(j.key, j.result)
           FROM __SCHEMA__.journal j
          WHERE j.run_id = r.id AND j.status = 'completed'
@@ -118,7 +118,8 @@ WITH entry AS (
     VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
 ), run AS (
     UPDATE __SCHEMA__.runs
-    SET cursor = $6, current_node = $7, status = 'running', updated_at = now()
+    SET cursor = $6, current_node = $7, status = 'running', wake_at = NULL, waiting_for = NULL,
+        updated_at = now()
     WHERE id = $1
 )
 UPDATE __SCHEMA__.jobs
@@ -126,17 +127,23 @@ SET task = 'advance', payload = $8::jsonb, run_at = now(), lease_token = NULL
 WHERE id = $9;
 
 -- complete_run --
--- Journal the last node, finish the run with every node's result and drop its job.
+-- Journal the last node, finish the run with every node's result, drop its job and wake
+-- its parent (a child's terminal transaction is what resumes the parent: no polling).
 WITH entry AS (
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
     VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET cursor = $6, current_node = NULL, status = 'completed', result = $7::jsonb,
-        finished_at = now(), updated_at = now()
+        wake_at = NULL, waiting_for = NULL, finished_at = now(), updated_at = now()
     WHERE id = $1
 ), job AS (
     DELETE FROM __SCHEMA__.jobs WHERE id = $8
+), parent AS (
+    INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+    SELECT p.workflow, 'advance', p.id, jsonb_build_object('c', p.cursor, 'a', 1)
+    FROM __SCHEMA__.runs p
+    WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
 SELECT pg_notify($9, $1);
 
@@ -156,14 +163,14 @@ SET run_at = now() + make_interval(secs => $6), payload = $7::jsonb, lease_token
 WHERE id = $8;
 
 -- fail_node --
--- Record the last failed attempt, journal the node as failed and turn the job into the
--- first compensation step.
+-- Record the last failed attempt (of key $2: the node, a branch or an iteration), journal
+-- node $6 as failed and turn the job into the first compensation step.
 WITH attempt AS (
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
     VALUES ($1, $2, $3, $4, $5)
 ), entry AS (
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, error, attempts, started_at)
-    VALUES ($1, $2, $6, 'failed', $4, $3, $5)
+    VALUES ($1, $6, $6, 'failed', $4, $3, $5)
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET status = 'compensating', error = $4, current_node = $6, updated_at = now()
@@ -194,14 +201,19 @@ SET task = 'compensate', payload = $9::jsonb, run_at = now(), lease_token = NULL
 WHERE id = $10;
 
 -- finish_run --
--- End a run as failed or cancelled, drop its job and wake whoever waits for it.
+-- End a run as failed or cancelled, drop its job, wake its parent and whoever waits for it.
 WITH run AS (
     UPDATE __SCHEMA__.runs
-    SET status = $2, current_node = NULL, finished_at = now(), updated_at = now(),
-        error = coalesce(error, $3)
+    SET status = $2, current_node = NULL, wake_at = NULL, waiting_for = NULL,
+        finished_at = now(), updated_at = now(), error = coalesce(error, $3)
     WHERE id = $1
 ), job AS (
     DELETE FROM __SCHEMA__.jobs WHERE id = $4
+), parent AS (
+    INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+    SELECT p.workflow, 'advance', p.id, jsonb_build_object('c', p.cursor, 'a', 1)
+    FROM __SCHEMA__.runs p
+    WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
 SELECT pg_notify($5, $1);
 
@@ -276,3 +288,95 @@ WITH gone AS (
 INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
 VALUES ($3, 'compensate', $1, $4::jsonb)
 RETURNING id;
+
+-- park_run --
+-- Put a run to sleep: `waiting`, with its wake time and awaited signal; its job either
+-- waits for the wake time (`$6` true) or is dropped (a signal will bring a new one).
+WITH run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = 'waiting', wake_at = $2, waiting_for = $3, updated_at = now()
+    WHERE id = $1
+), dropped AS (
+    DELETE FROM __SCHEMA__.jobs WHERE id = $4 AND NOT $6
+)
+UPDATE __SCHEMA__.jobs
+SET task = 'advance', run_at = coalesce($2, now()), payload = $5::jsonb, lease_token = NULL
+WHERE id = $4 AND $6;
+
+-- consume_signal --
+-- Take the oldest unconsumed signal of a name from a run's mailbox.
+UPDATE __SCHEMA__.signals
+SET consumed_by = $3, consumed_at = now()
+WHERE id = (
+    SELECT id FROM __SCHEMA__.signals
+    WHERE run_id = $1 AND name = $2 AND consumed_at IS NULL
+    ORDER BY id
+    LIMIT 1
+    FOR UPDATE
+)
+RETURNING id, payload::text AS payload;
+
+-- record_signal --
+-- Put a signal in a run's mailbox.
+INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES ($1, $2, $3::jsonb)
+RETURNING id;
+
+-- wake_run --
+-- Make a parked run's job due now, or give it one; then wake the workers.
+WITH moved AS (
+    UPDATE __SCHEMA__.jobs SET run_at = now() WHERE run_id = $1 RETURNING id
+), added AS (
+    INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+    SELECT $2, 'advance', $1, $3::jsonb
+    WHERE NOT EXISTS (SELECT 1 FROM moved)
+)
+SELECT pg_notify($4, '');
+
+-- journal_entry --
+-- Journal one outcome without moving the cursor (branches, iterations, route choices,
+-- child markers).
+INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, error, attempts, started_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8);
+
+-- journal_value --
+-- One journal row's status and result.
+SELECT status, result::text AS result FROM __SCHEMA__.journal WHERE run_id = $1 AND key = $2;
+
+-- sub_results --
+-- The committed branches or iterations of a node, in commit order.
+SELECT key, result::text AS result
+FROM __SCHEMA__.journal
+WHERE run_id = $1 AND node = $2 AND strpos(key, '#') > 0 AND status = 'completed'
+ORDER BY seq;
+
+-- fan_out --
+-- One job per branch of a parallel node.
+INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+SELECT $1, 'branch', $2, jsonb_build_object('c', $3::int, 'b', b, 'a', 1)
+FROM unnest($4::text[]) AS b;
+
+-- peek_run --
+-- Read a run without locking it (parallel branches run side by side).
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, clock_timestamp() AS now,
+       (SELECT jsonb_object_agg(j.key, j.result)
+          FROM __SCHEMA__.journal j
+         WHERE j.run_id = r.id AND j.status = 'completed'
+           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results
+FROM __SCHEMA__.runs r
+WHERE r.id = $1;
+
+-- child_state --
+-- A child run's status, result and error.
+SELECT status, result::text AS result, error FROM __SCHEMA__.runs WHERE id = $1;
+
+-- active_children --
+-- The children of a run that have not finished.
+SELECT id FROM __SCHEMA__.runs
+WHERE parent_id = $1 AND status NOT IN ('completed', 'failed', 'cancelled')
+ORDER BY id;
+
+-- mark_running --
+-- A run whose node has work in flight elsewhere (parallel branches) is running.
+UPDATE __SCHEMA__.runs
+SET status = 'running', updated_at = now()
+WHERE id = $1 AND status IN ('pending', 'waiting');
