@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -375,6 +376,51 @@ class Engine:
         for child in children:
             await self.cancel(child, reason=f"parent run {run_id} was cancelled")
         return True
+
+    # -- retry and purge -------------------------------------------------------------------
+
+    async def retry(self, run_id: str) -> bool:
+        """Resume a failed run at the node that failed, with a fresh attempt budget.
+
+        Completed nodes are not re-run, and compensations that already ran stand (the walk
+        will not run them twice). Returns False if the run is not `failed`; raises
+        `RunNotFound` for an unknown id.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.fetch(self.queries["lock_run_jobs"], run_id)
+            row = await conn.fetchrow(self.queries["lock_run"], run_id)
+            if row is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            if row["status"] != "failed":
+                return False
+            node = await conn.fetchval(self.queries["failed_node"], run_id)
+            await conn.execute(
+                self.queries["retry_run"], run_id, node, row["workflow"], row["cursor"]
+            )
+        log.info(
+            "run %s retried from node %s", run_id, node, extra={"run_id": run_id, "node": node}
+        )
+        return True
+
+    async def purge(self, *, older_than: timedelta, batch_size: int = 1000) -> int:
+        """Delete runs that finished more than `older_than` ago, with their journal, attempts
+        and mailbox, in batches of `batch_size`; return how many runs were deleted."""
+        seconds = older_than.total_seconds()
+        if seconds < 0:
+            raise ValueError("older_than must not be negative")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        total = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                n: int = await conn.fetchval(self.queries["purge_runs"], seconds, batch_size)
+            total += n
+            if n < batch_size:
+                break
+        log.info(
+            "purged %d runs finished more than %s ago", total, older_than, extra={"purged": total}
+        )
+        return total
 
     # -- working ---------------------------------------------------------------------------
 

@@ -266,7 +266,7 @@ ORDER BY seq;
 SELECT key, attempt, error, started_at, failed_at
 FROM __SCHEMA__.attempts
 WHERE run_id = $1
-ORDER BY failed_at, key, attempt;
+ORDER BY id;
 
 -- run_status --
 -- The status of a run (None when it does not exist).
@@ -380,3 +380,46 @@ ORDER BY id;
 UPDATE __SCHEMA__.runs
 SET status = 'running', updated_at = now()
 WHERE id = $1 AND status IN ('pending', 'waiting');
+
+-- retry_run --
+-- Resume a failed run at the node that failed, with a fresh attempt budget: forget the
+-- node's failure (and the child it started, so a new one starts) and give the run a job.
+WITH forgotten AS (
+    DELETE FROM __SCHEMA__.journal
+    WHERE run_id = $1
+      AND (
+        (status = 'failed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0)
+        OR key = $2 || '@child'
+      )
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = 'running', error = NULL, finished_at = NULL, current_node = $2,
+        wake_at = NULL, waiting_for = NULL, updated_at = now()
+    WHERE id = $1
+)
+INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+VALUES ($3, 'advance', $1, jsonb_build_object('c', $4::int, 'a', 1));
+
+-- failed_node --
+-- The node a failed run failed at (its failed journal row).
+SELECT node FROM __SCHEMA__.journal
+WHERE run_id = $1 AND status = 'failed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0
+ORDER BY seq DESC
+LIMIT 1;
+
+-- purge_runs --
+-- Delete up to $2 runs that finished more than $1 seconds ago (journal, attempts and
+-- mailbox go with them), keeping children whose parent has not finished.
+WITH doomed AS (
+    SELECT r.id FROM __SCHEMA__.runs r
+    WHERE r.finished_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (
+        SELECT 1 FROM __SCHEMA__.runs p WHERE p.id = r.parent_id AND p.finished_at IS NULL
+      )
+    ORDER BY r.finished_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM __SCHEMA__.runs WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT count(*) FROM gone;

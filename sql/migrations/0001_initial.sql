@@ -77,15 +77,18 @@ CREATE TABLE __SCHEMA__.journal (
 );
 
 -- Failed attempts, for retries and the timeline; the node's final outcome is in journal.
+-- A retried run (Engine.retry) starts its failed node's attempts at 1 again, so the
+-- attempt number is not a key.
 CREATE TABLE __SCHEMA__.attempts (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
     key text NOT NULL,
     attempt integer NOT NULL CHECK (attempt >= 1),
     error text NOT NULL,
     started_at timestamptz,
-    failed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, key, attempt)
+    failed_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
 
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
 CREATE TABLE __SCHEMA__.signals (
