@@ -31,6 +31,7 @@ from durable.db import Connection, dumps, loads
 from durable.errors import NonRetryable, SerializationError
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
+from durable.tracing import node_span, record_failure
 from durable.worker import Outcome
 from durable.workflow import (
     ChildWorkflow,
@@ -170,7 +171,8 @@ class Runner:
             )
             return await self._fail_terminal(visit, f"#{cursor}", exc)
         node = wf.nodes[cursor]
-        return await self._kinds[node.kind](visit, node)
+        with node_span(node.kind, node.name, run_id=job.run_id, workflow=wf.name, attempt=attempt):
+            return await self._kinds[node.kind](visit, node)
 
     async def _attempt(
         self, conn: Connection, what: str, call: Callable[[], Awaitable[Any]]
@@ -235,7 +237,9 @@ class Runner:
     ) -> Outcome:
         """Retry attempt `v.attempt` of `key` after its backoff, or fail the node for good."""
         error = _describe(exc)
-        if not isinstance(exc, NonRetryable | SerializationError) and v.attempt < max_attempts:
+        retry = not isinstance(exc, NonRetryable | SerializationError) and v.attempt < max_attempts
+        record_failure(exc, final=not retry)
+        if retry:
             delay = max(0.0, float(backoff(v.attempt)))
             await v.conn.execute(
                 self.q["retry_node"],
@@ -557,6 +561,12 @@ class Runner:
 
     async def branch(self, conn: Connection, job: Job) -> Outcome:
         """Run one branch of a parallel node in its own transaction."""
+        with node_span(
+            "branch", str(job.payload.get("b")), run_id=job.run_id, attempt=job.payload.get("a")
+        ):
+            return await self._branch(conn, job)
+
+    async def _branch(self, conn: Connection, job: Job) -> Outcome:
         peek = await conn.fetchrow(self.q["peek_run"], job.run_id)
         cursor, attempt, branch = int(job.payload["c"]), int(job.payload["a"]), job.payload["b"]
         if peek is None or peek["status"] != "running" or peek["cursor"] != cursor:
@@ -693,6 +703,12 @@ class Runner:
 
     async def compensate(self, conn: Connection, job: Job) -> Outcome:
         """Run the next compensator of a failing run, or finish it when none is left."""
+        with node_span(
+            "compensate", str(job.run_id), run_id=job.run_id, attempt=job.payload.get("a")
+        ):
+            return await self._compensate(conn, job)
+
+    async def _compensate(self, conn: Connection, job: Job) -> Outcome:
         run = await conn.fetchrow(self.q["lock_run"], job.run_id)
         if run is None or run["status"] != "compensating":
             return Outcome()
