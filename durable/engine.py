@@ -364,13 +364,17 @@ class Engine:
                 raise RunNotFound(f"no run with id {run_id!r}")
             if row["status"] in ("completed", "failed", "cancelled", "compensating"):
                 return False
-            await conn.fetchval(
-                self.queries["begin_cancel"],
-                run_id,
-                reason,
-                row["workflow"],
-                dumps({"final": "cancelled", "a": 1}, "job payload"),
-            )
+            if await conn.fetchval(self.queries["has_journal"], run_id):
+                # Compensation runs on a worker, which ends the run `cancelled`.
+                await conn.fetchval(
+                    self.queries["begin_cancel"],
+                    run_id,
+                    reason,
+                    row["workflow"],
+                    dumps({"final": "cancelled", "a": 1}, "job payload"),
+                )
+            else:
+                await conn.execute(self.queries["cancel_now"], run_id, reason, self._runs_channel)
             children = [r["id"] for r in await conn.fetch(self.queries["active_children"], run_id)]
         log.info("run %s cancelled", run_id, extra={"run_id": run_id})
         for child in children:
@@ -461,6 +465,8 @@ class Engine:
             concurrency=concurrency,
             poll_interval=poll_interval or self.poll_interval,
             grace_period=grace_period,
+            claim=self.runner.claim,
+            claim_follow=self.runner.claim_follow,
         )
         try:
             async with anyio.create_task_group() as tg:

@@ -31,11 +31,14 @@ class Job:
     priority: int
     attempts: int
     lease_token: uuid.UUID | None
+    #: What a claim hook read alongside the job (the engine's locked run row), if anything.
+    prefetched: Any = None
 
     @classmethod
-    def from_record(cls, row: asyncpg.Record) -> Job:
+    def from_record(cls, row: asyncpg.Record, prefetched: Any = None) -> Job:
         """Build a `Job` from a row of the claim queries."""
         return cls(
+            prefetched=prefetched,
             id=row["id"],
             queue=row["queue"],
             task=row["task"],

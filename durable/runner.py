@@ -16,11 +16,11 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import asyncpg
@@ -31,6 +31,7 @@ from durable.db import Connection, dumps, loads
 from durable.errors import NonRetryable, SerializationError
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
+from durable.stepconn import StepConnection, undo
 from durable.tracing import node_span, record_failure
 from durable.worker import Outcome
 from durable.workflow import (
@@ -92,7 +93,7 @@ class _Visit:
 
     @property
     def run_id(self) -> str:
-        return str(self.run["id"])
+        return str(self.job.run_id)
 
     @property
     def now(self) -> datetime:
@@ -109,7 +110,8 @@ class _Visit:
             workflow=self.wf.name,
             node=node,
             attempt=self.attempt,
-            conn=self.conn if transactional else None,
+            # Duck-typed: a StepConnection proxies every Connection method.
+            conn=cast(Connection, StepConnection(self.conn)) if transactional else None,
         )
 
     def fields(self, node: str, **extra: Any) -> dict[str, Any]:
@@ -135,6 +137,8 @@ class Runner:
         self.jobs_channel = queries.notify_channel
         self.lease_seconds = lease_seconds
         self.pool: asyncpg.Pool | None = None
+        # Results of runs this worker is continuing, by the job id it will claim next.
+        self._follow_cache: dict[int, tuple[int, dict[str, Any]]] = {}
         self._kinds: dict[str, Callable[[_Visit, Any], Awaitable[Outcome]]] = {
             "step": self._step,
             "sleep": self._sleep,
@@ -146,11 +150,54 @@ class Runner:
             "child_workflow": self._child,
         }
 
+    # -- claiming --------------------------------------------------------------------------
+
+    async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
+        """Worker claim hook: the most urgent due job with its run locked and read."""
+        row = await conn.fetchrow(self.q["claim_run_job"], list(queues))
+        return None if row is None else Job.from_record(row, prefetched=(row, None))
+
+    async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
+        """Worker follow hook: claim the job this slot just handed on, reusing the results
+        it already holds instead of re-reading the journal."""
+        cached = self._follow_cache.pop(job_id, None)
+        row = await conn.fetchrow(self.q["claim_run_job_by_id"], job_id, cached is None)
+        if row is None:
+            return None
+        results = cached[1] if cached is not None and cached[0] == row["cursor"] else None
+        return Job.from_record(row, prefetched=(row, results))
+
+    def _follow(self, v: _Visit, cursor: int, results: dict[str, Any]) -> Outcome:
+        """Hand the job on to this slot, remembering the run's results for the next node."""
+        if len(self._follow_cache) > 10_000:
+            self._follow_cache.clear()
+        self._follow_cache[v.job.id] = (cursor, results)
+        return Outcome(settled=True, follow=v.job.id)
+
+    async def _locked_run(
+        self, conn: Connection, job: Job
+    ) -> tuple[asyncpg.Record | None, dict[str, Any]]:
+        """The job's run, locked, and its results (from the claim when it read them)."""
+        if job.prefetched is not None:
+            run, results = job.prefetched
+            if run["workflow"] is None:
+                return None, {}
+        else:
+            run, results = await conn.fetchrow(self.q["lock_run"], job.run_id), None
+            if run is None:
+                return None, {}
+        if results is None:
+            text = run["results"]
+            if text is None and job.prefetched is not None and job.prefetched[1] is None:
+                text = await conn.fetchval(self.q["run_results"], job.run_id)
+            results = loads(text) or {}
+        return run, results
+
     # -- advance ---------------------------------------------------------------------------
 
     async def advance(self, conn: Connection, job: Job) -> Outcome:
         """Run the node the job points at, if the run is still there and still at it."""
-        run = await conn.fetchrow(self.q["lock_run"], job.run_id)
+        run, results = await self._locked_run(conn, job)
         cursor, attempt = int(job.payload["c"]), int(job.payload["a"])
         if run is None or run["status"] in _FINISHED or run["status"] == "compensating":
             return Outcome()  # stale: the run finished or is rolling back
@@ -163,7 +210,7 @@ class Runner:
             )
             return Outcome()
         wf = self.workflows[run["workflow"]]
-        visit = _Visit(conn, job, run, wf, cursor, attempt, loads(run["results"]) or {})
+        visit = _Visit(conn, job, run, wf, cursor, attempt, results)
         if cursor >= len(wf.nodes):
             exc = DefinitionChanged(
                 f"workflow {wf.name!r} has {len(wf.nodes)} nodes but run {job.run_id} is at "
@@ -175,16 +222,15 @@ class Runner:
             return await self._kinds[node.kind](visit, node)
 
     async def _attempt(
-        self, conn: Connection, what: str, call: Callable[[], Awaitable[Any]]
+        self, ctx: Context, what: str, call: Callable[[], Awaitable[Any]]
     ) -> tuple[bool, Any, str | None]:
-        """Run `call` under a savepoint: (True, value, json) or (False, error, None)."""
-        savepoint = conn.transaction()
-        await savepoint.start()
+        """Run `call`: (True, value, json), or (False, error, None) with the writes it made
+        through `ctx.conn` rolled back."""
         try:
             value = await call()
             return True, value, dumps(value, f"result of {what}")
         except Exception as exc:
-            await savepoint.rollback()
+            await undo(ctx.conn)
             return False, exc, None
 
     async def _complete(
@@ -208,7 +254,7 @@ class Runner:
                 v.job.id,
             )
             log.debug("node %s completed", node.name, extra=v.fields(node.name))
-            return Outcome(settled=True, follow=v.job.id)
+            return self._follow(v, nxt, {**v.results, node.name: value})
         final = dumps({**v.results, node.name: value}, f"result of run {v.run_id}")
         await v.conn.execute(
             self.q["complete_run"],
@@ -285,7 +331,7 @@ class Runner:
             dumps({"final": "failed", "a": 1}, "job payload"),
             v.job.id,
         )
-        return Outcome(settled=True, follow=v.job.id)
+        return self._follow(v, v.cursor, v.results)
 
     async def _park(
         self, v: _Visit, wake_at: datetime | None, signal: str | None, *, keep_job: bool
@@ -308,7 +354,7 @@ class Runner:
         if not step.transactional:
             return await self._lease(v, step, ctx)
         ok, value, text = await self._attempt(
-            v.conn, f"step {step.name!r}", lambda: self._call(step, ctx)
+            ctx, f"step {step.name!r}", lambda: self._call(step, ctx)
         )
         if not ok:
             return await self._failure(v, step, step.name, value, step.max_attempts, step.backoff)
@@ -490,7 +536,10 @@ class Runner:
                 )
                 return await self._fail_terminal(v, node.name, changed)
         handler = node.branches[branch]
-        ok, value, _ = await self._attempt(v.conn, f"route {node.name!r}", lambda: handler(ctx))
+        branch_ctx = v.context(node.name)  # its own savepoint, after the journaled choice
+        ok, value, _ = await self._attempt(
+            branch_ctx, f"route {node.name!r}", lambda: handler(branch_ctx)
+        )
         if not ok:
             return await self._failure(v, node, node.name, value, node.max_attempts, node.backoff)
         return await self._complete(v, node, {"branch": branch, "result": value})
@@ -527,7 +576,7 @@ class Runner:
             )
             return True, await node.body(body_ctx)
 
-        ok, value, _ = await self._attempt(v.conn, f"loop {node.name!r}", iteration)
+        ok, value, _ = await self._attempt(ctx, f"loop {node.name!r}", iteration)
         if not ok:
             return await self._failure(v, node, key, value, node.max_attempts, node.backoff, i=i)
         more, result = value
@@ -545,7 +594,7 @@ class Runner:
             v.now,
         )
         await self.jobs.reschedule(v.conn, v.job.id, 0.0, {"c": v.cursor, "a": 1, "i": i + 1})
-        return Outcome(settled=True, follow=v.job.id)
+        return self._follow(v, v.cursor, v.results)
 
     # -- parallel --------------------------------------------------------------------------
 
@@ -567,7 +616,11 @@ class Runner:
             return await self._branch(conn, job)
 
     async def _branch(self, conn: Connection, job: Job) -> Outcome:
-        peek = await conn.fetchrow(self.q["peek_run"], job.run_id)
+        peek = (
+            job.prefetched[0]
+            if job.prefetched is not None
+            else await conn.fetchrow(self.q["peek_run"], job.run_id)
+        )
         cursor, attempt, branch = int(job.payload["c"]), int(job.payload["a"]), job.payload["b"]
         if peek is None or peek["status"] != "running" or peek["cursor"] != cursor:
             return Outcome()
@@ -578,23 +631,16 @@ class Runner:
         key = f"{node.name}#{branch}"
         if await conn.fetchrow(self.q["journal_value"], job.run_id, key) is not None:
             return Outcome()  # committed already (a duplicate job)
-        ctx = _Visit(conn, job, peek, wf, cursor, attempt, loads(peek["results"]) or {}).context(
-            key
-        )
+        peek_results = peek["results"]
+        if peek_results is None:
+            peek_results = await conn.fetchval(self.q["run_results"], job.run_id)
+        ctx = _Visit(conn, job, peek, wf, cursor, attempt, loads(peek_results) or {}).context(key)
         handler: Handler = node.branches[branch]
-        savepoint = conn.transaction()
-        await savepoint.start()
-        try:
-            value = await handler(ctx)
-            text = dumps(value, f"result of branch {key!r}")
-            error: Exception | None = None
-        except Exception as exc:
-            await savepoint.rollback()
-            error = exc
+        ok, value, text = await self._attempt(ctx, f"branch {key!r}", lambda: handler(ctx))
+        error: Exception | None = None if ok else value
         run = await conn.fetchrow(self.q["lock_run"], job.run_id)
         if run is None or run["status"] != "running" or run["cursor"] != cursor:
-            if error is None:
-                await savepoint.rollback()  # the node failed meanwhile: this branch is moot
+            await undo(ctx.conn)  # the node failed meanwhile: this branch is moot
             return Outcome()
         v = _Visit(conn, job, run, wf, cursor, attempt, loads(run["results"]) or {})
         if error is not None:
@@ -709,7 +755,7 @@ class Runner:
             return await self._compensate(conn, job)
 
     async def _compensate(self, conn: Connection, job: Job) -> Outcome:
-        run = await conn.fetchrow(self.q["lock_run"], job.run_id)
+        run, results = await self._locked_run(conn, job)
         if run is None or run["status"] != "compensating":
             return Outcome()
         wf = self.workflows[run["workflow"]]
@@ -738,9 +784,9 @@ class Runner:
             return Outcome(settled=True)
         row, fn, max_attempts, backoff = target
         key = f"{row['key']}@compensate"
-        v = _Visit(conn, job, run, wf, int(run["cursor"]), attempt, loads(run["results"]) or {})
+        v = _Visit(conn, job, run, wf, int(run["cursor"]), attempt, results)
         ctx = v.context(key)
-        ok, value, text = await self._attempt(conn, f"compensator {key!r}", lambda: fn(ctx))
+        ok, value, text = await self._attempt(ctx, f"compensator {key!r}", lambda: fn(ctx))
         status, error = "completed", None
         if not ok:
             error = _describe(value)
@@ -782,4 +828,4 @@ class Runner:
             dumps({"final": final, "a": 1}, "job payload"),
             job.id,
         )
-        return Outcome(settled=True, follow=job.id)
+        return self._follow(v, v.cursor, v.results)

@@ -50,6 +50,10 @@ class Outcome:
 
 
 Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
+#: Claims the most urgent due job of the given queues in the connection's transaction.
+ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
+#: Claims a known job (a run continuing on the same slot) if it is due and free.
+FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
 
 
 def retry_delay(attempts: int) -> float:
@@ -99,6 +103,8 @@ class Worker:
         poll_interval: float = 1.0,
         grace_period: float = 10.0,
         name: str | None = None,
+        claim: ClaimHook | None = None,
+        claim_follow: FollowHook | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -106,6 +112,8 @@ class Worker:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         self.pool = pool
         self.jobs = JobQueue(queries)
+        self._claim_hook: ClaimHook = claim or self.jobs.claim
+        self._follow_hook: FollowHook = claim_follow or self.jobs.claim_by_id
         self.channel = queries.notify_channel
         self.handlers = dict(handlers)
         self.queues = sorted(set(queues))
@@ -242,7 +250,7 @@ class Worker:
         try:
             tx = conn.transaction()
             await tx.start()
-            job = await self.jobs.claim(conn, self.queues)
+            job = await self._claim_hook(conn, self.queues)
             if job is not None:
                 return (conn, tx, job), None
             due = await self.jobs.next_due(conn, self.queues)
@@ -279,22 +287,27 @@ class Worker:
                 outcome = await self._run_one(conn, tx, job)
                 if outcome is None:
                     break
-                self.processed += 1
                 after = outcome.after_commit
-                if outcome.follow is None or self.stopping or after is not None:
-                    # The job may have been rescheduled (a retry) without a NOTIFY: let the
-                    # dispatcher look at the next due time again.
-                    self._wakeup.set()
-                    break
-                tx = conn.transaction()
-                await tx.start()
-                follow = await self.jobs.claim_by_id(conn, outcome.follow)
-                if follow is None:
+                if outcome.follow is not None and after is None and not self.stopping:
+                    # Commit and open the next transaction in one round trip; `tx` stays
+                    # the connection's top transaction, so handlers' savepoints still work.
+                    await conn.execute("COMMIT; BEGIN")
+                    self.processed += 1
+                    follow = await self._follow_hook(conn, outcome.follow)
+                    if follow is not None:
+                        job = follow
+                        continue
                     await tx.rollback()
                     break
-                job = follow
+                await tx.commit()
+                self.processed += 1
+                # The job may have been rescheduled (a retry) without a NOTIFY, or handed to
+                # another node: let the dispatcher look at what is due again.
+                self._wakeup.set()
+                break
         except Exception as exc:
-            # The connection failed under us; the server rolls back and frees the job.
+            # The connection or the commit failed under us; the server rolls back and the job
+            # is free for any worker again.
             if not is_connection_error(exc):
                 log.exception(
                     "job %s failed outside its handler",
@@ -326,14 +339,7 @@ class Worker:
     async def _run_one(
         self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
     ) -> Outcome | None:
-        """Run one claimed job and commit; on error roll back and schedule a retry."""
-        fields = {
-            "job_id": job.id,
-            "task": job.task,
-            "run_id": job.run_id,
-            "queue": job.queue,
-            "worker": self.name,
-        }
+        """Run one claimed job up to its commit; on error roll back and schedule a retry."""
         try:
             handler = self.handlers.get(job.task)
             if handler is None:
@@ -341,9 +347,15 @@ class Worker:
             outcome = await handler(conn, job) or Outcome()
             if not outcome.settled:
                 await self.jobs.delete(conn, job.id)
-            await tx.commit()
             return outcome
         except Exception as exc:
+            fields = {
+                "job_id": job.id,
+                "task": job.task,
+                "run_id": job.run_id,
+                "queue": job.queue,
+                "worker": self.name,
+            }
             if is_connection_error(exc):
                 log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)
                 raise

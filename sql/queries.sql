@@ -18,10 +18,11 @@ WHERE id = $1 AND run_at <= now()
 FOR UPDATE SKIP LOCKED;
 
 -- next_due --
--- Seconds from the database clock until the next job of the given queues is due.
+-- Seconds from the database clock until the next future job of the given queues is due
+-- (due jobs that the claim skipped are held by other transactions).
 SELECT EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp()))::float8
 FROM __SCHEMA__.jobs
-WHERE queue = ANY($1::text[]);
+WHERE queue = ANY($1::text[]) AND run_at > now();
 
 -- enqueue_job --
 -- Insert a job due `$6` seconds from now on the database clock.
@@ -109,7 +110,7 @@ SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.error, r.
            AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results
 FROM __SCHEMA__.runs r
 WHERE r.id = $1
-FOR UPDATE OF r;
+FOR NO KEY UPDATE OF r;
 
 -- complete_node --
 -- Journal a node's result, move the cursor and hand the run's job on to the next node.
@@ -423,3 +424,39 @@ WITH doomed AS (
     DELETE FROM __SCHEMA__.runs WHERE id IN (SELECT id FROM doomed) RETURNING 1
 )
 SELECT count(*) FROM gone;
+
+-- claim_run_job --
+-- Claim the most urgent due job of the given workflows and lock its run, in one round trip.
+SELECT * FROM __SCHEMA__.claim_run_job_v1($1::text[], NULL, true);
+
+-- claim_run_job_by_id --
+-- Claim a known job (a worker continuing a run) and lock its run; results only if asked.
+SELECT * FROM __SCHEMA__.claim_run_job_v1(NULL, $1, $2);
+
+-- run_results --
+-- The results of a run's completed nodes, as one JSON object.
+SELECT jsonb_object_agg(key, result)::text
+FROM __SCHEMA__.journal
+WHERE run_id = $1 AND status = 'completed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0;
+
+-- has_journal --
+-- Whether a run has committed anything that compensation might have to undo.
+SELECT EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = $1 AND status = 'completed');
+
+-- cancel_now --
+-- Cancel a run that has nothing to compensate: drop its jobs, end it, wake its parent and
+-- whoever waits for it.
+WITH gone AS (
+    DELETE FROM __SCHEMA__.jobs WHERE run_id = $1
+), run AS (
+    UPDATE __SCHEMA__.runs
+    SET status = 'cancelled', error = $2, current_node = NULL, wake_at = NULL,
+        waiting_for = NULL, finished_at = now(), updated_at = now()
+    WHERE id = $1
+), parent AS (
+    INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
+    SELECT p.workflow, 'advance', p.id, jsonb_build_object('c', p.cursor, 'a', 1)
+    FROM __SCHEMA__.runs p
+    WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
+)
+SELECT pg_notify($3, $1);

@@ -72,7 +72,7 @@ CREATE TABLE __SCHEMA__.journal (
     error text,
     attempts integer NOT NULL DEFAULT 1 CHECK (attempts >= 1),
     started_at timestamptz,
-    finished_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     seq bigint GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (run_id, key)
 );
@@ -87,7 +87,7 @@ CREATE TABLE __SCHEMA__.attempts (
     attempt integer NOT NULL CHECK (attempt >= 1),
     error text NOT NULL,
     started_at timestamptz,
-    failed_at timestamptz NOT NULL DEFAULT now()
+    failed_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
 
@@ -113,7 +113,7 @@ CREATE TABLE __SCHEMA__.jobs (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue text NOT NULL,
     task text NOT NULL,
-    run_id text,
+    run_id text REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
     payload jsonb NOT NULL DEFAULT '{}',
     priority smallint NOT NULL DEFAULT 0,
     run_at timestamptz NOT NULL DEFAULT now(),
@@ -136,3 +136,52 @@ END
 $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
+
+-- Claim a job for the workflow engine and, in the same round trip, lock its run (jobs
+-- before runs: one lock order everywhere) and read what the node needs. `p_job` claims that
+-- job (a worker continuing a run); otherwise the most urgent due job of `p_queues`.
+-- Branch jobs do not lock the run, so branches of one node run side by side. The results
+-- mapping is only built when `p_results` is set (a worker continuing a run has it cached).
+CREATE FUNCTION __SCHEMA__.claim_run_job_v1(p_queues text[], p_job bigint, p_results boolean)
+RETURNS TABLE (
+    id bigint, queue text, task text, run_id text, payload text, priority smallint,
+    attempts integer, lease_token uuid, workflow text, status text, input text,
+    "cursor" integer, error text, parent_id text, wake_at timestamptz, waiting_for text,
+    now timestamptz, results text
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    j __SCHEMA__.jobs%ROWTYPE;
+BEGIN
+    IF p_job IS NULL THEN
+        SELECT * INTO j FROM __SCHEMA__.jobs
+        WHERE run_at <= now() AND queue = ANY(p_queues)
+        ORDER BY priority DESC, run_at, id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED;
+    ELSE
+        SELECT * INTO j FROM __SCHEMA__.jobs
+        WHERE id = p_job AND run_at <= now()
+        FOR UPDATE SKIP LOCKED;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF j.task <> 'branch' THEN
+        PERFORM 1 FROM __SCHEMA__.runs WHERE id = j.run_id FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+    SELECT j.id, j.queue, j.task, j.run_id, j.payload::text, j.priority, j.attempts,
+           j.lease_token, r.workflow, r.status, r.input::text, r.cursor, r.error, r.parent_id,
+           r.wake_at, r.waiting_for, clock_timestamp(),
+           CASE WHEN p_results THEN
+               (SELECT jsonb_object_agg(e.key, e.result)
+                  FROM __SCHEMA__.journal e
+                 WHERE e.run_id = j.run_id AND e.status = 'completed'
+                   AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0)::text
+           END
+    FROM (SELECT 1) AS one
+    LEFT JOIN __SCHEMA__.runs r ON r.id = j.run_id;
+END
+$$;

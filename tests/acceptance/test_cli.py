@@ -1,0 +1,539 @@
+"""The `durable` console script, run as a real subprocess against a real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+import pytest
+
+import durable
+
+pytestmark = pytest.mark.timeout(120)
+
+UNREACHABLE = "postgresql://u:secret@127.0.0.1:1/x"
+
+
+class Database(Protocol):
+    """The `db` fixture of tests/conftest.py: a fresh, migrated database."""
+
+    dsn: str
+
+
+def with_database(dsn: str, database: str) -> str:
+    """`dsn` pointing at another database on the same server."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+def _console_script() -> str:
+    beside = Path(sys.executable).parent / "durable"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("durable")
+    assert found, "the `durable` console script is not installed (pip install -e '.[dev]')"
+    return found
+
+
+DURABLE = _console_script()
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DURABLE_DSN"}
+    env.update(extra or {})
+    return env
+
+
+async def cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> Result:
+    """Run `durable ARGS...` and capture its exit code and output."""
+    with anyio.fail_after(timeout):
+        done = await anyio.run_process([DURABLE, *args], env=_env(env), check=False)
+    return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def assert_clean_error(result: Result, code: int, *needles: str) -> None:
+    """A user-facing failure: the expected code, one clear message, no traceback."""
+    assert result.code == code, result
+    assert "Traceback" not in result.err, result.err
+    for needle in needles:
+        assert needle.lower() in result.err.lower(), result.err
+
+
+# -- workflows used by the tests ------------------------------------------------------------
+
+
+def echo_workflow(name: str = "cli_echo") -> durable.Workflow:
+    """Two steps; `second` fails on its first attempt so the timeline has a retry."""
+    wf = durable.Workflow(name)
+
+    async def first(ctx: durable.Context) -> dict[str, Any]:
+        return {"n": ctx.input.get("n", 0)}
+
+    async def second(ctx: durable.Context) -> dict[str, Any]:
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return {"doubled": 2 * ctx.results["first"]["n"]}
+
+    wf.step("first", first)
+    wf.step("second", second, backoff=0.05)
+    return wf
+
+
+@pytest.fixture
+async def engine(db: Database) -> AsyncIterator[durable.Engine]:
+    eng = durable.Engine(db.dsn, workflows=[echo_workflow()], poll_interval=0.2)
+    async with eng:
+        yield eng
+
+
+async def completed_runs(engine: durable.Engine, count: int) -> list[str]:
+    ids = [await engine.start("cli_echo", {"n": i}) for i in range(count)]
+    async with engine.worker(concurrency=4, poll_interval=0.1):
+        for run_id in ids:
+            await engine.wait(run_id, timeout=30)
+    return ids
+
+
+@pytest.fixture
+async def empty_db(server_dsn: str) -> AsyncIterator[str]:
+    """A database without durable's schema."""
+    name = f"t_empty_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield with_database(server_dsn, name)
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+# -- basics ---------------------------------------------------------------------------------
+
+
+async def test_help_lists_every_command() -> None:
+    result = await cli("--help")
+    assert result.code == 0
+    for command in ("migrate", "worker", "runs", "signal", "cancel", "retry", "purge", "demo"):
+        assert command in result.out
+
+
+async def test_no_command_is_a_usage_error() -> None:
+    result = await cli()
+    assert result.code == 2
+    assert "Traceback" not in result.err
+
+
+async def test_no_dsn_says_how_to_give_one() -> None:
+    result = await cli("runs", "list")
+    assert_clean_error(result, 2, "--dsn", "DURABLE_DSN")
+
+
+async def test_migrate_applies_once_then_is_a_no_op(empty_db: str) -> None:
+    first = await cli("--dsn", empty_db, "migrate")
+    assert first.code == 0, first
+    assert "0001" in first.out
+    again = await cli("migrate", env={"DURABLE_DSN": empty_db})  # the DSN from the env
+    assert again.code == 0, again
+    assert "up to date" in again.out
+    as_json = await cli("--dsn", empty_db, "--json", "migrate")
+    assert as_json.code == 0
+    assert as_json.json() == {"schema": "durable", "applied": []}
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('durable.runs') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_migrate_into_another_schema(empty_db: str) -> None:
+    result = await cli("--dsn", empty_db, "--schema", "other_wf", "migrate")
+    assert result.code == 0, result
+    listed = await cli("--dsn", empty_db, "--schema", "other_wf", "runs", "list")
+    assert listed.code == 0, listed
+    assert "no runs" in listed.out
+
+
+async def test_commands_on_an_unmigrated_database_say_to_migrate(empty_db: str) -> None:
+    result = await cli("--dsn", empty_db, "runs", "list")
+    assert_clean_error(result, 2, "durable migrate")
+
+
+# -- runs -----------------------------------------------------------------------------------
+
+
+async def test_runs_list_shows_a_table(engine: durable.Engine, db: Database) -> None:
+    ids = await completed_runs(engine, 2)
+    result = await cli("--dsn", db.dsn, "runs", "list")
+    assert result.code == 0, result
+    header = result.out.splitlines()[0]
+    for column in ("ID", "WORKFLOW", "STATUS", "NODE", "CREATED", "UPDATED"):
+        assert column in header
+    for run_id in ids:
+        line = next(ln for ln in result.out.splitlines() if ln.startswith(run_id))
+        assert "cli_echo" in line
+        assert "completed" in line
+
+
+async def test_runs_list_filters_and_json(engine: durable.Engine, db: Database) -> None:
+    ids = await completed_runs(engine, 3)
+    pending = await engine.start("cli_echo", {"n": 99})
+    # Global options are accepted after the subcommand too.
+    result = await cli("runs", "list", "--json", "--dsn", db.dsn)
+    assert result.code == 0, result
+    rows = result.json()
+    assert {r["id"] for r in rows} == {*ids, pending}
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    assert {r["status"] for r in rows if r["id"] in ids} == {"completed"}
+
+    only = await cli("--dsn", db.dsn, "--json", "runs", "list", "--status", "pending")
+    assert [r["id"] for r in only.json()] == [pending]
+    limited = await cli("--dsn", db.dsn, "--json", "runs", "list", "--limit", "2")
+    assert len(limited.json()) == 2
+    other = await cli("--dsn", db.dsn, "runs", "list", "--workflow", "nope")
+    assert other.code == 0
+    assert "no runs" in other.out
+    bad = await cli("--dsn", db.dsn, "runs", "list", "--status", "sleeping")
+    assert bad.code == 2
+
+
+async def test_runs_show_prints_the_timeline(engine: durable.Engine, db: Database) -> None:
+    [run_id] = await completed_runs(engine, 1)
+    result = await cli("--dsn", db.dsn, "runs", "show", run_id)
+    assert result.code == 0, result
+    assert run_id in result.out
+    assert "completed" in result.out
+    lines = result.out.splitlines()
+    timeline = lines[lines.index(next(ln for ln in lines if ln.startswith("timeline"))) + 1 :]
+    keys = [ln.split()[2] for ln in timeline]  # "+12 ms  first  completed ..."
+    assert keys == ["first", "second", "second"]
+    assert "retried" in timeline[1]
+    assert "RuntimeError: first attempt fails" in timeline[1]
+    assert "completed" in timeline[2]
+    assert "attempt 2" in timeline[2]
+
+
+async def test_runs_show_json(engine: durable.Engine, db: Database) -> None:
+    [run_id] = await completed_runs(engine, 1)
+    result = await cli("--dsn", db.dsn, "--json", "runs", "show", run_id)
+    assert result.code == 0, result
+    data = result.json()
+    assert data["id"] == run_id
+    assert data["status"] == "completed"
+    assert data["result"] == {"first": {"n": 0}, "second": {"doubled": 0}}
+    assert [e["key"] for e in data["journal"]] == ["first", "second"]
+    assert data["journal"][1]["attempts"] == 2
+    assert [(a["key"], a["attempt"]) for a in data["attempts"]] == [("second", 1)]
+
+
+async def test_runs_show_of_an_unknown_id(db: Database) -> None:
+    result = await cli("--dsn", db.dsn, "runs", "show", "01NOSUCHRUN")
+    assert_clean_error(result, 2, "no run", "01NOSUCHRUN")
+    assert result.out == ""
+
+
+# -- cancel ---------------------------------------------------------------------------------
+
+
+async def test_cancel_a_finished_run_is_not_done(engine: durable.Engine, db: Database) -> None:
+    [run_id] = await completed_runs(engine, 1)
+    result = await cli("--dsn", db.dsn, "cancel", run_id)
+    assert result.code == 1, result
+    assert "completed" in result.out
+    as_json = await cli("--dsn", db.dsn, "--json", "cancel", run_id)
+    assert as_json.code == 1
+    assert as_json.json()["cancelled"] is False
+    assert (await engine.get_run(run_id)).status is durable.RunStatus.COMPLETED
+
+
+async def test_cancel_a_pending_run(engine: durable.Engine, db: Database) -> None:
+    run_id = await engine.start("cli_echo", {"n": 1})  # no worker: it stays pending
+    result = await cli("--dsn", db.dsn, "cancel", run_id)
+    assert result.code == 0, result
+    status = (await engine.get_run(run_id)).status
+    assert status in (durable.RunStatus.COMPENSATING, durable.RunStatus.CANCELLED)
+    # A worker finishes the cancellation (there is nothing to compensate).
+    async with engine.worker(poll_interval=0.1):
+        with pytest.raises(durable.RunCancelled):
+            await engine.wait(run_id, timeout=30)
+    assert (await engine.get_run(run_id)).status is durable.RunStatus.CANCELLED
+
+
+async def test_cancel_an_unknown_run(db: Database) -> None:
+    result = await cli("--dsn", db.dsn, "cancel", "01NOSUCHRUN")
+    assert_clean_error(result, 2, "no run")
+
+
+# -- user mistakes and an unreachable database ----------------------------------------------
+
+
+async def test_signal_with_bad_json_is_a_usage_error(db: Database) -> None:
+    result = await cli("--dsn", db.dsn, "signal", "01ANYRUN", "approved", "{not json")
+    assert_clean_error(result, 2, "JSON")
+
+
+async def test_signal_with_an_empty_name_is_a_usage_error(db: Database) -> None:
+    result = await cli("--dsn", db.dsn, "signal", "01ANYRUN", "")
+    assert_clean_error(result, 2, "signal name")
+
+
+@pytest.mark.parametrize("duration", ["soon", "30", "-5d", "3y", ""])
+async def test_purge_with_a_bad_duration_is_a_usage_error(db: Database, duration: str) -> None:
+    result = await cli("--dsn", db.dsn, "purge", "--older-than", duration)
+    assert_clean_error(result, 2, "duration")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate",),
+        ("runs", "list"),
+        ("runs", "show", "01ANYRUN"),
+        ("cancel", "01ANYRUN"),
+        ("--json", "runs", "list"),
+    ],
+)
+async def test_unreachable_database_exits_3_without_the_password(args: tuple[str, ...]) -> None:
+    for how in ("flag", "env"):
+        if how == "flag":
+            result = await cli("--dsn", UNREACHABLE, *args)
+        else:
+            result = await cli(*args, env={"DURABLE_DSN": UNREACHABLE})
+        assert_clean_error(result, 3, "127.0.0.1:1")
+        assert "secret" not in result.out + result.err
+        assert "u:***@127.0.0.1:1/x" in result.err
+
+
+async def test_password_in_a_query_parameter_is_not_printed() -> None:
+    result = await cli("--dsn", "postgresql://u@127.0.0.1:1/x?password=hunter2", "runs", "list")
+    assert_clean_error(result, 3)
+    assert "hunter2" not in result.out + result.err
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+APP = '''
+"""A user's module: the engine `durable worker cli_app:engine` runs."""
+import asyncio
+import os
+
+import durable
+
+wf = durable.Workflow("cli_app")
+
+
+@wf.step
+async def record(ctx: durable.Context) -> dict:
+    await asyncio.sleep(ctx.input.get("nap", 0))
+    await ctx.conn.execute(
+        "INSERT INTO cli_effects (run_id, pid) VALUES ($1, $2)", ctx.run_id, os.getpid()
+    )
+    return {"pid": os.getpid(), "echo": ctx.input.get("echo")}
+
+
+engine = durable.Engine(os.environ["CLI_APP_DSN"], workflows=[wf], poll_interval=0.2)
+
+
+def make_engine() -> durable.Engine:
+    return durable.Engine(os.environ["CLI_APP_DSN"], workflows=[wf], poll_interval=0.2)
+
+
+not_an_engine = 42
+'''
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "cli_app.py").write_text(textwrap.dedent(APP))
+    return tmp_path
+
+
+def _app_workflow() -> durable.Workflow:
+    """The same workflow name, so the test process can start runs for the worker."""
+    wf = durable.Workflow("cli_app")
+
+    async def record(ctx: durable.Context) -> None:
+        raise AssertionError("runs only in the worker process")
+
+    wf.step("record", record)
+    return wf
+
+
+@pytest.mark.parametrize(
+    ("target", "stop_with"),
+    [("cli_app:engine", signal.SIGTERM), ("cli_app:make_engine", signal.SIGINT)],
+)
+async def test_worker_runs_jobs_and_stops_gracefully(
+    db: Database, app_dir: Path, target: str, stop_with: signal.Signals
+) -> None:
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        await conn.execute("CREATE TABLE cli_effects (run_id text NOT NULL, pid int NOT NULL)")
+    finally:
+        await conn.close()
+    log_path = app_dir / "worker.log"
+    env = _env({"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)})
+    with log_path.open("wb") as log_file:
+        proc = await anyio.open_process(
+            [DURABLE, "worker", target, "--concurrency", "2"],
+            env=env,
+            cwd=app_dir,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        async with durable.Engine(db.dsn, workflows=[_app_workflow()]) as engine:
+            run_id = await engine.start("cli_app", {"echo": "hi"})
+            result = await engine.wait(run_id, timeout=30)
+            assert result["record"] == {"pid": proc.pid, "echo": "hi"}
+            with anyio.fail_after(10):  # signal handlers are installed once it says so
+                while "durable worker ready" not in log_path.read_text():  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            # A job in flight when the signal comes finishes before the worker exits.
+            slow = await engine.start("cli_app", {"echo": "slow", "nap": 1.5})
+            await anyio.sleep(0.6)
+            proc.send_signal(stop_with)
+            assert (await engine.wait(slow, timeout=30))["record"]["echo"] == "slow"
+        with anyio.fail_after(30):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with anyio.CancelScope(shield=True):
+                await proc.wait()
+    log = log_path.read_text()
+    assert proc.returncode == 0, log
+    assert "stopping gracefully" in log
+    assert log.index("stopping gracefully") < log.index(f"run {slow} completed"), log
+    assert "Traceback" not in log
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM cli_effects") == 2
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "needle"),
+    [
+        ("cli_app", "MODULE:ENGINE"),
+        ("cli_app:", "MODULE:ENGINE"),
+        ("no_such_module_xyz:engine", "cannot import module 'no_such_module_xyz'"),
+        ("cli_app:missing", "no attribute 'missing'"),
+        ("cli_app:not_an_engine", "not a durable.Engine"),
+    ],
+)
+async def test_worker_with_a_bad_target(
+    db: Database, app_dir: Path, target: str, needle: str
+) -> None:
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)}
+    result = await cli("worker", target, env=env)
+    assert_clean_error(result, 2, needle)
+
+
+async def test_worker_with_an_unreachable_database(app_dir: Path) -> None:
+    env = {"CLI_APP_DSN": UNREACHABLE, "PYTHONPATH": str(app_dir)}
+    result = await cli("worker", "cli_app:engine", env=env)
+    assert_clean_error(result, 3, "127.0.0.1:1")
+    assert "secret" not in result.out + result.err
+
+
+# -- signal, retry, purge (once the engine has them) ----------------------------------------
+
+needs_signal = pytest.mark.skipif(
+    not hasattr(durable.Engine, "signal") or not hasattr(durable.Workflow, "wait_for_signal"),
+    reason="Engine.signal / Workflow.wait_for_signal not implemented yet",
+)
+needs_retry = pytest.mark.skipif(
+    not hasattr(durable.Engine, "retry"), reason="Engine.retry not implemented yet"
+)
+needs_purge = pytest.mark.skipif(
+    not hasattr(durable.Engine, "purge"), reason="Engine.purge not implemented yet"
+)
+
+
+@needs_signal
+async def test_signal_wakes_a_waiting_run(db: Database) -> None:
+    wf = durable.Workflow("cli_approval")
+    wf.wait_for_signal("approval", "approved")  # type: ignore[attr-defined]
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine:
+        run_id = await engine.start("cli_approval", {})
+        async with engine.worker(poll_interval=0.1):
+            result = await cli("--dsn", db.dsn, "signal", run_id, "approved", '{"by": "ann"}')
+            assert result.code == 0, result
+            final = await engine.wait(run_id, timeout=30)
+        assert final["approval"] == {"by": "ann"}
+        late = await cli("--dsn", db.dsn, "--json", "signal", run_id, "approved")
+        assert late.code == 1, late
+        assert late.json()["recorded"] is False
+    unknown = await cli("--dsn", db.dsn, "signal", "01NOSUCHRUN", "approved")
+    assert_clean_error(unknown, 2, "no run")
+
+
+@needs_retry
+async def test_retry_re_runs_a_failed_run(db: Database) -> None:
+    wf = durable.Workflow("cli_gate")
+
+    async def gate(ctx: durable.Context) -> str:
+        assert ctx.conn is not None
+        if not await ctx.conn.fetchval("SELECT count(*) FROM cli_gate_open"):
+            raise durable.NonRetryable("the gate is closed")
+        return "through"
+
+    wf.step("gate", gate)
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine:
+        async with engine.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE cli_gate_open (x int)")
+        run_id = await engine.start("cli_gate", {})
+        async with engine.worker(poll_interval=0.1):
+            with pytest.raises(durable.RunFailed):
+                await engine.wait(run_id, timeout=30)
+            async with engine.pool.acquire() as conn:
+                await conn.execute("INSERT INTO cli_gate_open VALUES (1)")
+            result = await cli("--dsn", db.dsn, "retry", run_id)
+            assert result.code == 0, result
+            assert await engine.wait(run_id, timeout=30) == {"gate": "through"}
+        again = await cli("--dsn", db.dsn, "--json", "retry", run_id)
+        assert again.code == 1, again
+        assert again.json()["retried"] is False
+    unknown = await cli("--dsn", db.dsn, "retry", "01NOSUCHRUN")
+    assert_clean_error(unknown, 2, "no run")
+
+
+@needs_purge
+async def test_purge_deletes_old_finished_runs(engine: durable.Engine, db: Database) -> None:
+    [run_id] = await completed_runs(engine, 1)
+    kept = await cli("--dsn", db.dsn, "--json", "purge", "--older-than", "30d")
+    assert kept.code == 0, kept
+    assert kept.json()["purged"] == 0
+    await anyio.sleep(1.2)
+    purged = await cli("--dsn", db.dsn, "purge", "--older-than", "1s")
+    assert purged.code == 0, purged
+    assert "purged 1" in purged.out
+    gone = await cli("--dsn", db.dsn, "runs", "show", run_id)
+    assert gone.code == 2
