@@ -17,7 +17,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, cast
@@ -96,9 +96,18 @@ class _Visit:
         return str(self.job.run_id)
 
     @property
-    def now(self) -> datetime:
-        started: datetime = self.run["now"]
+    def now(self) -> datetime | None:
+        """The database clock when the run was locked (None when a continuing worker
+        re-locked it without reading; SQL then uses its transaction's start)."""
+        started: datetime | None = self.run["now"]
         return started
+
+    async def clock(self, queries: Queries) -> datetime:
+        """The database clock (for wake times, which must never come from this host)."""
+        if self.now is not None:
+            return self.now
+        now: datetime = await self.conn.fetchval(queries["db_now"])
+        return now
 
     def context(
         self, node: str, *, transactional: bool = True, results: Mapping[str, Any] | None = None
@@ -137,8 +146,10 @@ class Runner:
         self.jobs_channel = queries.notify_channel
         self.lease_seconds = lease_seconds
         self.pool: asyncpg.Pool | None = None
-        # Results of runs this worker is continuing, by the job id it will claim next.
-        self._follow_cache: dict[int, tuple[int, dict[str, Any]]] = {}
+        # What this worker knows of the runs it is continuing, by the job id it claims next:
+        # the cursor, the results and, after a plain node completion, the job and run as
+        # they were committed (then the next claim needs no read at all).
+        self._follow_cache: dict[int, tuple[int, dict[str, Any], Job | None]] = {}
         self._kinds: dict[str, Callable[[_Visit, Any], Awaitable[Outcome]]] = {
             "step": self._step,
             "sleep": self._sleep,
@@ -158,20 +169,65 @@ class Runner:
         return None if row is None else Job.from_record(row, prefetched=(row, None))
 
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
-        """Worker follow hook: claim the job this slot just handed on, reusing the results
-        it already holds instead of re-reading the journal."""
+        """Worker follow hook: commit, then claim the job this slot just handed on, reusing
+        what it already knows of the run instead of re-reading it.
+
+        After a plain node completion the commit, the next BEGIN and the re-lock of job and
+        run travel in one simple-protocol message; the re-lock raises DU001 if another
+        transaction took the job or moved the run in between.
+        """
         cached = self._follow_cache.pop(job_id, None)
+        if cached is not None and cached[2] is not None:
+            cursor, _, job = cached
+            try:
+                await conn.execute(
+                    "COMMIT; BEGIN; SELECT "
+                    f"{self.q.schema_sql}.relock_run_job_v1({int(job_id)}, {int(cursor)})"
+                )
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != "DU001":
+                    raise
+                return None
+            return job
+        await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_run_job_by_id"], job_id, cached is None)
         if row is None:
             return None
         results = cached[1] if cached is not None and cached[0] == row["cursor"] else None
         return Job.from_record(row, prefetched=(row, results))
 
-    def _follow(self, v: _Visit, cursor: int, results: dict[str, Any]) -> Outcome:
-        """Hand the job on to this slot, remembering the run's results for the next node."""
+    def _follow(
+        self, v: _Visit, cursor: int, results: dict[str, Any], *, moved: bool = False
+    ) -> Outcome:
+        """Hand the job on to this slot, remembering what the next node needs.
+
+        `moved`: the node completed and the job now points at node `cursor` of a running
+        run, exactly as committed, so the next claim can be a blind re-lock.
+        """
         if len(self._follow_cache) > 10_000:
             self._follow_cache.clear()
-        self._follow_cache[v.job.id] = (cursor, results)
+        job: Job | None = None
+        if moved:
+            run = {
+                "workflow": v.wf.name,
+                "status": "running",
+                "input": v.run["input"],
+                "cursor": cursor,
+                "error": None,
+                "parent_id": v.run["parent_id"],
+                "wake_at": None,
+                "waiting_for": None,
+                "now": None,
+                "results": None,
+            }
+            job = replace(
+                v.job,
+                task="advance",
+                payload={"c": cursor, "a": 1},
+                lease_token=None,
+                prefetched=(run, results),
+            )
+        self._follow_cache[v.job.id] = (cursor, results, job)
         return Outcome(settled=True, follow=v.job.id)
 
     async def _locked_run(
@@ -254,7 +310,7 @@ class Runner:
                 v.job.id,
             )
             log.debug("node %s completed", node.name, extra=v.fields(node.name))
-            return self._follow(v, nxt, {**v.results, node.name: value})
+            return self._follow(v, nxt, {**v.results, node.name: value}, moved=True)
         final = dumps({**v.results, node.name: value}, f"result of run {v.run_id}")
         await v.conn.execute(
             self.q["complete_run"],
@@ -442,8 +498,9 @@ class Runner:
 
     async def _sleep(self, v: _Visit, node: Sleep | SleepUntil) -> Outcome:
         wake_at: datetime | None = v.run["wake_at"]
+        now = await v.clock(self.q)
         if wake_at is not None:
-            if wake_at > v.now:
+            if wake_at > now:
                 return await self._park(v, wake_at, None, keep_job=True)  # delivered early
             return await self._complete(v, node, None)
         ctx = v.context(node.name)
@@ -457,7 +514,7 @@ class Runner:
                     or seconds < 0
                 ):
                     raise TypeError(f"sleep {node.name!r}: expected seconds >= 0, got {seconds!r}")
-                wake_at = v.now + timedelta(seconds=float(seconds))
+                wake_at = now + timedelta(seconds=float(seconds))
             else:
                 wake_at = await resolve(node.when, ctx)
                 if not isinstance(wake_at, datetime) or wake_at.tzinfo is None:
@@ -466,7 +523,7 @@ class Runner:
                     )
         except Exception as exc:
             return await self._fail_terminal(v, node.name, exc)
-        if wake_at <= v.now:
+        if wake_at <= now:
             return await self._complete(v, node, None)
         return await self._park(v, wake_at, None, keep_job=True)
 
@@ -474,6 +531,7 @@ class Runner:
 
     async def _wait(self, v: _Visit, node: WaitForSignal) -> Outcome:
         signal: str | None = v.run["waiting_for"]
+        now = await v.clock(self.q)
         first_visit = signal is None
         if signal is None:
             try:
@@ -489,10 +547,10 @@ class Runner:
         if got is not None:
             return await self._complete(v, node, loads(got["payload"]), got["payload"] or "null")
         if first_visit:
-            wake_at = None if node.timeout is None else v.now + timedelta(seconds=node.timeout)
+            wake_at = None if node.timeout is None else now + timedelta(seconds=node.timeout)
             return await self._park(v, wake_at, signal, keep_job=wake_at is not None)
         wake_at = v.run["wake_at"]
-        if wake_at is not None and wake_at <= v.now:
+        if wake_at is not None and wake_at <= now:
             if node.has_default:
                 return await self._complete(v, node, node.default)
             err = SignalTimeout(f"no signal {signal!r} arrived within {node.timeout:g} s")

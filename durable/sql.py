@@ -84,6 +84,11 @@ class Queries:
         self.schema = validate_schema(schema)
         self._queries = {name: render(sql, schema) for name, sql in _raw_queries().items()}
 
+    @property
+    def schema_sql(self) -> str:
+        """The schema name quoted for SQL text (validated at construction)."""
+        return '"' + self.schema + '"'
+
     def __getitem__(self, name: str) -> str:
         return self._queries[name]
 

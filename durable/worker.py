@@ -52,7 +52,8 @@ class Outcome:
 Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
 #: Claims the most urgent due job of the given queues in the connection's transaction.
 ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
-#: Claims a known job (a run continuing on the same slot) if it is due and free.
+#: Commits the open transaction, opens the next one and claims a known job in it (a run
+#: continuing on the same slot); None if the job is not due and free.
 FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
 
 
@@ -113,7 +114,7 @@ class Worker:
         self.pool = pool
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
-        self._follow_hook: FollowHook = claim_follow or self.jobs.claim_by_id
+        self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
         self.channel = queries.notify_channel
         self.handlers = dict(handlers)
         self.queues = sorted(set(queues))
@@ -261,6 +262,10 @@ class Worker:
         await self.pool.release(conn)
         return None, due
 
+    async def _commit_and_claim(self, conn: Connection, job_id: int) -> Job | None:
+        await conn.execute("COMMIT; BEGIN")
+        return await self.jobs.claim_by_id(conn, job_id)
+
     async def _discard(self, conn: Connection) -> None:
         """Drop a connection whose transaction state is unknown; the server rolls it back."""
         with anyio.CancelScope(shield=True):
@@ -289,11 +294,10 @@ class Worker:
                     break
                 after = outcome.after_commit
                 if outcome.follow is not None and after is None and not self.stopping:
-                    # Commit and open the next transaction in one round trip; `tx` stays
-                    # the connection's top transaction, so handlers' savepoints still work.
-                    await conn.execute("COMMIT; BEGIN")
-                    self.processed += 1
+                    # The hook commits and opens the next transaction (in one round trip);
+                    # `tx` stays the top transaction, so handlers' savepoints still work.
                     follow = await self._follow_hook(conn, outcome.follow)
+                    self.processed += 1
                     if follow is not None:
                         job = follow
                         continue

@@ -116,7 +116,7 @@ FOR NO KEY UPDATE OF r;
 -- Journal a node's result, move the cursor and hand the run's job on to the next node.
 WITH entry AS (
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
-    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
+    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, coalesce($5, now()))
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET cursor = $6, current_node = $7, status = 'running', wake_at = NULL, waiting_for = NULL,
@@ -132,7 +132,7 @@ WHERE id = $9;
 -- its parent (a child's terminal transaction is what resumes the parent: no polling).
 WITH entry AS (
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
-    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, $5)
+    VALUES ($1, $2, $2, 'completed', $3::jsonb, $4, coalesce($5, now()))
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET cursor = $6, current_node = NULL, status = 'completed', result = $7::jsonb,
@@ -152,7 +152,7 @@ SELECT pg_notify($9, $1);
 -- Record a failed attempt and make the run's job due again after the backoff.
 WITH attempt AS (
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
-    VALUES ($1, $2, $3, $4, $5)
+    VALUES ($1, $2, $3, $4, coalesce($5, now()))
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
@@ -168,10 +168,10 @@ WHERE id = $8;
 -- node $6 as failed and turn the job into the first compensation step.
 WITH attempt AS (
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
-    VALUES ($1, $2, $3, $4, $5)
+    VALUES ($1, $2, $3, $4, coalesce($5, now()))
 ), entry AS (
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, error, attempts, started_at)
-    VALUES ($1, $6, $6, 'failed', $4, $3, $5)
+    VALUES ($1, $6, $6, 'failed', $4, $3, coalesce($5, now()))
 ), run AS (
     UPDATE __SCHEMA__.runs
     SET status = 'compensating', error = $4, current_node = $6, updated_at = now()
@@ -193,7 +193,7 @@ ORDER BY seq DESC;
 WITH entry AS (
     INSERT INTO __SCHEMA__.journal
         (run_id, key, node, status, result, error, attempts, started_at)
-    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, coalesce($8, now()))
 ), run AS (
     UPDATE __SCHEMA__.runs SET updated_at = now() WHERE id = $1
 )
@@ -337,7 +337,7 @@ SELECT pg_notify($4, '');
 -- Journal one outcome without moving the cursor (branches, iterations, route choices,
 -- child markers).
 INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, error, attempts, started_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8);
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, coalesce($8, now()));
 
 -- journal_value --
 -- One journal row's status and result.
@@ -460,3 +460,7 @@ WITH gone AS (
     WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
 SELECT pg_notify($3, $1);
+
+-- db_now --
+-- The database clock.
+SELECT clock_timestamp();

@@ -184,3 +184,29 @@ BEGIN
     LEFT JOIN __SCHEMA__.runs r ON r.id = j.run_id;
 END
 $$;
+
+-- A worker that just committed a node re-locks the run's job and run for the next node in
+-- the same round trip as its COMMIT, without reading anything back: it raises DU001 when
+-- the job or run is no longer where that worker left it (taken, cancelled, moved on).
+CREATE FUNCTION __SCHEMA__.relock_run_job_v1(p_job bigint, p_cursor integer)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM __SCHEMA__.jobs
+    WHERE id = p_job AND run_at <= now() AND task = 'advance' AND lease_token IS NULL
+      AND (payload ->> 'c')::integer = p_cursor
+    FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: job % is not free at node #%', p_job, p_cursor
+            USING ERRCODE = 'DU001';
+    END IF;
+    PERFORM 1 FROM __SCHEMA__.runs r
+    WHERE r.id = (SELECT run_id FROM __SCHEMA__.jobs WHERE id = p_job)
+      AND r.cursor = p_cursor AND r.status = 'running'
+    FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: the run of job % moved on from node #%', p_job, p_cursor
+            USING ERRCODE = 'DU001';
+    END IF;
+END
+$$;
