@@ -284,6 +284,9 @@ class Engine:
             with anyio.fail_after(timeout):
                 with contextlib.suppress(Exception):
                     await self._ensure_listener()
+                # Only watched runs NOTIFY when they finish (NOTIFY serialises commits).
+                async with self.pool.acquire() as conn:
+                    await conn.execute(self.queries["watch_run"], run_id)
                 while True:
                     event.clear()
                     run = await self.get_run(run_id)

@@ -31,7 +31,7 @@ from durable.db import Connection, dumps, loads
 from durable.errors import NonRetryable, SerializationError
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
-from durable.stepconn import StepConnection, undo
+from durable.stepconn import StepConnection, swallowed_error, undo
 from durable.tracing import node_span, record_failure
 from durable.worker import Outcome
 from durable.workflow import (
@@ -64,6 +64,10 @@ class DefinitionChanged(Exception):
 
 class ChildFailed(Exception):
     """A child run ended failed or cancelled."""
+
+
+class SwallowedDatabaseError(Exception):
+    """A handler caught a database error on `ctx.conn` and returned as if nothing happened."""
 
 
 class SignalTimeout(Exception):
@@ -284,6 +288,13 @@ class Runner:
         through `ctx.conn` rolled back."""
         try:
             value = await call()
+            swallowed = swallowed_error(ctx.conn)
+            if swallowed is not None:
+                raise SwallowedDatabaseError(
+                    f"{what} returned normally after a statement on ctx.conn failed "
+                    f"({type(swallowed).__name__}: {swallowed}); the transaction was aborted, "
+                    "so the attempt's writes were rolled back"
+                )
             return True, value, dumps(value, f"result of {what}")
         except Exception as exc:
             await undo(ctx.conn)

@@ -16,7 +16,7 @@ _MIGRATION = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 def validate_schema(name: str) -> str:
     """Return `name` if it is a safe schema name (lower-case identifier), else raise."""
-    if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
         raise ConfigurationError(
             f"invalid schema name {name!r}: use 1-48 characters of lower-case letters, digits "
             "and '_', not starting with a digit"

@@ -23,11 +23,14 @@ from durable.db import Connection
 class StepConnection:
     """Proxy of the node's connection that sets a savepoint before its first statement."""
 
-    __slots__ = ("_conn", "_savepoint")
+    __slots__ = ("_conn", "_savepoint", "failed")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._savepoint: asyncpg.transaction.Transaction | None = None
+        #: A statement error the handler may have swallowed: it leaves the transaction
+        #: aborted, so the attempt cannot commit even if the handler returns normally.
+        self.failed: asyncpg.PostgresError | None = None
 
     async def _ensure_savepoint(self) -> None:
         if self._savepoint is None:
@@ -65,7 +68,11 @@ class StepConnection:
             if inspect.iscoroutine(awaitable):
                 awaitable.close()
             raise
-        return await awaitable
+        try:
+            return await awaitable
+        except asyncpg.PostgresError as exc:
+            self.failed = exc
+            raise
 
     def transaction(self, **kwargs: Any) -> _LazyTransaction:
         """A nested transaction (savepoint) of the handler's own, as `Connection.transaction`."""
@@ -83,9 +90,11 @@ class _LazyTransaction:
     def __init__(self, owner: StepConnection, inner: asyncpg.transaction.Transaction) -> None:
         self._owner = owner
         self._inner = inner
+        self._failed_before: asyncpg.PostgresError | None = None
 
     async def start(self) -> None:
         await self._owner._ensure_savepoint()
+        self._failed_before = self._owner.failed
         await self._inner.start()
 
     async def commit(self) -> None:
@@ -93,13 +102,17 @@ class _LazyTransaction:
 
     async def rollback(self) -> None:
         await self._inner.rollback()
+        # Errors inside a rolled-back block no longer abort the transaction.
+        self._owner.failed = self._failed_before
 
     async def __aenter__(self) -> _LazyTransaction:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
-        await self._inner.__aexit__(*exc)
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self._inner.__aexit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self._owner.failed = self._failed_before
 
 
 class _LazyCursor:
@@ -123,10 +136,15 @@ class _LazyCursor:
         return await self._factory
 
 
+def swallowed_error(conn: object) -> asyncpg.PostgresError | None:
+    """The statement error a handler caught but left its transaction aborted by, if any."""
+    return conn.failed if isinstance(conn, StepConnection) else None
+
+
 async def undo(conn: object) -> None:
     """Roll back a handler's writes if `conn` is a `StepConnection` that set a savepoint."""
     if isinstance(conn, StepConnection):
         await conn.undo()
 
 
-__all__ = ["StepConnection", "undo"]
+__all__ = ["StepConnection", "swallowed_error", "undo"]

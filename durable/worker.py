@@ -1,16 +1,20 @@
 """Where a job is claimed: the asyncio worker loop that runs jobs inside their transactions.
 
-Theory of operation. A dispatcher task takes a free slot, opens a transaction on a pooled
-connection and claims one due job with `FOR UPDATE SKIP LOCKED`; the job and its connection
-are handed to a task that runs the job's handler inside that same transaction, deletes the
-job row and commits. The row lock is the job's ownership: if the process dies, PostgreSQL
-aborts the transaction, the lock goes, and any worker may claim the job at once.
+Theory of operation. The worker runs `concurrency` slots. Each slot holds a connection and
+loops: inside a transaction it claims one due job with `FOR UPDATE SKIP LOCKED`, runs the
+job's handler in that same transaction, deletes (or re-points) the job row and commits —
+sending `COMMIT; BEGIN` in one round trip so the next claim already runs in a fresh
+transaction. The row lock is the job's ownership: if the process dies, PostgreSQL aborts the
+transaction, the lock goes, and any worker may claim the job at once. Slots claim on their
+own connections at the same time, so a worker with N free slots claims N jobs in parallel.
 
-When no job is due the dispatcher sleeps until a `NOTIFY` (sent once per enqueuing
-transaction), until the next delayed job is due on the database clock, or until the polling
-interval passes, whichever comes first. `stop()` is graceful: no new claims, in-flight jobs
-get `grace_period` seconds to finish, then they are cancelled and their transactions rolled
-back, which releases them to other workers.
+A slot whose claim finds nothing goes idle. Idle slots are woken one at a time: by a
+`NOTIFY` (sent, once per enqueuing transaction, only while some worker has an idle slot and
+has said so in the `listeners` table), by the poller when the next delayed job falls due on
+the database clock or the polling interval passes, and by a slot that just claimed a job
+(there may be more). `stop()` is graceful: no new claims, in-flight jobs get `grace_period`
+seconds to finish, then they are cancelled and their transactions rolled back, which
+releases them to other workers.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from dataclasses import dataclass
 
 import anyio
 import asyncpg
-from anyio.abc import TaskGroup
 
 from durable.db import Connection, is_connection_error
 from durable.queue import Job, JobQueue
@@ -112,6 +115,7 @@ class Worker:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
         self.pool = pool
+        self.queries = queries
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
@@ -122,19 +126,22 @@ class Worker:
         self.poll_interval = poll_interval
         self.grace_period = grace_period
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._slots = anyio.Semaphore(concurrency)
-        self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._idle: list[asyncio.Event] = []  # events of idle slots, oldest first
+        self._missed_wakeup = False
+        self._poke = asyncio.Event()
         self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._no_inflight = asyncio.Event()
+        self._no_inflight.set()
         self._health = _Health()
         self.processed = 0
 
     def stop(self) -> None:
         """Stop claiming; in-flight jobs get `grace_period` seconds to finish."""
         self._stopping.set()
-        self._wakeup.set()
+        for event in self._idle:
+            event.set()
+        self._poke.set()
 
     @property
     def stopping(self) -> bool:
@@ -154,21 +161,29 @@ class Worker:
             self.concurrency,
             extra={"worker": self.name},
         )
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(self._listen)
-            async with anyio.create_task_group() as jobs_tg:
-                task_status.started()
-                await self._dispatch(jobs_tg)
-                with anyio.move_on_after(self.grace_period):
-                    await self._idle.wait()
-                if self._inflight:
-                    log.warning(
-                        "grace period over: releasing %d in-flight jobs",
-                        self._inflight,
-                        extra={"worker": self.name},
-                    )
-                jobs_tg.cancel_scope.cancel()
-            outer.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self._listen)
+                outer.start_soon(self._poll)
+                async with anyio.create_task_group() as slots:
+                    for index in range(self.concurrency):
+                        slots.start_soon(self._slot, index)
+                    task_status.started()
+                    await self._stopping.wait()
+                    with anyio.move_on_after(self.grace_period):
+                        await self._no_inflight.wait()
+                    if self._inflight:
+                        log.warning(
+                            "grace period over: releasing %d in-flight jobs",
+                            self._inflight,
+                            extra={"worker": self.name},
+                        )
+                    slots.cancel_scope.cancel()
+                outer.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                async with self.pool.acquire() as conn:
+                    await conn.execute(self.queries["unregister_listener"], self.name)
         log.info(
             "worker %s stopped after %d jobs",
             self.name,
@@ -178,8 +193,16 @@ class Worker:
 
     # -- waking up -------------------------------------------------------------------------
 
+    def _wake_one(self) -> None:
+        """Wake the longest-idle slot; remember the wake-up if no slot is idle."""
+        if self._idle:
+            self._idle.pop(0).set()
+        else:
+            self._missed_wakeup = True
+
     def _on_notify(self, *_: object) -> None:
-        self._wakeup.set()
+        self._wake_one()
+        self._poke.set()
 
     async def _listen(self) -> None:
         """Hold a LISTEN connection; reconnect when it drops (polling covers the gap)."""
@@ -192,7 +215,7 @@ class Worker:
                     await conn.add_listener(self.channel, self._on_notify)
                     health.ok()
                     # A notification may have been missed while we were not listening.
-                    self._wakeup.set()
+                    self._on_notify()
                     try:
                         while not lost.is_set():
                             with anyio.move_on_after(self.poll_interval * 5):
@@ -208,59 +231,117 @@ class Worker:
                     log.exception("listener failed", extra={"worker": self.name})
                 await anyio.sleep(health.failed(exc))
 
-    async def _wait_for_work(self, timeout: float) -> None:
-        with anyio.move_on_after(timeout):
-            await self._wakeup.wait()
+    async def _poll(self) -> None:
+        """Wake a slot when the next delayed job falls due, or every `poll_interval`.
 
-    # -- claiming --------------------------------------------------------------------------
-
-    async def _dispatch(self, tg: TaskGroup) -> None:
+        While some slot is idle, the worker is registered in `listeners` so that enqueuing
+        transactions NOTIFY it; once registered, one idle slot claims again, which closes the
+        gap between its empty claim and the registration.
+        """
+        registered = False
+        busy_ticks = 0
         while not self.stopping:
-            await self._slots.acquire()
-            if self.stopping:
-                self._slots.release()
-                break
-            self._wakeup.clear()
+            due: float | None = None
             try:
-                claimed, due = await self._claim()
+                async with self.pool.acquire() as conn:
+                    if self._idle and not registered:
+                        await conn.execute(self.queries["register_listener"], self.name)
+                        registered = True
+                        self._wake_one()
+                    elif registered and not self._idle:
+                        busy_ticks += 1
+                        if busy_ticks > 1:  # busy for a whole tick: stop asking for NOTIFYs
+                            await conn.execute(self.queries["unregister_listener"], self.name)
+                            registered = False
+                    if self._idle:
+                        busy_ticks = 0
+                        due = await self.jobs.next_due(conn, self.queues)
             except Exception as exc:
-                self._slots.release()
                 if not is_connection_error(exc):
-                    log.exception("claim failed", extra={"worker": self.name})
-                await self._wait_stop(self._health.failed(exc))
+                    log.exception("poller failed", extra={"worker": self.name})
+                registered = False
+                await self._sleep_or_poke(self._health.failed(exc))
                 continue
-            self._health.ok()
-            if claimed is not None:
-                self._started()
-                tg.start_soon(self._work, *claimed)
-                continue
-            self._slots.release()
-            timeout = (
-                self.poll_interval if due is None or due <= 0 else min(due, self.poll_interval)
-            )
-            await self._wait_for_work(timeout)
+            if due is not None and due <= 0:
+                self._wake_one()
+                due = None
+            timeout = self.poll_interval if due is None else min(due, self.poll_interval)
+            if not await self._sleep_or_poke(timeout):
+                # A tick: refresh the registration and let a slot look, in case a NOTIFY was
+                # lost (a reconnect) or a job became due on another worker's schedule.
+                if registered:
+                    with contextlib.suppress(Exception):
+                        async with self.pool.acquire() as conn:
+                            await conn.execute(self.queries["register_listener"], self.name)
+                self._wake_one()
 
-    async def _wait_stop(self, seconds: float) -> None:
+    async def _sleep_or_poke(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True if poked (something changed), False on timeout."""
         with anyio.move_on_after(seconds):
-            await self._stopping.wait()
+            await self._poke.wait()
+            self._poke.clear()
+            return True
+        return False
 
-    async def _claim(
-        self,
-    ) -> tuple[tuple[Connection, asyncpg.transaction.Transaction, Job] | None, float | None]:
-        conn = await self.pool.acquire()
+    async def _wait_idle(self) -> None:
+        """Park this slot until woken (or until the worker stops)."""
+        if self._missed_wakeup:
+            self._missed_wakeup = False
+            return
+        event = asyncio.Event()
+        self._idle.append(event)
+        self._poke.set()  # the poller registers us as a listener and computes the next due
         try:
-            tx = conn.transaction()
-            await tx.start()
-            job = await self._claim_hook(conn, self.queues)
-            if job is not None:
-                return (conn, tx, job), None
-            due = await self.jobs.next_due(conn, self.queues)
-            await tx.rollback()
-        except BaseException:
-            await self._discard(conn)
-            raise
-        await self.pool.release(conn)
-        return None, due
+            await event.wait()
+        finally:
+            if event in self._idle:
+                self._idle.remove(event)
+
+    # -- a slot ----------------------------------------------------------------------------
+
+    async def _slot(self, index: int) -> None:
+        """Claim and run jobs one after another on one connection until the worker stops."""
+        conn: Connection | None = None
+        tx: asyncpg.transaction.Transaction | None = None
+        try:
+            while not self.stopping:
+                try:
+                    if conn is None:
+                        conn = await self.pool.acquire()
+                    assert conn is not None
+                    if tx is None:
+                        tx = conn.transaction()
+                        await tx.start()
+                    job = await self._claim_hook(conn, self.queues)
+                    if job is None:
+                        await tx.rollback()
+                        tx = None
+                except Exception as exc:
+                    if conn is not None:
+                        await self._discard(conn)
+                    conn, tx = None, None
+                    if not is_connection_error(exc):
+                        log.exception("claim failed", extra={"worker": self.name})
+                    with anyio.move_on_after(self._health.failed(exc)):
+                        await self._stopping.wait()
+                    continue
+                self._health.ok()
+                if job is None:
+                    await self._wait_idle()
+                    continue
+                self._wake_one()  # there may be more work: let an idle slot look too
+                tx, after = await self._work(conn, tx, job)  # type: ignore[arg-type]
+                if tx is None:
+                    if after is not None:
+                        # Work after the commit (non-transactional handlers) holds the slot,
+                        # not a connection.
+                        released, conn = conn, None
+                        await self.pool.release(released)  # type: ignore[arg-type]
+                        await self._after_commit(after, job)
+                    conn = None  # discarded by _work, or released above
+        finally:
+            if conn is not None:
+                await self._discard(conn)
 
     async def _commit_and_claim(self, conn: Connection, job_id: int) -> Job | None:
         await conn.execute("COMMIT; BEGIN")
@@ -277,21 +358,29 @@ class Worker:
 
     def _started(self) -> None:
         self._inflight += 1
-        self._idle.clear()
+        self._no_inflight.clear()
 
     def _finished(self) -> None:
         self._inflight -= 1
-        self._slots.release()
         if self._inflight == 0:
-            self._idle.set()
+            self._no_inflight.set()
 
-    async def _work(self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job) -> None:
-        after: Callable[[], Awaitable[None]] | None = None
+    async def _work(
+        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
+    ) -> tuple[asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None]:
+        """Run a claimed job (and the jobs it hands on to this slot) to its commit.
+
+        Returns the transaction the slot's next claim runs in; or None and the work to do
+        after the commit (the slot then releases the connection and does it); or None, None
+        when the connection was discarded and the slot must take a new one.
+        """
+        self._started()
         try:
             while True:
                 outcome = await self._run_one(conn, tx, job)
-                if outcome is None:
-                    break
+                if outcome is None:  # rolled back and rescheduled
+                    self._poke.set()
+                    return (None if conn.is_closed() else await self._begin(conn)), None
                 after = outcome.after_commit
                 if outcome.follow is not None and after is None and not self.stopping:
                     # The hook commits and opens the next transaction (in one round trip);
@@ -302,13 +391,18 @@ class Worker:
                         job = follow
                         continue
                     await tx.rollback()
-                    break
-                await tx.commit()
+                    return await self._begin(conn), None
+                if after is not None or self.stopping:
+                    await tx.commit()
+                    self.processed += 1
+                    return None, after
+                # Commit and open the next claim's transaction in one round trip.
+                await conn.execute("COMMIT; BEGIN")
                 self.processed += 1
-                # The job may have been rescheduled (a retry) without a NOTIFY, or handed to
-                # another node: let the dispatcher look at what is due again.
-                self._wakeup.set()
-                break
+                # The job may have been rescheduled (a retry) without a NOTIFY: the poller
+                # looks at the next due time again.
+                self._poke.set()
+                return tx, None
         except Exception as exc:
             # The connection or the commit failed under us; the server rolls back and the job
             # is free for any worker again.
@@ -319,18 +413,17 @@ class Worker:
                     extra={"job_id": job.id, "task": job.task, "run_id": job.run_id},
                 )
             await self._discard(conn)
-            self._finished()
-            return
+            return None, None
         except BaseException:
             await self._discard(conn)
-            self._finished()
             raise
-        await self.pool.release(conn)  # type: ignore[arg-type]
+        finally:
+            self._finished()
+
+    async def _after_commit(self, after: Callable[[], Awaitable[None]], job: Job) -> None:
+        self._started()
         try:
-            if after is not None:
-                await after()
-                # The run's next job became due without a NOTIFY: look for it now.
-                self._wakeup.set()
+            await after()
         except Exception:
             log.exception(
                 "after-commit work of job %s failed",
@@ -339,6 +432,12 @@ class Worker:
             )
         finally:
             self._finished()
+        self._wake_one()  # the run's next job became due without a NOTIFY
+
+    async def _begin(self, conn: Connection) -> asyncpg.transaction.Transaction:
+        tx = conn.transaction()
+        await tx.start()
+        return tx
 
     async def _run_one(
         self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job

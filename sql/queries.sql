@@ -18,11 +18,14 @@ WHERE id = $1 AND run_at <= now()
 FOR UPDATE SKIP LOCKED;
 
 -- next_due --
--- Seconds from the database clock until the next future job of the given queues is due
--- (due jobs that the claim skipped are held by other transactions).
-SELECT EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp()))::float8
+-- Seconds from the database clock until the next free job of the given queues is due
+-- (jobs that other transactions hold are skipped: they are being worked on).
+SELECT EXTRACT(EPOCH FROM (run_at - clock_timestamp()))::float8
 FROM __SCHEMA__.jobs
-WHERE queue = ANY($1::text[]) AND run_at > now();
+WHERE queue = ANY($1::text[])
+ORDER BY priority DESC, run_at, id
+LIMIT 1
+FOR UPDATE SKIP LOCKED;
 
 -- enqueue_job --
 -- Insert a job due `$6` seconds from now on the database clock.
@@ -38,7 +41,8 @@ DELETE FROM __SCHEMA__.jobs WHERE id = $1;
 -- Count a failed attempt of a job and make it due again after a delay, unless another
 -- worker holds it now.
 UPDATE __SCHEMA__.jobs
-SET attempts = attempts + 1, run_at = now() + make_interval(secs => $2), lease_token = NULL
+SET attempts = attempts + 1, run_at = clock_timestamp() + make_interval(secs => $2),
+    lease_token = NULL
 WHERE id = (SELECT id FROM __SCHEMA__.jobs WHERE id = $1 FOR UPDATE SKIP LOCKED)
 RETURNING attempts;
 
@@ -138,6 +142,7 @@ WITH entry AS (
     SET cursor = $6, current_node = NULL, status = 'completed', result = $7::jsonb,
         wake_at = NULL, waiting_for = NULL, finished_at = now(), updated_at = now()
     WHERE id = $1
+    RETURNING watched
 ), job AS (
     DELETE FROM __SCHEMA__.jobs WHERE id = $8
 ), parent AS (
@@ -146,10 +151,11 @@ WITH entry AS (
     FROM __SCHEMA__.runs p
     WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
-SELECT pg_notify($9, $1);
+SELECT pg_notify($9, $1) FROM run WHERE run.watched;
 
 -- retry_node --
--- Record a failed attempt and make the run's job due again after the backoff.
+-- Record a failed attempt and make the run's job due again after the backoff, counted from
+-- the failure (the clock now), not from the attempt's start.
 WITH attempt AS (
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at)
     VALUES ($1, $2, $3, $4, coalesce($5, now()))
@@ -160,7 +166,8 @@ WITH attempt AS (
     WHERE id = $1
 )
 UPDATE __SCHEMA__.jobs
-SET run_at = now() + make_interval(secs => $6), payload = $7::jsonb, lease_token = NULL
+SET run_at = clock_timestamp() + make_interval(secs => $6), payload = $7::jsonb,
+    lease_token = NULL
 WHERE id = $8;
 
 -- fail_node --
@@ -208,6 +215,7 @@ WITH run AS (
     SET status = $2, current_node = NULL, wake_at = NULL, waiting_for = NULL,
         finished_at = now(), updated_at = now(), error = coalesce(error, $3)
     WHERE id = $1
+    RETURNING watched
 ), job AS (
     DELETE FROM __SCHEMA__.jobs WHERE id = $4
 ), parent AS (
@@ -216,7 +224,7 @@ WITH run AS (
     FROM __SCHEMA__.runs p
     WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
-SELECT pg_notify($5, $1);
+SELECT pg_notify($5, $1) FROM run WHERE run.watched;
 
 -- lease_node --
 -- Lease the run's job to a non-transactional step: invisible to claims until the lease
@@ -331,7 +339,10 @@ WITH moved AS (
     SELECT $2, 'advance', $1, $3::jsonb
     WHERE NOT EXISTS (SELECT 1 FROM moved)
 )
-SELECT pg_notify($4, '');
+SELECT pg_notify($4, '')
+WHERE EXISTS (
+    SELECT 1 FROM __SCHEMA__.listeners WHERE seen_at > now() - interval '1 minute'
+);
 
 -- journal_entry --
 -- Journal one outcome without moving the cursor (branches, iterations, route choices,
@@ -453,14 +464,29 @@ WITH gone AS (
     SET status = 'cancelled', error = $2, current_node = NULL, wake_at = NULL,
         waiting_for = NULL, finished_at = now(), updated_at = now()
     WHERE id = $1
+    RETURNING watched
 ), parent AS (
     INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
     SELECT p.workflow, 'advance', p.id, jsonb_build_object('c', p.cursor, 'a', 1)
     FROM __SCHEMA__.runs p
     WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
-SELECT pg_notify($3, $1);
+SELECT pg_notify($3, $1) FROM run WHERE run.watched;
 
 -- db_now --
 -- The database clock.
 SELECT clock_timestamp();
+
+-- watch_run --
+-- Ask for a NOTIFY when the run finishes (Engine.wait).
+UPDATE __SCHEMA__.runs SET watched = true
+WHERE id = $1 AND NOT watched AND finished_at IS NULL;
+
+-- register_listener --
+-- A worker with an idle slot wants NOTIFYs of new jobs (refreshed while it stays idle).
+INSERT INTO __SCHEMA__.listeners (worker) VALUES ($1)
+ON CONFLICT (worker) DO UPDATE SET seen_at = now();
+
+-- unregister_listener --
+-- A worker is busy (or gone) and finds work without NOTIFYs.
+DELETE FROM __SCHEMA__.listeners WHERE worker = $1;

@@ -24,6 +24,8 @@ CREATE TABLE __SCHEMA__.runs (
     parent_id text REFERENCES __SCHEMA__.runs (id) ON DELETE SET NULL,
     parent_node text,
     idempotency_key text,
+    -- Someone is in Engine.wait for this run: its final transaction sends a NOTIFY.
+    watched boolean NOT NULL DEFAULT false,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     finished_at timestamptz,
@@ -125,12 +127,24 @@ CREATE TABLE __SCHEMA__.jobs (
 CREATE INDEX jobs_ready_idx ON __SCHEMA__.jobs (priority DESC, run_at, id);
 CREATE INDEX jobs_run_idx ON __SCHEMA__.jobs (run_id) WHERE run_id IS NOT NULL;
 
+-- Workers that have an idle slot say so here (refreshed while idle). Job inserts send a
+-- NOTIFY only while some worker listens: a NOTIFY serialises committing transactions on a
+-- cluster-wide lock, so a busy system, whose workers find work without being told, skips it.
+CREATE UNLOGGED TABLE __SCHEMA__.listeners (
+    worker text PRIMARY KEY,
+    seen_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- One coalesced wake-up per inserting statement; PostgreSQL folds identical notifications
 -- of one transaction into one, so a transaction that enqueues many jobs notifies once.
 CREATE FUNCTION __SCHEMA__.jobs_notify_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify(TG_TABLE_SCHEMA || '_jobs', '');
+    IF EXISTS (
+        SELECT 1 FROM __SCHEMA__.listeners WHERE seen_at > now() - interval '1 minute'
+    ) THEN
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '_jobs', '');
+    END IF;
     RETURN NULL;
 END
 $$;

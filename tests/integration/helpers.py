@@ -1,0 +1,103 @@
+"""Shared helpers for the engine integration tests: an engine with a background worker,
+small SQL shortcuts and a deadline-bounded wait for a database condition."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+
+import durable
+
+
+class HasDsn(Protocol):
+    dsn: str
+
+
+@asynccontextmanager
+async def open_engine(
+    db: HasDsn,
+    *workflows: durable.Workflow,
+    setup: str | None = None,
+    **engine_options: Any,
+) -> AsyncIterator[durable.Engine]:
+    """An open engine on `db` (no worker). `setup` is SQL run once it is open."""
+    engine = durable.Engine(db.dsn, workflows=list(workflows), **engine_options)
+    async with engine:
+        if setup:
+            await execute(engine, setup)
+        yield engine
+
+
+@asynccontextmanager
+async def running_engine(
+    db: HasDsn,
+    *workflows: durable.Workflow,
+    setup: str | None = None,
+    concurrency: int = 4,
+    poll_interval: float = 0.05,
+    grace_period: float = 2.0,
+    **engine_options: Any,
+) -> AsyncIterator[durable.Engine]:
+    """An open engine on `db` with a background worker running for the block."""
+    async with (
+        open_engine(db, *workflows, setup=setup, **engine_options) as engine,
+        engine.worker(
+            concurrency=concurrency, poll_interval=poll_interval, grace_period=grace_period
+        ),
+    ):
+        yield engine
+
+
+async def execute(engine: durable.Engine, sql: str, *args: Any) -> str:
+    async with engine.pool.acquire() as conn:
+        return await conn.execute(sql, *args)
+
+
+async def fetchval(engine: durable.Engine, sql: str, *args: Any) -> Any:
+    async with engine.pool.acquire() as conn:
+        return await conn.fetchval(sql, *args)
+
+
+async def fetch(engine: durable.Engine, sql: str, *args: Any) -> list[Any]:
+    async with engine.pool.acquire() as conn:
+        return list(await conn.fetch(sql, *args))
+
+
+async def counts(engine: durable.Engine) -> tuple[int, int]:
+    """(number of runs, number of jobs)."""
+    async with engine.pool.acquire() as conn:
+        runs = await conn.fetchval("SELECT count(*) FROM durable.runs")
+        jobs = await conn.fetchval("SELECT count(*) FROM durable.jobs")
+    return runs, jobs
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await check()
+            if value:
+                return value
+            await anyio.sleep(interval)
+
+
+async def run_status(engine: durable.Engine, run_id: str) -> str:
+    return (await engine.get_run(run_id)).status.value
+
+
+async def until_attempts(
+    engine: durable.Engine, run_id: str, key: str, n: int, *, timeout: float = 10.0
+) -> durable.Run:
+    """Wait until the run has recorded `n` failed attempts of journal key `key`."""
+
+    async def check() -> durable.Run | None:
+        run = await engine.get_run(run_id, journal=True)
+        return run if sum(1 for a in run.attempts if a.key == key) >= n else None
+
+    result: durable.Run = await eventually(check, timeout=timeout)
+    return result
