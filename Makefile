@@ -9,17 +9,19 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -U pip
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+LINTED := durable tests examples benchmarks docs/examples
+
 lint: install
-	$(VENV)/bin/ruff check durable tests examples benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
 
 format: install
-	$(VENV)/bin/ruff check --fix durable tests examples benchmarks
-	$(VENV)/bin/ruff format durable tests examples benchmarks
+	$(VENV)/bin/ruff check --fix $(LINTED)
+	$(VENV)/bin/ruff format $(LINTED)
 
 typecheck: install
 	$(VENV)/bin/mypy --strict durable
@@ -38,6 +40,13 @@ test-acceptance: install
 
 demo: install
 	$(VENV)/bin/durable demo
+
+# Benchmarks against the raw-commit baseline measured in the same run; QUICK=1 for < 1 min.
+bench: install
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
+
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 wheel: install
 	$(PY) -m build --wheel --outdir dist .

@@ -425,8 +425,9 @@ LIMIT 1;
 WITH doomed AS (
     SELECT r.id FROM __SCHEMA__.runs r
     WHERE r.finished_at < now() - make_interval(secs => $1)
-      AND NOT EXISTS (
-        SELECT 1 FROM __SCHEMA__.runs p WHERE p.id = r.parent_id AND p.finished_at IS NULL
+      AND (
+        r.parent_id IS NULL
+        OR (SELECT p.finished_at FROM __SCHEMA__.runs p WHERE p.id = r.parent_id) IS NOT NULL
       )
     ORDER BY r.finished_at
     LIMIT $2

@@ -1,0 +1,331 @@
+"""The durable scenarios of issue 6. Each takes a fresh database DSN and the sizes, drives
+durable through its public API only (plus plain SQL for setting up and watching), and returns
+its figures as a dict. Timings use `time.perf_counter()`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+
+import durable
+from benchmarks import workflows
+from benchmarks.common import Sizes, progress, start_many, wait_all_finished
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _rate_line(label: str, count: int, unit: str, seconds: float) -> str:
+    return f"{label}: {count / seconds:,.0f} {unit}/s ({count} in {seconds:.2f} s)"
+
+
+# -- chain ---------------------------------------------------------------------------------
+
+
+async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """One run of `chain_steps` no-op steps: steps/s from start() to wait() returning.
+
+    A one-step run goes through first (untimed) so the worker's connections, the wait
+    listener and the statement caches are warm: the figure is the steady state.
+    """
+    wf = workflows.chain(sizes.chain_steps)
+    engine = durable.Engine(dsn, workflows=[wf, workflows.one_step()])
+    async with engine, engine.worker(concurrency=sizes.concurrency):
+        await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
+        progress(f"chain: one run of {sizes.chain_steps} steps")
+        t0 = time.perf_counter()
+        run_id = await engine.start(workflows.CHAIN)
+        await engine.wait(run_id, timeout=sizes.scenario_timeout)
+        elapsed = time.perf_counter() - t0
+    progress(_rate_line("chain", sizes.chain_steps, "steps", elapsed))
+    return {
+        "value": sizes.chain_steps / elapsed,
+        "unit": "steps/s",
+        "steps": sizes.chain_steps,
+        "seconds": elapsed,
+    }
+
+
+# -- fan-out (also the measurement of the scale scenario) ----------------------------------
+
+
+async def _fanout_once(
+    engine: durable.Engine, watch: asyncpg.Connection, sizes: Sizes, label: str
+) -> dict[str, Any]:
+    runs, steps = sizes.fanout_runs, sizes.fanout_steps
+    progress(f"{label}: starting {runs} runs x {steps} steps (no worker yet)")
+    ids = await start_many(engine, workflows.FANOUT, runs, callers=sizes.start_callers)
+    t0 = time.perf_counter()
+    async with engine.worker(concurrency=sizes.concurrency):
+        t1 = await wait_all_finished(watch, min(ids), runs, timeout=sizes.scenario_timeout)
+    elapsed = t1 - t0
+    progress(_rate_line(label, runs * steps, "steps", elapsed))
+    return {"value": runs * steps / elapsed, "seconds": elapsed}
+
+
+async def _fanout(dsn: str, sizes: Sizes, label: str) -> dict[str, Any]:
+    engine = durable.Engine(dsn, workflows=[workflows.fanout(sizes.fanout_steps)], pool_size=16)
+    async with engine:
+        watch = await asyncpg.connect(dsn)
+        try:
+            samples = [
+                await _fanout_once(engine, watch, sizes, label) for _ in range(sizes.repeats)
+            ]
+        finally:
+            await watch.close()
+    rates = [s["value"] for s in samples]
+    return {
+        "value": statistics.median(rates),
+        "unit": "steps/s",
+        "runs": sizes.fanout_runs,
+        "steps_per_run": sizes.fanout_steps,
+        "concurrency": sizes.concurrency,
+        "samples": rates,
+        "seconds": [s["seconds"] for s in samples],
+    }
+
+
+async def fanout(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """`fanout_runs` runs x `fanout_steps` no-op steps, all started before one in-process
+    worker starts; steps/s from the worker's start to the last run's completion (seen by
+    polling the runs table every 10 ms). Median of `repeats` rounds."""
+    return await _fanout(dsn, sizes, "fan-out")
+
+
+# -- drain ---------------------------------------------------------------------------------
+
+
+async def drain(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """`drain_runs` one-step runs started before the worker; runs/s until all completed."""
+    n = sizes.drain_runs
+    engine = durable.Engine(dsn, workflows=[workflows.one_step()], pool_size=16)
+    async with engine:
+        progress(f"drain: starting {n} one-step runs (no worker yet)")
+        ids = await start_many(engine, workflows.ONE_STEP, n, callers=sizes.start_callers)
+        watch = await asyncpg.connect(dsn)
+        try:
+            progress("drain: worker started")
+            t0 = time.perf_counter()
+            async with engine.worker(concurrency=sizes.concurrency):
+                t1 = await wait_all_finished(watch, min(ids), n, timeout=sizes.scenario_timeout)
+        finally:
+            await watch.close()
+    elapsed = t1 - t0
+    progress(_rate_line("drain", n, "runs", elapsed))
+    return {"value": n / elapsed, "unit": "runs/s", "runs": n, "seconds": elapsed}
+
+
+# -- start ---------------------------------------------------------------------------------
+
+
+async def start(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """`engine.start` from `start_callers` concurrent tasks (engine pool sized to match),
+    no worker running; runs/s. One untimed start per caller warms the pool first."""
+    n, callers = sizes.start_runs, sizes.start_callers
+    engine = durable.Engine(dsn, workflows=[workflows.one_step()], pool_size=callers)
+    async with engine:
+        await start_many(engine, workflows.ONE_STEP, callers, callers=callers)
+        progress(f"start: {n} starts from {callers} callers")
+        t0 = time.perf_counter()
+        await start_many(engine, workflows.ONE_STEP, n, callers=callers)
+        elapsed = time.perf_counter() - t0
+    progress(_rate_line("start", n, "runs", elapsed))
+    return {
+        "value": n / elapsed,
+        "unit": "runs/s",
+        "runs": n,
+        "callers": callers,
+        "seconds": elapsed,
+    }
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+async def latency(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """start -> wait() result of a one-step run with an idle worker running; sequential
+    samples with a 10 ms pause between them (untimed) so the worker is idle each time.
+    Five untimed samples warm connections and the wait listener first."""
+    engine = durable.Engine(dsn, workflows=[workflows.one_step()])
+    samples: list[float] = []
+    async with engine, engine.worker(concurrency=sizes.concurrency):
+        for _ in range(5):
+            await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
+        progress(f"latency: {sizes.latency_samples} sequential samples")
+        for _ in range(sizes.latency_samples):
+            await anyio.sleep(0.01)
+            t0 = time.perf_counter()
+            run_id = await engine.start(workflows.ONE_STEP)
+            await engine.wait(run_id, timeout=30)
+            samples.append((time.perf_counter() - t0) * 1000)
+    p50, p99 = _percentile(samples, 50), _percentile(samples, 99)
+    progress(f"latency: p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {max(samples):.2f} ms")
+    return {
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "mean_ms": statistics.fmean(samples),
+        "max_ms": max(samples),
+        "samples": len(samples),
+    }
+
+
+# -- scale ---------------------------------------------------------------------------------
+
+# Old finished runs: ids of 26 digits sort before any ULID made today, so they look older
+# than the benchmark's own runs, as they would in a real table.
+_OLD_RUNS = """
+INSERT INTO durable.runs
+    (id, workflow, status, input, result, cursor, current_node, created_at, updated_at,
+     finished_at)
+SELECT lpad(g::text, 26, '0'), $3, 'completed', jsonb_build_object('i', g),
+       '{"s0": null, "s1": null}'::jsonb, 2, NULL, t, t + interval '1 second',
+       t + interval '1 second'
+FROM generate_series($1::bigint, $2::bigint) AS g,
+     LATERAL (SELECT now() - interval '1 hour' - ($4::bigint - g) * interval '2 seconds') AS x(t)
+"""
+
+_OLD_JOURNAL = """
+INSERT INTO durable.journal (run_id, key, node, status, result, attempts, started_at,
+                             finished_at)
+SELECT lpad(g::text, 26, '0'), k.key, k.key, 'completed', 'null'::jsonb, 1, t, t
+FROM generate_series($1::bigint, $2::bigint) AS g,
+     LATERAL (SELECT now() - interval '1 hour' - ($3::bigint - g) * interval '2 seconds') AS x(t),
+     (VALUES ('s0'), ('s1')) AS k(key)
+"""
+
+
+async def _fill(dsn: str, rows: int) -> float:
+    t0 = time.perf_counter()
+    conn = await asyncpg.connect(dsn)
+    try:
+        chunk = 200_000
+        for first in range(1, rows + 1, chunk):
+            last = min(rows, first + chunk - 1)
+            async with conn.transaction():
+                await conn.execute(_OLD_RUNS, first, last, workflows.FANOUT, rows)
+                await conn.execute(_OLD_JOURNAL, first, last, rows)
+            progress(f"scale: {last:,} of {rows:,} finished runs (and 2 journal rows each)")
+        # VACUUM ANALYZE rather than ANALYZE alone: fresh statistics, and autovacuum has
+        # nothing left to do, so it does not start in the middle of the measurement.
+        await conn.execute("VACUUM (ANALYZE) durable.runs")
+        await conn.execute("VACUUM (ANALYZE) durable.journal")
+        # Flush the bulk load now, so its dirty pages are not written back (and full-page
+        # images not taken) during the measurement. Needs superuser or pg_checkpoint.
+        try:
+            await conn.execute("CHECKPOINT")
+        except asyncpg.InsufficientPrivilegeError:
+            progress("scale: no privilege to CHECKPOINT; measuring without one")
+    finally:
+        await conn.close()
+    return time.perf_counter() - t0
+
+
+async def scale(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """The fan-out measurement on a database already holding `scale_rows` finished runs
+    and their journal (two rows each), inserted with SQL and vacuum-analyzed."""
+    engine = durable.Engine(dsn, workflows=[workflows.fanout(sizes.fanout_steps)])
+    async with engine:  # migrates the fresh database
+        pass
+    fill_seconds = await _fill(dsn, sizes.scale_rows)
+    result = await _fanout(dsn, sizes, "scale")
+    result.update(rows=sizes.scale_rows, fill_seconds=fill_seconds)
+    return result
+
+
+# -- memory --------------------------------------------------------------------------------
+
+
+def _proc_status(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of a process, in MB (10**6 bytes; /proc reports KiB)."""
+    found: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0]) * 1024 / 1e6
+    return found
+
+
+async def memory(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """RSS of a worker *process* after it parked `memory_runs` runs on a signal wait."""
+    n = sizes.memory_runs
+    engine = durable.Engine(dsn, workflows=[workflows.parked()], pool_size=16)
+    async with engine:  # migrate before the worker process starts
+        paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks.worker_proc",
+            "--dsn",
+            dsn,
+            "--concurrency",
+            str(sizes.concurrency),
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(REPO),
+            env=env,
+        )
+        try:
+            assert proc.stdout is not None
+            with anyio.fail_after(60):
+                line = (await proc.stdout.readline()).decode().strip()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"worker process did not start (said {line!r})")
+            idle = _proc_status(proc.pid)
+            progress(
+                f"memory: worker pid {proc.pid} idle at {idle['VmRSS']:.1f} MB; "
+                f"starting {n} runs that wait for a signal"
+            )
+            await start_many(engine, workflows.PARKED, n, callers=sizes.start_callers)
+            watch = await asyncpg.connect(dsn)
+            try:
+                with anyio.fail_after(sizes.scenario_timeout):
+                    while True:
+                        waiting = await watch.fetchval(
+                            "SELECT count(*) FROM durable.runs"
+                            " WHERE workflow = $1 AND status = 'waiting'",
+                            workflows.PARKED,
+                        )
+                        if waiting >= n:
+                            break
+                        await anyio.sleep(0.1)
+            finally:
+                await watch.close()
+            await anyio.sleep(0.5)  # let the worker settle after its last park
+            parked = _proc_status(proc.pid)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                with anyio.fail_after(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+    progress(
+        f"memory: {n} runs parked, worker RSS {parked['VmRSS']:.1f} MB "
+        f"(peak {parked['VmHWM']:.1f} MB)"
+    )
+    return {
+        "value": parked["VmRSS"],
+        "unit": "MB",
+        "runs": n,
+        "rss_mb": parked["VmRSS"],
+        "peak_mb": parked["VmHWM"],
+        "idle_rss_mb": idle["VmRSS"],
+    }

@@ -1,0 +1,43 @@
+"""The workflows the benchmarks run: no-op steps, so what is measured is durable's own cost
+(journal, cursor, dispatch, commit), and a run that parks on a signal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import durable
+
+CHAIN = "bench_chain"
+FANOUT = "bench_fanout"
+ONE_STEP = "bench_one"
+PARKED = "bench_parked"
+
+
+async def noop(ctx: durable.Context) -> Any:
+    return None
+
+
+def chain(steps: int) -> durable.Workflow:
+    """One run of `steps` no-op steps."""
+    wf = durable.Workflow(CHAIN)
+    for i in range(steps):
+        wf.step(f"s{i}", noop)
+    return wf
+
+
+def fanout(steps: int) -> durable.Workflow:
+    """Many runs of a few no-op steps each."""
+    wf = durable.Workflow(FANOUT)
+    for i in range(steps):
+        wf.step(f"s{i}", noop)
+    return wf
+
+
+def one_step() -> durable.Workflow:
+    """A run of a single no-op step (drain, start, latency)."""
+    return durable.Workflow(ONE_STEP).step("only", noop)
+
+
+def parked() -> durable.Workflow:
+    """A run that waits for a signal that never comes (memory)."""
+    return durable.Workflow(PARKED).wait_for_signal("wait", "go")

@@ -1,0 +1,73 @@
+"""Quickstart: define a workflow, run a worker, start a run and wait for its result.
+
+Run it with `python docs/examples/quickstart.py`: it uses the PostgreSQL named by
+`DURABLE_DSN`, or starts a throwaway server (and removes it) when that is unset.
+"""
+
+from __future__ import annotations
+
+# --8<-- [start:imports]
+import asyncio
+import os
+from typing import Any
+
+import durable
+from durable.server import LocalPostgres
+
+# --8<-- [end:imports]
+
+# --8<-- [start:workflow]
+signup = durable.Workflow("signup")
+
+
+@signup.step
+async def create_account(ctx: durable.Context) -> dict[str, Any]:
+    # ctx.conn is the transaction this step commits in: the INSERT and the step's
+    # journal entry commit together, or not at all.
+    account_id = await ctx.conn.fetchval(
+        "INSERT INTO accounts (email) VALUES ($1) RETURNING id", ctx.input["email"]
+    )
+    return {"account_id": account_id}
+
+
+@signup.step(max_attempts=5)
+async def welcome(ctx: durable.Context) -> str:
+    account = ctx.results["create_account"]  # results of the nodes that completed before
+    return f"welcome mail queued for account {account['account_id']}"
+
+
+# --8<-- [end:workflow]
+
+
+# --8<-- [start:run]
+async def run(dsn: str) -> None:
+    # Opening the engine opens a connection pool and applies durable's migrations.
+    async with durable.Engine(dsn, workflows=[signup]) as engine:
+        async with engine.pool.acquire() as conn:  # the application's own table
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS accounts (id serial PRIMARY KEY, email text)"
+            )
+        async with engine.worker(concurrency=4):  # a worker in the background
+            run_id = await engine.start("signup", {"email": "ada@example.com"})
+            result = await engine.wait(run_id, timeout=30)
+    print(result)
+    # {'welcome': 'welcome mail queued for account 1', 'create_account': {'account_id': 1}}
+
+
+# --8<-- [end:run]
+
+
+# --8<-- [start:main]
+async def main() -> None:
+    dsn = os.environ.get("DURABLE_DSN")
+    if dsn:
+        await run(dsn)
+        return
+    # No database given: a private server on a free loopback port, deleted on exit.
+    with LocalPostgres() as server:
+        await run(server.dsn)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+# --8<-- [end:main]
