@@ -118,7 +118,8 @@ class _Visit:
     ) -> Context:
         return Context(
             input=loads(self.run["input"]),
-            results=MappingProxyType(dict(self.results if results is None else results)),
+            # Read-only view; the runner never mutates a results dict it has handed out.
+            results=MappingProxyType(self.results if results is None else dict(results)),
             run_id=self.run_id,
             workflow=self.wf.name,
             node=node,

@@ -16,7 +16,8 @@ except ImportError:  # the `otel` extra is optional
 @contextlib.contextmanager
 def node_span(kind: str, node: str, **attributes: Any) -> Iterator[None]:
     """A span `durable.<kind> <node>` around one node execution (no-op without OTel)."""
-    if trace is None:
+    # Without a configured tracer provider every span is a no-op: skip the work.
+    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         yield
         return
     tracer = trace.get_tracer("durable")

@@ -230,6 +230,7 @@ class Workflow:
         self.name = validate_name(name, "workflow")
         self._nodes: list[Node] = []
         self._names: set[str] = set()
+        self._frozen: tuple[Node, ...] | None = None
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, nodes={[n.name for n in self._nodes]})"
@@ -237,7 +238,9 @@ class Workflow:
     @property
     def nodes(self) -> tuple[Node, ...]:
         """The declared nodes, in order."""
-        return tuple(self._nodes)
+        if self._frozen is None or len(self._frozen) != len(self._nodes):
+            self._frozen = tuple(self._nodes)
+        return self._frozen
 
     def node(self, name: str) -> Node | None:
         """The node called `name`, or None."""

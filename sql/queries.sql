@@ -18,14 +18,11 @@ WHERE id = $1 AND run_at <= now()
 FOR UPDATE SKIP LOCKED;
 
 -- next_due --
--- Seconds from the database clock until the next free job of the given queues is due
--- (jobs that other transactions hold are skipped: they are being worked on).
-SELECT EXTRACT(EPOCH FROM (run_at - clock_timestamp()))::float8
+-- Seconds from the database clock until the next delayed job of the given queues is due.
+-- Jobs due already are either held by other transactions or announced by a NOTIFY.
+SELECT EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp()))::float8
 FROM __SCHEMA__.jobs
-WHERE queue = ANY($1::text[])
-ORDER BY priority DESC, run_at, id
-LIMIT 1
-FOR UPDATE SKIP LOCKED;
+WHERE queue = ANY($1::text[]) AND run_at > now();
 
 -- enqueue_job --
 -- Insert a job due `$6` seconds from now on the database clock.
@@ -127,8 +124,10 @@ WITH entry AS (
         updated_at = now()
     WHERE id = $1
 )
+-- run_at only moves back (from a lapsed lease's expiry): left alone, no indexed column
+-- changes and the update can be HOT.
 UPDATE __SCHEMA__.jobs
-SET task = 'advance', payload = $8::jsonb, run_at = now(), lease_token = NULL
+SET task = 'advance', payload = $8::jsonb, run_at = least(run_at, now()), lease_token = NULL
 WHERE id = $9;
 
 -- complete_run --

@@ -30,7 +30,7 @@ CREATE TABLE __SCHEMA__.runs (
     finished_at timestamptz,
     CONSTRAINT runs_finished_iff_terminal
         CHECK ((status IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
-);
+) WITH (fillfactor = 80);  -- room for HOT updates of the cursor
 CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX runs_status_idx ON __SCHEMA__.runs (status, id DESC);
@@ -121,7 +121,7 @@ CREATE TABLE __SCHEMA__.jobs (
     attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     lease_token uuid,
     created_at timestamptz NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 70);  -- room on the page for HOT updates as a job moves from node to node
 -- The claim walks this index in (priority desc, run_at) order and stops at the first future job.
 CREATE INDEX jobs_ready_idx ON __SCHEMA__.jobs (priority DESC, run_at, id);
 CREATE INDEX jobs_run_idx ON __SCHEMA__.jobs (run_id) WHERE run_id IS NOT NULL;
