@@ -45,13 +45,20 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    server_settings: dict[str, str] | None = None,
+) -> asyncpg.Pool:
     """Open an asyncpg pool, translating connection failures into `DatabaseUnavailable`."""
     try:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
+            server_settings=server_settings or None,
             # Workers reuse a handful of statements thousands of times a second.
             statement_cache_size=256,
         )

@@ -59,6 +59,12 @@ class Engine:
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
     `async with engine:` (opens the pool and applies migrations), or call `open()`/`close()`.
+
+    `schema`: where durable's tables live (validated). `lease_seconds`: how long a
+    `transactional=False` attempt may go without a heartbeat before another worker retries
+    it. `transaction_timeout`: the longest a node may keep its transaction open; an attempt
+    that runs longer is cancelled and counted as failed (None: no limit).
+    `poll_interval`: the workers' fallback polling period when no NOTIFY arrives.
     """
 
     def __init__(
@@ -70,6 +76,7 @@ class Engine:
         schema: str = "durable",
         pool_size: int = 10,
         lease_seconds: float = 30.0,
+        transaction_timeout: float | None = 60.0,
         poll_interval: float = 1.0,
     ) -> None:
         if (dsn is None) == (pool is None):
@@ -84,7 +91,15 @@ class Engine:
         self._owns_pool = pool is None
         self._pool_size = pool_size
         self.poll_interval = poll_interval
-        self.runner = Runner(self.queries, self._workflows, lease_seconds=lease_seconds)
+        if transaction_timeout is not None and transaction_timeout <= 0:
+            raise ConfigurationError("transaction_timeout must be > 0 seconds or None")
+        self.transaction_timeout = transaction_timeout
+        self.runner = Runner(
+            self.queries,
+            self._workflows,
+            lease_seconds=lease_seconds,
+            transaction_timeout=transaction_timeout,
+        )
         self._runs_channel = f"{schema}_runs"
         self._listener: Connection | None = None
         self._listener_lock = asyncio.Lock()
@@ -455,7 +470,22 @@ class Engine:
             raise ConfigurationError("register at least one workflow before running a worker")
         own_pool = self.dsn is not None
         pool = (
-            await create_pool(self.dsn, min_size=1, max_size=concurrency + 2)
+            await create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=concurrency + 2,
+                # Backstop for a worker whose event loop hangs mid-transaction: the server
+                # ends the session, which releases the job to other workers.
+                server_settings=(
+                    {}
+                    if self.transaction_timeout is None
+                    else {
+                        "idle_in_transaction_session_timeout": str(
+                            int((self.transaction_timeout + 30) * 1000)
+                        )
+                    }
+                ),
+            )
             if self.dsn is not None
             else self.pool
         )

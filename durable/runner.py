@@ -142,9 +142,15 @@ class Runner:
     """The `advance`, `branch` and `compensate` job handlers of one engine."""
 
     def __init__(
-        self, queries: Queries, workflows: Mapping[str, Workflow], *, lease_seconds: float = 30.0
+        self,
+        queries: Queries,
+        workflows: Mapping[str, Workflow],
+        *,
+        lease_seconds: float = 30.0,
+        transaction_timeout: float | None = 60.0,
     ) -> None:
         self.q = queries
+        self.transaction_timeout = transaction_timeout
         self.jobs = JobQueue(queries)
         self.workflows = workflows
         self.runs_channel = f"{queries.schema}_runs"
@@ -283,12 +289,40 @@ class Runner:
             return await self._kinds[node.kind](visit, node)
 
     async def _attempt(
-        self, ctx: Context, what: str, call: Callable[[], Awaitable[Any]]
+        self,
+        ctx: Context,
+        what: str,
+        call: Callable[[], Awaitable[Any]],
+        *,
+        timeout: float | None = None,
     ) -> tuple[bool, Any, str | None]:
         """Run `call`: (True, value, json), or (False, error, None) with the writes it made
-        through `ctx.conn` rolled back."""
+        through `ctx.conn` rolled back.
+
+        An attempt inside a transaction is cut off after `transaction_timeout` (a stuck
+        handler must not hold locks and pin the vacuum horizon); `timeout` is the node's own
+        per-attempt bound.
+        """
+        limit = self.transaction_timeout if ctx.conn is not None else None
+        own = timeout is not None and (limit is None or timeout <= limit)
+        if own:
+            limit = timeout
         try:
-            value = await call()
+            if limit is None:
+                value = await call()
+            else:
+                try:
+                    value = await asyncio.wait_for(call(), limit)
+                except TimeoutError:
+                    if own:
+                        raise TimeoutError(
+                            f"attempt {ctx.attempt} of {what} timed out after {limit:g} s"
+                        ) from None
+                    raise TimeoutError(
+                        f"attempt {ctx.attempt} of {what} ran longer than the transaction limit "
+                        f"of {limit:g} s (Engine(transaction_timeout=...)); long external calls "
+                        "belong in transactional=False steps"
+                    ) from None
             swallowed = swallowed_error(ctx.conn)
             if swallowed is not None:
                 raise SwallowedDatabaseError(
@@ -422,7 +456,7 @@ class Runner:
         if not step.transactional:
             return await self._lease(v, step, ctx)
         ok, value, text = await self._attempt(
-            ctx, f"step {step.name!r}", lambda: self._call(step, ctx)
+            ctx, f"step {step.name!r}", lambda: step.fn(ctx), timeout=step.timeout
         )
         if not ok:
             return await self._failure(v, step, step.name, value, step.max_attempts, step.backoff)
