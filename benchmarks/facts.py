@@ -31,6 +31,15 @@ def _memory() -> str:
     return "unknown"
 
 
+def _event_loop() -> str:
+    # The workers in-process run on whatever durable.cli.run_async picks.
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
 def load_average() -> str:
     """The 1, 5 and 15 minute load averages: other work on the machine skews the figures."""
     try:
@@ -53,6 +62,7 @@ def machine() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "asyncpg": asyncpg.__version__,
+        "event_loop": _event_loop(),
         "load_average_at_start": load_average(),
     }
 

@@ -11,7 +11,6 @@ table also to `benchmarks/results/latest.json`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -27,6 +26,7 @@ import anyio
 
 from benchmarks import baseline, facts, scenarios
 from benchmarks.common import FULL, QUICK, Sizes, fmt_int, fresh_database, progress
+from durable.cli import run_async
 from durable.server import provision
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -243,6 +243,7 @@ def render_facts(machine: dict[str, Any], pg: dict[str, Any], sizes: Sizes) -> s
         f"durable benchmarks ({sizes.name} run, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC})",
         f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
         f"{machine['implementation']} {machine['python']}, asyncpg {machine['asyncpg']}, "
+        f"{machine['event_loop']}, "
         f"{machine['platform']}; load average {machine['load_average_at_start']}",
         f"postgres: {pg['server_version']} ({pg['source']}, {pg['server_addr']}); "
         + ", ".join(f"{k}={pg[k]}" for k in facts.SETTINGS),
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     source = "DURABLE_DSN" if os.environ.get("DURABLE_DSN") else "throwaway durable.server"
     progress(f"provisioning PostgreSQL ({source})")
     with provision("DURABLE_DSN") as server_dsn:
-        report = asyncio.run(run_all(server_dsn, source, sizes, only))
+        report = run_async(run_all(server_dsn, source, sizes, only))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     progress(f"wrote {args.json}")

@@ -19,6 +19,7 @@ import anyio
 
 import durable
 from benchmarks import workflows
+from durable.cli import run_async
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -39,4 +40,4 @@ if __name__ == "__main__":
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--concurrency", type=int, default=16)
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(main(parser.parse_args()))
+    run_async(main(parser.parse_args()))

@@ -35,7 +35,7 @@ import sys
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, TextIO, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -70,6 +70,18 @@ class UsageError(Exception):
 
 
 # -- formatting -------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` on uvloop when it is installed (the `fast` extra), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _ts(value: datetime | None) -> str:
@@ -729,7 +741,7 @@ def main(argv: Sequence[str] | None = None, out: Out | None = None) -> int:
         return code
 
     try:
-        return asyncio.run(dispatch(args, out))
+        return run_async(dispatch(args, out))
     except KeyboardInterrupt:
         return 130
     except UsageError as exc:
