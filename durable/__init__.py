@@ -1,6 +1,6 @@
 """durable: crash-resumable asyncio workflows that need nothing but PostgreSQL."""
 
-from durable.context import Context
+from durable.context import Context, LoopContext
 from durable.engine import Engine
 from durable.errors import (
     ConfigurationError,
@@ -28,6 +28,7 @@ __all__ = [
     "Engine",
     "IllegalTransition",
     "JournalEntry",
+    "LoopContext",
     "Node",
     "NonRetryable",
     "Run",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -51,6 +53,7 @@ async def create_pool(
     min_size: int,
     max_size: int,
     server_settings: dict[str, str] | None = None,
+    statement_cache_size: int = 256,
 ) -> asyncpg.Pool:
     """Open an asyncpg pool, translating connection failures into `DatabaseUnavailable`."""
     try:
@@ -60,7 +63,7 @@ async def create_pool(
             max_size=max_size,
             server_settings=server_settings or None,
             # Workers reuse a handful of statements thousands of times a second.
-            statement_cache_size=256,
+            statement_cache_size=statement_cache_size,
         )
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from exc
@@ -89,3 +92,17 @@ def dumps(value: Any, what: str) -> str:
 def loads(text: str | None) -> Any:
     """Decode JSON text read from a jsonb column (`None` stays `None`)."""
     return None if text is None else json.loads(text)
+
+
+@contextlib.asynccontextmanager
+async def acquire(pool: asyncpg.Pool, where: str) -> AsyncIterator[Connection]:
+    """Borrow a pooled connection; connection failures become `DatabaseUnavailable`.
+
+    `where` names the database (a redacted DSN) in the message. Errors about the query
+    itself pass through unchanged.
+    """
+    try:
+        async with pool.acquire() as conn:
+            yield conn
+    except CONNECTION_ERRORS as exc:
+        raise DatabaseUnavailable(f"lost the database at {where}: {exc}") from exc

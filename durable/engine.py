@@ -14,7 +14,7 @@ import anyio
 import asyncpg
 from ulid import ULID
 
-from durable.db import Connection, create_pool, dumps, loads, redact
+from durable.db import Connection, acquire, create_pool, dumps, loads, redact
 from durable.errors import (
     ConfigurationError,
     DefinitionError,
@@ -65,6 +65,8 @@ class Engine:
     it. `transaction_timeout`: the longest a node may keep its transaction open; an attempt
     that runs longer is cancelled and counted as failed (None: no limit).
     `poll_interval`: the workers' fallback polling period when no NOTIFY arrives.
+    `statement_cache_size`: asyncpg's prepared-statement cache; 0 for PgBouncer in transaction
+    mode (for starting runs and sending signals; workers need session mode).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class Engine:
         lease_seconds: float = 30.0,
         transaction_timeout: float | None = 60.0,
         poll_interval: float = 1.0,
+        statement_cache_size: int = 256,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -94,6 +97,7 @@ class Engine:
         if transaction_timeout is not None and transaction_timeout <= 0:
             raise ConfigurationError("transaction_timeout must be > 0 seconds or None")
         self.transaction_timeout = transaction_timeout
+        self.statement_cache_size = statement_cache_size
         self.runner = Runner(
             self.queries,
             self._workflows,
@@ -134,11 +138,19 @@ class Engine:
             raise ConfigurationError("the engine is not open: use 'async with engine:'")
         return self._pool
 
+    def _acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        return acquire(self.pool, redact(self.dsn) if self.dsn else "the engine's pool")
+
     async def open(self, *, migrate: bool = True) -> None:
         """Open the pool (when given a DSN) and, by default, apply pending migrations."""
         if self._pool is None:
             assert self.dsn is not None
-            self._pool = await create_pool(self.dsn, min_size=1, max_size=self._pool_size)
+            self._pool = await create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                statement_cache_size=self.statement_cache_size,
+            )
         if migrate:
             await self.migrate()
 
@@ -165,7 +177,7 @@ class Engine:
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations (safe from many processes at once)."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             return await migrate(conn, self.schema)
 
     def _workflow(self, workflow: str | Workflow) -> Workflow:
@@ -206,7 +218,7 @@ class Engine:
         args = (run_id, wf.name, text, wf.nodes[0].name, idempotency_key, None, None)
         if conn is not None:
             return await self._insert_run(conn, wf.name, idempotency_key, args)
-        async with self.pool.acquire() as c:
+        async with self._acquire() as c:
             return await self._insert_run(c, wf.name, idempotency_key, args)
 
     async def _insert_run(
@@ -221,7 +233,7 @@ class Engine:
 
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
         """The run `run_id`; with `journal=True` also its journal and failed attempts."""
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
             if row is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
@@ -265,7 +277,7 @@ class Engine:
             status = RunStatus(status).value
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        async with self.pool.acquire() as conn:
+        async with self._acquire() as conn:
             rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
         return [_run_from_record(r) for r in rows]
 
@@ -300,7 +312,7 @@ class Engine:
                 with contextlib.suppress(Exception):
                     await self._ensure_listener()
                 # Only watched runs NOTIFY when they finish (NOTIFY serialises commits).
-                async with self.pool.acquire() as conn:
+                async with self._acquire() as conn:
                     await conn.execute(self.queries["watch_run"], run_id)
                 while True:
                     event.clear()
@@ -334,15 +346,16 @@ class Engine:
 
         The first `wait_for_signal` for that name consumes it (oldest first), whether it is
         already waiting (it is woken in this transaction) or reaches the wait later. Returns
-        True when recorded, False when the run has finished; raises `RunNotFound`. With
-        `conn`, the signal commits with the caller's transaction.
+        True when recorded, False when the run has finished or is compensating (no wait would
+        ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
+        caller's transaction.
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"signal name must be a non-empty string, got {name!r}")
         text = dumps(payload, f"payload of signal {name!r}")
         if conn is not None:
             return await self._signal(conn, run_id, name, text)
-        async with self.pool.acquire() as c:
+        async with self._acquire() as c:
             return await self._signal(c, run_id, name, text)
 
     async def _signal(self, conn: Connection, run_id: str, name: str, text: str) -> bool:
@@ -351,8 +364,8 @@ class Engine:
             run = await conn.fetchrow(self.queries["lock_run"], run_id)
             if run is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
-            if run["status"] in ("completed", "failed", "cancelled"):
-                return False
+            if run["status"] in ("completed", "failed", "cancelled", "compensating"):
+                return False  # finished, or rolling back: no wait will ever consume it
             await conn.execute(self.queries["record_signal"], run_id, name, text)
             if run["status"] == "waiting" and run["waiting_for"] == name:
                 await conn.execute(
@@ -375,7 +388,7 @@ class Engine:
 
         A handler in flight finishes first (its job is locked until it commits).
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             await conn.fetch(self.queries["lock_run_jobs"], run_id)
             row = await conn.fetchrow(self.queries["lock_run"], run_id)
             if row is None:
@@ -408,7 +421,7 @@ class Engine:
         will not run them twice). Returns False if the run is not `failed`; raises
         `RunNotFound` for an unknown id.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             await conn.fetch(self.queries["lock_run_jobs"], run_id)
             row = await conn.fetchrow(self.queries["lock_run"], run_id)
             if row is None:
@@ -434,7 +447,7 @@ class Engine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         total = 0
         while True:
-            async with self.pool.acquire() as conn:
+            async with self._acquire() as conn:
                 n: int = await conn.fetchval(self.queries["purge_runs"], seconds, batch_size)
             total += n
             if n < batch_size:
@@ -445,6 +458,23 @@ class Engine:
         return total
 
     # -- working ---------------------------------------------------------------------------
+
+    def _worker_settings(self) -> dict[str, str]:
+        settings = {
+            # A worker host that vanishes (not just its process) must not hold its jobs'
+            # locks until the kernel's default keepalive gives up, hours later.
+            "tcp_keepalives_idle": "30",
+            "tcp_keepalives_interval": "10",
+            "tcp_keepalives_count": "3",
+            "application_name": "durable-worker",
+        }
+        if self.transaction_timeout is not None:
+            # Backstop for a worker whose event loop hangs mid-transaction: the server ends
+            # the session, which releases the job to other workers.
+            settings["idle_in_transaction_session_timeout"] = str(
+                int((self.transaction_timeout + 30) * 1000)
+            )
+        return settings
 
     def _handlers(self) -> dict[str, Any]:
         return {
@@ -474,17 +504,8 @@ class Engine:
                 self.dsn,
                 min_size=1,
                 max_size=concurrency + 2,
-                # Backstop for a worker whose event loop hangs mid-transaction: the server
-                # ends the session, which releases the job to other workers.
-                server_settings=(
-                    {}
-                    if self.transaction_timeout is None
-                    else {
-                        "idle_in_transaction_session_timeout": str(
-                            int((self.transaction_timeout + 30) * 1000)
-                        )
-                    }
-                ),
+                server_settings=self._worker_settings(),
+                statement_cache_size=self.statement_cache_size,
             )
             if self.dsn is not None
             else self.pool

@@ -224,6 +224,7 @@ class Runner:
                 "status": "running",
                 "input": v.run["input"],
                 "cursor": cursor,
+                "current_node": v.wf.nodes[cursor].name,
                 "error": None,
                 "parent_id": v.run["parent_id"],
                 "wake_at": None,
@@ -285,6 +286,13 @@ class Runner:
             )
             return await self._fail_terminal(visit, f"#{cursor}", exc)
         node = wf.nodes[cursor]
+        if run["current_node"] is not None and run["current_node"] != node.name:
+            changed = DefinitionChanged(
+                f"run {job.run_id} was at node {run['current_node']!r} (#{cursor + 1}) but "
+                f"workflow {wf.name!r} now declares {node.name!r} there: the definition "
+                "changed while the run was in flight"
+            )
+            return await self._fail_terminal(visit, run["current_node"], changed)
         with node_span(node.kind, node.name, run_id=job.run_id, workflow=wf.name, attempt=attempt):
             return await self._kinds[node.kind](visit, node)
 
@@ -854,7 +862,7 @@ class Runner:
     async def compensate(self, conn: Connection, job: Job) -> Outcome:
         """Run the next compensator of a failing run, or finish it when none is left."""
         with node_span(
-            "compensate", str(job.run_id), run_id=job.run_id, attempt=job.payload.get("a")
+            "compensate", "compensation", run_id=job.run_id, attempt=job.payload.get("a")
         ):
             return await self._compensate(conn, job)
 

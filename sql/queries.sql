@@ -103,8 +103,8 @@ SELECT id FROM __SCHEMA__.runs WHERE workflow = $1 AND idempotency_key = $2;
 
 -- lock_run --
 -- Lock a run (always after its job: one lock order everywhere) and read what a node needs.
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.error, r.parent_id,
-       r.wake_at, r.waiting_for, clock_timestamp() AS now,
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.current_node,
+       r.error, r.parent_id, r.wake_at, r.waiting_for, clock_timestamp() AS now,
        (SELECT jsonb_object_agg(j.key, j.result)
           FROM __SCHEMA__.journal j
          WHERE j.run_id = r.id AND j.status = 'completed'
@@ -368,7 +368,8 @@ FROM unnest($4::text[]) AS b;
 
 -- peek_run --
 -- Read a run without locking it (parallel branches run side by side).
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, clock_timestamp() AS now,
+SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.current_node,
+       clock_timestamp() AS now,
        (SELECT jsonb_object_agg(j.key, j.result)
           FROM __SCHEMA__.journal j
          WHERE j.run_id = r.id AND j.status = 'completed'

@@ -159,8 +159,8 @@ CREATE FUNCTION __SCHEMA__.claim_run_job_v1(p_queues text[], p_job bigint, p_res
 RETURNS TABLE (
     id bigint, queue text, task text, run_id text, payload text, priority smallint,
     attempts integer, lease_token uuid, workflow text, status text, input text,
-    "cursor" integer, error text, parent_id text, wake_at timestamptz, waiting_for text,
-    now timestamptz, results text
+    "cursor" integer, current_node text, error text, parent_id text, wake_at timestamptz,
+    waiting_for text, now timestamptz, results text
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -186,8 +186,8 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT j.id, j.queue, j.task, j.run_id, j.payload::text, j.priority, j.attempts,
-           j.lease_token, r.workflow, r.status, r.input::text, r.cursor, r.error, r.parent_id,
-           r.wake_at, r.waiting_for, clock_timestamp(),
+           j.lease_token, r.workflow, r.status, r.input::text, r.cursor, r.current_node,
+           r.error, r.parent_id, r.wake_at, r.waiting_for, clock_timestamp(),
            CASE WHEN p_results THEN
                (SELECT jsonb_object_agg(e.key, e.result)
                   FROM __SCHEMA__.journal e
