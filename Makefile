@@ -46,7 +46,7 @@ bench: install
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
 
 docs: install
-	$(VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 wheel: install
 	$(PY) -m build --wheel --outdir dist .
