@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-LINTED := durable tests examples benchmarks docs/examples
+LINTED := $(wildcard durable tests examples benchmarks docs/examples)
 
 lint: install
 	$(VENV)/bin/ruff check $(LINTED)
