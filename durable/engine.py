@@ -466,7 +466,6 @@ class Engine:
             "tcp_keepalives_idle": "30",
             "tcp_keepalives_interval": "10",
             "tcp_keepalives_count": "3",
-            "application_name": "durable-worker",
         }
         if self.transaction_timeout is not None:
             # Backstop for a worker whose event loop hangs mid-transaction: the server ends
@@ -521,6 +520,7 @@ class Engine:
             grace_period=grace_period,
             claim=self.runner.claim,
             claim_follow=self.runner.claim_follow,
+            isolate=False,
         )
         try:
             async with anyio.create_task_group() as tg:

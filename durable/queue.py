@@ -89,6 +89,13 @@ class JobQueue:
         value: float | None = await conn.fetchval(self.q["next_due"], list(queues))
         return value
 
+    async def due_state(self, conn: Connection, queues: Sequence[str]) -> tuple[float | None, bool]:
+        """(seconds until the next delayed job is due or None, whether due jobs exist that
+        are held by other transactions)."""
+        row = await conn.fetchrow(self.q["due_state"], list(queues))
+        assert row is not None
+        return row["next_due"], bool(row["held"])
+
     async def delete(self, conn: Connection, job_id: int) -> None:
         """Delete a job; call it in the transaction that commits the job's work."""
         await conn.execute(self.q["delete_job"], job_id)

@@ -26,6 +26,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import asyncpg
@@ -33,6 +34,7 @@ import asyncpg
 from durable.db import Connection, is_connection_error
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
+from durable.stepconn import StepConnection, swallowed_error, undo
 
 log = logging.getLogger("durable.worker")
 
@@ -58,6 +60,11 @@ ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
 #: Commits the open transaction, opens the next one and claims a known job in it (a run
 #: continuing on the same slot); None if the job is not due and free.
 FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
+
+
+# How soon an idle worker looks again while due jobs are held elsewhere (their worker may
+# die, which frees them silently).
+_HELD_RECHECK = 0.5
 
 
 def retry_delay(attempts: int) -> float:
@@ -109,6 +116,7 @@ class Worker:
         name: str | None = None,
         claim: ClaimHook | None = None,
         claim_follow: FollowHook | None = None,
+        isolate: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -119,6 +127,11 @@ class Worker:
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
+        # Handlers get a connection that sets a savepoint before their first statement, so
+        # a failure rolls back their writes alone and the retry is recorded in the same
+        # transaction, with the job still locked. The engine's handlers manage their own
+        # failures and opt out, saving that round trip.
+        self.isolate = isolate
         self.channel = queries.notify_channel
         self.handlers = dict(handlers)
         self.queues = sorted(set(queues))
@@ -255,7 +268,11 @@ class Worker:
                             registered = False
                     if self._idle:
                         busy_ticks = 0
-                        due = await self.jobs.next_due(conn, self.queues)
+                        due, held = await self.jobs.due_state(conn, self.queues)
+                        if held:
+                            # Due jobs are held by other transactions. If their worker dies
+                            # the jobs come free with no NOTIFY: look again soon.
+                            due = min(due, _HELD_RECHECK) if due is not None else _HELD_RECHECK
             except Exception as exc:
                 if not is_connection_error(exc):
                     log.exception("poller failed", extra={"worker": self.name})
@@ -300,7 +317,11 @@ class Worker:
     # -- a slot ----------------------------------------------------------------------------
 
     async def _slot(self, index: int) -> None:
-        """Claim and run jobs one after another on one connection until the worker stops."""
+        """Claim and run jobs one after another on one connection until the worker stops.
+
+        `tx` is None exactly when the connection is outside a transaction; a connection whose
+        state is unknown (an error or a cancellation mid-job) is discarded, never reused.
+        """
         conn: Connection | None = None
         tx: asyncpg.transaction.Transaction | None = None
         try:
@@ -330,18 +351,23 @@ class Worker:
                     await self._wait_idle()
                     continue
                 self._wake_one()  # there may be more work: let an idle slot look too
-                tx, after = await self._work(conn, tx, job)  # type: ignore[arg-type]
-                if tx is None:
-                    if after is not None:
-                        # Work after the commit (non-transactional handlers) holds the slot,
-                        # not a connection.
-                        released, conn = conn, None
-                        await self.pool.release(released)  # type: ignore[arg-type]
-                        await self._after_commit(after, job)
-                    conn = None  # discarded by _work, or released above
+                assert tx is not None
+                state, tx, after = await self._work(conn, tx, job)
+                if state == "broken":
+                    await self._discard(conn)
+                    conn, tx = None, None
+                elif after is not None:
+                    # Work after the commit (non-transactional handlers) holds the slot,
+                    # not a connection.
+                    released, conn = conn, None
+                    await self._release(released)
+                    await self._after_commit(after, job)
         finally:
             if conn is not None:
-                await self._discard(conn)
+                if tx is None:
+                    await self._release(conn)  # idle, outside any transaction
+                else:
+                    await self._discard(conn)
 
     async def _commit_and_claim(self, conn: Connection, job_id: int) -> Job | None:
         await conn.execute("COMMIT; BEGIN")
@@ -349,10 +375,16 @@ class Worker:
 
     async def _discard(self, conn: Connection) -> None:
         """Drop a connection whose transaction state is unknown; the server rolls it back."""
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            # A connection the server closed is already detached from the pool: calls on
+            # it raise InterfaceError, and there is nothing left to give back.
             conn.terminate()
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn)  # type: ignore[arg-type]
+            await self.pool.release(conn)  # type: ignore[arg-type]
+
+    async def _release(self, conn: Connection) -> None:
+        """Give an idle connection (outside any transaction) back to the pool."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self.pool.release(conn)  # type: ignore[arg-type]
 
     # -- working ---------------------------------------------------------------------------
 
@@ -367,12 +399,13 @@ class Worker:
 
     async def _work(
         self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
-    ) -> tuple[asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None]:
+    ) -> tuple[str, asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None]:
         """Run a claimed job (and the jobs it hands on to this slot) to its commit.
 
-        Returns the transaction the slot's next claim runs in; or None and the work to do
-        after the commit (the slot then releases the connection and does it); or None, None
-        when the connection was discarded and the slot must take a new one.
+        Returns ("open", tx, None): the connection is in a fresh transaction, ready for the
+        next claim; ("idle", None, after): committed, outside any transaction, with work to
+        do after the commit (or None); ("broken", None, None): discard the connection.
+        A cancellation propagates with the transaction still open (the slot discards it).
         """
         self._started()
         try:
@@ -380,7 +413,9 @@ class Worker:
                 outcome = await self._run_one(conn, tx, job)
                 if outcome is None:  # rolled back and rescheduled
                     self._poke.set()
-                    return (None if conn.is_closed() else await self._begin(conn)), None
+                    if conn.is_closed():
+                        return "broken", None, None
+                    return "open", await self._begin(conn), None
                 after = outcome.after_commit
                 if outcome.follow is not None and after is None and not self.stopping:
                     # The hook commits and opens the next transaction (in one round trip);
@@ -391,18 +426,18 @@ class Worker:
                         job = follow
                         continue
                     await tx.rollback()
-                    return await self._begin(conn), None
+                    return "open", await self._begin(conn), None
                 if after is not None or self.stopping:
                     await tx.commit()
                     self.processed += 1
-                    return None, after
+                    return "idle", None, after
                 # Commit and open the next claim's transaction in one round trip.
                 await conn.execute("COMMIT; BEGIN")
                 self.processed += 1
                 # The job may have been rescheduled (a retry) without a NOTIFY: the poller
                 # looks at the next due time again.
                 self._poke.set()
-                return tx, None
+                return "open", tx, None
         except Exception as exc:
             # The connection or the commit failed under us; the server rolls back and the job
             # is free for any worker again.
@@ -412,11 +447,7 @@ class Worker:
                     job.id,
                     extra={"job_id": job.id, "task": job.task, "run_id": job.run_id},
                 )
-            await self._discard(conn)
-            return None, None
-        except BaseException:
-            await self._discard(conn)
-            raise
+            return "broken", None, None
         finally:
             self._finished()
 
@@ -442,43 +473,59 @@ class Worker:
     async def _run_one(
         self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
     ) -> Outcome | None:
-        """Run one claimed job up to its commit; on error roll back and schedule a retry."""
+        """Run one claimed job up to its commit.
+
+        A failing isolated handler is rolled back to its savepoint and its retry scheduled in
+        the same transaction (the worker then commits both); otherwise the whole transaction
+        rolls back and the retry is scheduled in a new one (None is returned).
+        """
+        fields = {
+            "job_id": job.id,
+            "task": job.task,
+            "run_id": job.run_id,
+            "queue": job.queue,
+            "worker": self.name,
+        }
+        handler_conn: Any = StepConnection(conn) if self.isolate else conn
         try:
             handler = self.handlers.get(job.task)
             if handler is None:
                 raise LookupError(f"no handler for task {job.task!r} on this worker")
-            outcome = await handler(conn, job) or Outcome()
+            outcome = await handler(handler_conn, job) or Outcome()
+            failed = swallowed_error(handler_conn)
+            if failed is not None:
+                raise failed
             if not outcome.settled:
                 await self.jobs.delete(conn, job.id)
             return outcome
         except Exception as exc:
-            fields = {
-                "job_id": job.id,
-                "task": job.task,
-                "run_id": job.run_id,
-                "queue": job.queue,
-                "worker": self.name,
-            }
             if is_connection_error(exc):
                 log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)
                 raise
+            if self.isolate:
+                await undo(handler_conn)
+                self._log_retry(job, exc, fields)
+                await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
+                return Outcome(settled=True)
             with anyio.CancelScope(shield=True):
                 await tx.rollback()
                 await self._retry(conn, job, exc, fields)
             return None
 
-    async def _retry(
-        self, conn: Connection, job: Job, exc: Exception, fields: dict[str, object]
-    ) -> None:
-        delay = retry_delay(job.attempts + 1)
+    def _log_retry(self, job: Job, exc: Exception, fields: dict[str, object]) -> None:
         log.error(
             "job %s (%s) failed, retrying in %.0f s: %r",
             job.id,
             job.task,
-            delay,
+            retry_delay(job.attempts + 1),
             exc,
             extra={**fields, "attempt": job.attempts + 1},
             exc_info=exc,
         )
+
+    async def _retry(
+        self, conn: Connection, job: Job, exc: Exception, fields: dict[str, object]
+    ) -> None:
+        self._log_retry(job, exc, fields)
         async with conn.transaction():
-            await self.jobs.retry(conn, job.id, delay)
+            await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))

@@ -24,6 +24,18 @@ SELECT EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp()))::float8
 FROM __SCHEMA__.jobs
 WHERE queue = ANY($1::text[]) AND run_at > now();
 
+-- due_state --
+-- For an idle worker: seconds until the next delayed job is due, and whether due jobs exist
+-- (held by other transactions, or else a claim would have taken them).
+SELECT
+    (SELECT EXTRACT(EPOCH FROM (run_at - clock_timestamp()))::float8
+       FROM __SCHEMA__.jobs
+      WHERE queue = ANY($1::text[]) AND run_at > now()
+      ORDER BY priority DESC, run_at, id
+      LIMIT 1) AS next_due,
+    EXISTS (SELECT 1 FROM __SCHEMA__.jobs WHERE queue = ANY($1::text[]) AND run_at <= now())
+        AS held;
+
 -- enqueue_job --
 -- Insert a job due `$6` seconds from now on the database clock.
 INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload, priority, run_at)
