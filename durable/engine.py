@@ -386,27 +386,42 @@ class Engine:
         """Cancel a pending, running or waiting run: its completed steps are compensated and
         it ends `cancelled`. Returns False if the run had already finished or was failing.
 
-        A handler in flight finishes first (its job is locked until it commits).
+        A handler in flight finishes first (its job is locked until it commits); no further
+        node starts once the cancel is requested.
         """
-        async with self._acquire() as conn, conn.transaction():
-            await conn.fetch(self.queries["lock_run_jobs"], run_id)
-            row = await conn.fetchrow(self.queries["lock_run"], run_id)
-            if row is None:
-                raise RunNotFound(f"no run with id {run_id!r}")
-            if row["status"] in ("completed", "failed", "cancelled", "compensating"):
-                return False
-            if await conn.fetchval(self.queries["has_journal"], run_id):
-                # Compensation runs on a worker, which ends the run `cancelled`.
-                await conn.fetchval(
-                    self.queries["begin_cancel"],
-                    run_id,
-                    reason,
-                    row["workflow"],
-                    dumps({"final": "cancelled", "a": 1}, "job payload"),
-                )
-            else:
-                await conn.execute(self.queries["cancel_now"], run_id, reason, self._runs_channel)
-            children = [r["id"] for r in await conn.fetch(self.queries["active_children"], run_id)]
+        async with self._acquire() as conn:
+            # Committed at once: from now on claims skip the run's jobs, so the cancel gets
+            # their locks as soon as the transaction in flight (if any) ends.
+            await conn.execute(self.queries["request_cancel"], run_id)
+            try:
+                async with conn.transaction():
+                    await conn.fetch(self.queries["lock_run_jobs"], run_id)
+                    row = await conn.fetchrow(self.queries["lock_run"], run_id)
+                    if row is None:
+                        raise RunNotFound(f"no run with id {run_id!r}")
+                    if row["status"] in ("completed", "failed", "cancelled", "compensating"):
+                        return False
+                    if await conn.fetchval(self.queries["has_journal"], run_id):
+                        # Compensation runs on a worker, which ends the run `cancelled`.
+                        await conn.fetchval(
+                            self.queries["begin_cancel"],
+                            run_id,
+                            reason,
+                            row["workflow"],
+                            dumps({"final": "cancelled", "a": 1}, "job payload"),
+                        )
+                    else:
+                        await conn.execute(
+                            self.queries["cancel_now"], run_id, reason, self._runs_channel
+                        )
+                    children = [
+                        r["id"] for r in await conn.fetch(self.queries["active_children"], run_id)
+                    ]
+                    # Gone when the cancel commits, so the compensation job is claimable then.
+                    await conn.execute(self.queries["drop_cancel_request"], run_id)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await conn.execute(self.queries["drop_cancel_request"], run_id)
         log.info("run %s cancelled", run_id, extra={"run_id": run_id})
         for child in children:
             await self.cancel(child, reason=f"parent run {run_id} was cancelled")

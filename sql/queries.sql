@@ -503,3 +503,13 @@ ON CONFLICT (worker) DO UPDATE SET seen_at = now();
 -- unregister_listener --
 -- A worker is busy (or gone) and finds work without NOTIFYs.
 DELETE FROM __SCHEMA__.listeners WHERE worker = $1;
+
+-- request_cancel --
+-- Announce a cancel so that claims leave the run's jobs alone until it is done.
+INSERT INTO __SCHEMA__.cancel_requests (run_id)
+SELECT id FROM __SCHEMA__.runs WHERE id = $1
+ON CONFLICT (run_id) DO NOTHING;
+
+-- drop_cancel_request --
+-- The cancel is done (or failed): claims may take the run's jobs again.
+DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = $1;

@@ -92,6 +92,13 @@ CREATE TABLE __SCHEMA__.attempts (
 );
 CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
 
+-- Runs someone is cancelling. Claims skip their jobs, so that a worker continuing a run
+-- node after node cannot keep winning the job's lock from the waiting cancel.
+CREATE TABLE __SCHEMA__.cancel_requests (
+    run_id text PRIMARY KEY REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    requested_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
 CREATE TABLE __SCHEMA__.signals (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -170,12 +177,18 @@ BEGIN
     IF p_job IS NULL THEN
         SELECT * INTO j FROM __SCHEMA__.jobs
         WHERE run_at <= now() AND queue = ANY(p_queues)
+          AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
+          )
         ORDER BY priority DESC, run_at, id
         LIMIT 1
         FOR UPDATE SKIP LOCKED;
     ELSE
         SELECT * INTO j FROM __SCHEMA__.jobs
         WHERE id = p_job AND run_at <= now()
+          AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
+          )
         FOR UPDATE SKIP LOCKED;
     END IF;
     IF NOT FOUND THEN
@@ -201,7 +214,8 @@ $$;
 
 -- A worker that just committed a node re-locks the run's job and run for the next node in
 -- the same round trip as its COMMIT, without reading anything back: it raises DU001 when
--- the job or run is no longer where that worker left it (taken, cancelled, moved on).
+-- the job or run is no longer where that worker left it (taken, moved on, being
+-- cancelled).
 CREATE FUNCTION __SCHEMA__.relock_run_job_v1(p_job bigint, p_cursor integer)
 RETURNS void
 LANGUAGE plpgsql AS $$
@@ -209,6 +223,9 @@ BEGIN
     PERFORM 1 FROM __SCHEMA__.jobs
     WHERE id = p_job AND run_at <= now() AND task = 'advance' AND lease_token IS NULL
       AND (payload ->> 'c')::integer = p_cursor
+      AND NOT EXISTS (
+        SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
+      )
     FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'durable: job % is not free at node #%', p_job, p_cursor
