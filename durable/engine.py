@@ -360,7 +360,7 @@ class Engine:
 
     async def _signal(self, conn: Connection, run_id: str, name: str, text: str) -> bool:
         async with conn.transaction():
-            await conn.fetch(self.queries["lock_run_jobs"], run_id)
+            held = [r["id"] for r in await conn.fetch(self.queries["lock_run_jobs"], run_id)]
             run = await conn.fetchrow(self.queries["lock_run"], run_id)
             if run is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
@@ -374,6 +374,7 @@ class Engine:
                     run["workflow"],
                     dumps({"c": run["cursor"], "a": 1}, "job payload"),
                     self.queries.notify_channel,
+                    held,
                 )
         log.debug(
             "signal %s sent to run %s", name, run_id, extra={"run_id": run_id, "signal": name}

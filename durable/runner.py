@@ -705,6 +705,8 @@ class Runner:
             v.attempt,
             v.now,
         )
+        if v.run["status"] != "running":
+            await v.conn.execute(self.q["mark_running"], v.run_id)
         await self.jobs.reschedule(v.conn, v.job.id, 0.0, {"c": v.cursor, "a": 1, "i": i + 1})
         return self._follow(v, v.cursor, v.results)
 

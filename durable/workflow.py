@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -396,6 +397,11 @@ class Workflow:
         what = f"wait_for_signal {node_name!r} of workflow {self.name!r}"
         if not callable(signal) and (not isinstance(signal, str) or not signal):
             raise DefinitionError(f"{what}: signal must be a non-empty name or a function")
+        if default is not _NO_DEFAULT:
+            try:
+                json.dumps(default, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise DefinitionError(f"{what}: default is not JSON-serializable: {exc}") from None
         self._add(
             WaitForSignal(
                 name=node_name,

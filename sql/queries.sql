@@ -342,9 +342,11 @@ INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES ($1, $2, $3::jsonb
 RETURNING id;
 
 -- wake_run --
--- Make a parked run's job due now, or give it one; then wake the workers.
+-- Make a parked run's job due now (only jobs this transaction locked: a job another signal
+-- added since may be held by a worker waiting for the run), or give it one; then wake the
+-- workers.
 WITH moved AS (
-    UPDATE __SCHEMA__.jobs SET run_at = now() WHERE run_id = $1 RETURNING id
+    UPDATE __SCHEMA__.jobs SET run_at = now() WHERE id = ANY($5::bigint[]) RETURNING id
 ), added AS (
     INSERT INTO __SCHEMA__.jobs (queue, task, run_id, payload)
     SELECT $2, 'advance', $1, $3::jsonb
