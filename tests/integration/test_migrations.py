@@ -364,6 +364,13 @@ async def test_a_non_default_schema_works_end_to_end(empty_dsn: str) -> None:
                 return n > 0
 
             await poll(worker_listens, timeout=10)
+
+            async def worker_registered() -> bool:
+                # Job inserts NOTIFY only while an idle worker is registered as a listener.
+                n: int = await conn.fetchval(f'SELECT count(*) FROM "{schema}".listeners')
+                return n > 0
+
+            await poll(worker_registered, timeout=10)
             await conn.add_listener(queries.notify_channel, on_notify)
             assert queries.notify_channel == "jobs_alt_jobs"
 

@@ -121,13 +121,15 @@ async def enqueue(
 
 
 async def listening(conn: asyncpg.Connection, channel: str = "durable_jobs") -> bool:
-    """True when some backend of this database has executed LISTEN on `channel`."""
+    """True when some backend of this database has executed LISTEN on `channel` and an idle
+    worker has registered as a listener (job inserts NOTIFY only while one is)."""
     n = await conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
         " AND state = 'idle' AND query ILIKE $1",
         f"LISTEN%{channel}%",
     )
-    return bool(n)
+    registered = await conn.fetchval("SELECT count(*) FROM durable.listeners")
+    return bool(n) and bool(registered)
 
 
 async def wait_idle(
