@@ -80,6 +80,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _payload(cursor: int, attempt: int, **extra: Any) -> str:
+    if not extra:  # the hot path: two integers need no encoder
+        return f'{{"c": {int(cursor)}, "a": {int(attempt)}}}'
     return dumps({"c": cursor, "a": attempt, **extra}, "job payload")
 
 
@@ -363,7 +365,8 @@ class Runner:
                 _payload(nxt, 1),
                 v.job.id,
             )
-            log.debug("node %s completed", node.name, extra=v.fields(node.name))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("node %s completed", node.name, extra=v.fields(node.name))
             return self._follow(v, nxt, {**v.results, node.name: value}, moved=True)
         final = dumps({**v.results, node.name: value}, f"result of run {v.run_id}")
         await v.conn.execute(
