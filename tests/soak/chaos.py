@@ -583,6 +583,9 @@ class Soak:
         try:
             self.stats.restarts += 1
             self.stats.restart_at_terminal = terminal
+            # No kills from now on: let workers still booting come up, so that all of them
+            # live through the outage.
+            await self.fleet.wait_ready(timeout=30)
             survivors = {w.proc.pid: w for w in self.fleet.live if w.ready()}
             self.stats.restart_survivors = len(survivors)
             self.log(
