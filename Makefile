@@ -45,6 +45,10 @@ demo: install
 bench: install
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
 
+# The chaos soak: 2,000 runs, workers SIGKILLed, backends terminated, PostgreSQL restarted.
+soak: install
+	$(PY) -m tests.soak.chaos --runs 2000
+
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 

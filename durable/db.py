@@ -30,6 +30,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # What asyncpg raises on a connection the server terminated mid-operation.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
@@ -44,7 +46,14 @@ def redact(dsn: str) -> str:
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when `exc` means the connection or server is gone, so a retry later may work."""
-    return isinstance(exc, CONNECTION_ERRORS)
+    return (
+        isinstance(exc, CONNECTION_ERRORS)
+        # connection_exception (08xxx), admin/crash shutdown and the like (57Pxx)
+        or (
+            isinstance(exc, asyncpg.PostgresError)
+            and (exc.sqlstate or "").startswith(("08", "57P"))
+        )
+    )
 
 
 async def create_pool(

@@ -27,7 +27,7 @@ import asyncpg
 from ulid import ULID
 
 from durable.context import Context, LoopContext
-from durable.db import Connection, dumps, loads
+from durable.db import Connection, dumps, is_connection_error, loads
 from durable.errors import NonRetryable, SerializationError
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
@@ -530,6 +530,33 @@ class Runner:
                 extra=v.fields(step.name),
             )
             return
+        # Settle the finished attempt. A dropped connection must not throw the result away
+        # (another worker would run the step again and count a lost attempt): try again
+        # while the lease is ours; the lease token makes a second commit impossible.
+        deadline = anyio.current_time() + self.lease_seconds
+        while True:
+            try:
+                await self._settle_leased(pool, v, token, step, outcome)
+                return
+            except Exception as exc:
+                if not is_connection_error(exc) or anyio.current_time() > deadline:
+                    raise
+                log.warning(
+                    "settling step %s lost its connection, retrying: %s",
+                    step.name,
+                    exc,
+                    extra=v.fields(step.name),
+                )
+                await anyio.sleep(0.2)
+
+    async def _settle_leased(
+        self,
+        pool: asyncpg.Pool,
+        v: _Visit,
+        token: uuid.UUID,
+        step: Step,
+        outcome: tuple[bool, Any],
+    ) -> None:
         async with pool.acquire() as conn, conn.transaction():
             held = await self.jobs.claim_leased(conn, v.job.id, token)
             if held is None:

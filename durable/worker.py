@@ -455,7 +455,16 @@ class Worker:
         self._started()
         try:
             await after()
-        except Exception:
+        except Exception as exc:
+            if is_connection_error(exc):
+                log.warning(
+                    "after-commit work of job %s lost its connection (the job's lease will "
+                    "lapse and another worker retries it): %s",
+                    job.id,
+                    exc,
+                    extra={"job_id": job.id, "task": job.task, "run_id": job.run_id},
+                )
+                return
             log.exception(
                 "after-commit work of job %s failed",
                 job.id,
