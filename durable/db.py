@@ -36,6 +36,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _PASSWORD_IN_URL = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", re.IGNORECASE)
+# json.dumps writes NUL as \u0000; an even run of backslashes before it is escaped text.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _PASSWORD_PARAM = re.compile(r"(password=)[^&\s]*", re.IGNORECASE)
 
 
@@ -93,7 +95,7 @@ def dumps(value: Any, what: str) -> str:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None
-    if "\x00" in text or "\\u0000" in text:
+    if "\x00" in text or _ESCAPED_NUL.search(text):
         raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store")
     return text
 

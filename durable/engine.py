@@ -211,9 +211,9 @@ class Engine:
             raise TypeError(f"input must be a mapping (a JSON object), got {type(input).__name__}")
         text = dumps(dict(input), f"input of workflow {wf.name!r}")
         if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
+            not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
         ):
-            raise ValueError("idempotency_key must be a non-empty string")
+            raise ValueError("idempotency_key must be a non-empty string without NUL")
         run_id = str(ULID())
         args = (run_id, wf.name, text, wf.nodes[0].name, idempotency_key, None, None)
         if conn is not None:
@@ -350,8 +350,8 @@ class Engine:
         ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
         caller's transaction.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"signal name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"signal name must be a non-empty string without NUL, got {name!r}")
         text = dumps(payload, f"payload of signal {name!r}")
         if conn is not None:
             return await self._signal(conn, run_id, name, text)
@@ -517,7 +517,9 @@ class Engine:
         pool = (
             await create_pool(
                 self.dsn,
-                min_size=1,
+                # No floor: during an outage asyncpg would log every failed attempt to
+                # refill it; the slots reconnect on demand.
+                min_size=0,
                 max_size=concurrency + 2,
                 server_settings=self._worker_settings(),
                 statement_cache_size=self.statement_cache_size,

@@ -367,7 +367,10 @@ class Runner:
             )
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("node %s completed", node.name, extra=v.fields(node.name))
-            return self._follow(v, nxt, {**v.results, node.name: value}, moved=True)
+            # The next node must see the result as stored (JSON: string keys, lists), the
+            # same as after a restart, not the handler's Python object.
+            stored = value if value is None or type(value) in (bool, int, str) else loads(text)
+            return self._follow(v, nxt, {**v.results, node.name: stored}, moved=True)
         final = dumps({**v.results, node.name: value}, f"result of run {v.run_id}")
         await v.conn.execute(
             self.q["complete_run"],
@@ -759,6 +762,22 @@ class Runner:
         ):
             return await self._branch(conn, job)
 
+    async def _branch_gone(
+        self, conn: Connection, job: Job, wf: Workflow, cursor: int, branch: str
+    ) -> Outcome:
+        """The workflow no longer has this branch at the run's cursor: fail the run clearly
+        (if it is still there) instead of leaving it running with no job."""
+        run, results = await self._locked_run(conn, replace(job, prefetched=None))
+        if run is None or run["status"] != "running" or run["cursor"] != cursor:
+            return Outcome()
+        v = _Visit(conn, job, run, wf, cursor, int(job.payload["a"]), results)
+        changed = DefinitionChanged(
+            f"run {job.run_id} has branch {branch!r} in flight at node #{cursor + 1} "
+            f"({run['current_node']!r}), which workflow {wf.name!r} no longer declares: the "
+            "definition changed while the run was in flight"
+        )
+        return await self._fail_terminal(v, run["current_node"] or f"#{cursor}", changed)
+
     async def _branch(self, conn: Connection, job: Job) -> Outcome:
         peek = (
             job.prefetched[0]
@@ -771,7 +790,7 @@ class Runner:
         wf = self.workflows[peek["workflow"]]
         node = wf.nodes[cursor] if cursor < len(wf.nodes) else None
         if not isinstance(node, Parallel) or branch not in node.branches:
-            return Outcome()
+            return await self._branch_gone(conn, job, wf, cursor, branch)
         key = f"{node.name}#{branch}"
         if await conn.fetchrow(self.q["journal_value"], job.run_id, key) is not None:
             return Outcome()  # committed already (a duplicate job)

@@ -219,7 +219,7 @@ class Worker:
 
     async def _listen(self) -> None:
         """Hold a LISTEN connection; reconnect when it drops (polling covers the gap)."""
-        health = _Health()
+        health = self._health  # one outage, one log line: shared with the slots and poller
         while True:
             lost = asyncio.Event()
             try:
@@ -324,6 +324,7 @@ class Worker:
         """
         conn: Connection | None = None
         tx: asyncpg.transaction.Transaction | None = None
+        rested = False  # the connection sat idle: the server may have dropped it meanwhile
         try:
             while not self.stopping:
                 try:
@@ -341,14 +342,21 @@ class Worker:
                     if conn is not None:
                         await self._discard(conn)
                     conn, tx = None, None
+                    if rested and is_connection_error(exc):
+                        # Dropped while we idled (an outage that is over, or a terminated
+                        # backend): take a fresh connection at once, not an outage to log.
+                        rested = False
+                        continue
                     if not is_connection_error(exc):
                         log.exception("claim failed", extra={"worker": self.name})
                     with anyio.move_on_after(self._health.failed(exc)):
                         await self._stopping.wait()
                     continue
+                rested = False
                 self._health.ok()
                 if job is None:
                     await self._wait_idle()
+                    rested = True
                     continue
                 self._wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None

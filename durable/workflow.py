@@ -69,6 +69,8 @@ def validate_name(name: object, what: str) -> str:
         raise DefinitionError(f"{what} name must be a non-empty string, got {name!r}")
     if len(name) > MAX_NAME:
         raise DefinitionError(f"{what} name {name[:40]!r}... is longer than {MAX_NAME} characters")
+    if "\x00" in name:
+        raise DefinitionError(f"{what} name {name!r} contains a NUL character")
     for ch in RESERVED:
         if ch in name:
             raise DefinitionError(

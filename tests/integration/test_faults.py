@@ -189,18 +189,6 @@ async def test_the_worker_survives_a_database_outage_without_a_restart(
     assert len(outage.in_flight_effects) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: each outage is logged several times. durable/worker.py Worker._listen (line "
-        "222) keeps its own _Health(), separate from the self._health the slots and the "
-        "poller share, so both log 'database unavailable' and 'database reachable again'; "
-        "and an idle slot keeps its pooled connection while parked in _wait_idle() (line "
-        "351), so after the recovery has been logged its next claim on the dead connection "
-        "(conn.transaction(), line 334: 'connection has been released back to the pool') "
-        "calls self._health.failed() (line 346) and logs a new outage, once per such slot"
-    ),
-)
 async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     outage: OutageReport,
 ) -> None:
