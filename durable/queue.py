@@ -84,11 +84,6 @@ class JobQueue:
         row = await conn.fetchrow(self.q["claim_job_by_id"], job_id)
         return None if row is None else Job.from_record(row)
 
-    async def next_due(self, conn: Connection, queues: Sequence[str]) -> float | None:
-        """Seconds until the next job of `queues` is due (<= 0: due now; None: no job)."""
-        value: float | None = await conn.fetchval(self.q["next_due"], list(queues))
-        return value
-
     async def due_state(self, conn: Connection, queues: Sequence[str]) -> tuple[float | None, bool]:
         """(seconds until the next delayed job is due or None, whether due jobs exist that
         are held by other transactions)."""

@@ -17,13 +17,6 @@ FROM __SCHEMA__.jobs
 WHERE id = $1 AND run_at <= now()
 FOR UPDATE SKIP LOCKED;
 
--- next_due --
--- Seconds from the database clock until the next delayed job of the given queues is due.
--- Jobs due already are either held by other transactions or announced by a NOTIFY.
-SELECT EXTRACT(EPOCH FROM (min(run_at) - clock_timestamp()))::float8
-FROM __SCHEMA__.jobs
-WHERE queue = ANY($1::text[]) AND run_at > now();
-
 -- due_state --
 -- For an idle worker: seconds until the next delayed job is due, and whether due jobs exist
 -- (held by other transactions, or else a claim would have taken them).

@@ -188,31 +188,35 @@ async def test_a_delayed_job_is_not_claimed_before_its_run_at(
         async with conn.transaction():
             assert await jobs.claim(conn, [Q]) is None
             assert await jobs.claim_by_id(conn, job_id) is None
-        due = await jobs.next_due(conn, [Q])
+        due, held = await jobs.due_state(conn, [Q])
         assert due is not None
         assert 29 < due <= 30
+        assert held is False
 
 
-async def test_next_due(pool: asyncpg.Pool, jobs: JobQueue) -> None:
+async def test_due_state(pool: asyncpg.Pool, jobs: JobQueue) -> None:
     async with pool.acquire() as conn:
-        assert await jobs.next_due(conn, [Q]) is None
+        assert await jobs.due_state(conn, [Q]) == (None, False)
         await jobs.enqueue(conn, Q, "t", delay=20)
         await jobs.enqueue(conn, Q, "t", delay=10)
         await jobs.enqueue(conn, "other", "t", delay=1)
-        due = await jobs.next_due(conn, [Q])
+        due, held = await jobs.due_state(conn, [Q])
         assert due is not None
         assert 9 < due <= 10
+        assert held is False
 
-        # A due job that another transaction holds (in flight elsewhere) is no reason to
-        # wake up early: the next due time is still the future job's.
+        # A due job that another transaction holds (in flight elsewhere) does not make the
+        # next delayed job due sooner, but is reported: if its worker dies it comes free
+        # without a NOTIFY, so an idle worker looks again soon.
         await jobs.enqueue(conn, Q, "t")
         async with pool.acquire() as holder, holder.transaction():
             assert await jobs.claim(holder, [Q]) is not None
             async with conn.transaction():
                 assert await jobs.claim(conn, [Q]) is None
-                due = await jobs.next_due(conn, [Q])
+                due, held = await jobs.due_state(conn, [Q])
             assert due is not None
             assert 9 < due <= 10
+            assert held is True
 
 
 # -- SKIP LOCKED ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from durable.worker import retry_delay
 QUEUE_QUERIES = {
     "claim_job",
     "claim_job_by_id",
-    "next_due",
+    "due_state",
     "enqueue_job",
     "delete_job",
     "retry_job",
