@@ -108,6 +108,7 @@ class Engine:
         self._listener: Connection | None = None
         self._listener_lock = asyncio.Lock()
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._results: dict[str, str] = {}  # results that came with a run's final NOTIFY
 
     def __repr__(self) -> str:
         where = redact(self.dsn) if self.dsn else "pool"
@@ -284,7 +285,13 @@ class Engine:
     # -- waiting ---------------------------------------------------------------------------
 
     def _on_finished(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        for event in self._waiters.get(str(payload), ()):
+        run_id, _, result = str(payload).partition("\n")
+        waiters = self._waiters.get(run_id)
+        if not waiters:
+            return
+        if result:  # a completed run's result, when small enough to travel with the NOTIFY
+            self._results[run_id] = result
+        for event in waiters:
             event.set()
 
     async def _ensure_listener(self) -> None:
@@ -314,9 +321,8 @@ class Engine:
                 # Only watched runs NOTIFY when they finish (NOTIFY serialises commits).
                 async with self._acquire() as conn:
                     await conn.execute(self.queries["watch_run"], run_id)
+                run = await self.get_run(run_id)
                 while True:
-                    event.clear()
-                    run = await self.get_run(run_id)
                     if run.status is RunStatus.COMPLETED:
                         return run.result
                     if run.status is RunStatus.FAILED:
@@ -325,12 +331,18 @@ class Engine:
                         raise RunCancelled(run)
                     with anyio.move_on_after(_WAIT_RECHECK):
                         await event.wait()
+                    event.clear()
+                    result = self._results.get(run_id)
+                    if result is not None:
+                        return loads(result)
+                    run = await self.get_run(run_id)
         finally:
             waiters = self._waiters.get(run_id)
             if waiters is not None:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[run_id]
+                    self._results.pop(run_id, None)
 
     # -- signals ---------------------------------------------------------------------------
 

@@ -2,10 +2,12 @@
 -- description; durable/sql.py parses this file once. __SCHEMA__ is the quoted schema name.
 
 -- claim_job --
--- Lock the most urgent due job of the given queues, skipping jobs other workers hold.
+-- Lock the most urgent due job of the given queues, skipping jobs other workers hold. Due
+-- by the clock now (evaluated once, so the index still bounds the scan), not by the
+-- transaction's start, which may predate the job.
 SELECT id, queue, task, run_id, payload::text AS payload, priority, attempts, lease_token
 FROM __SCHEMA__.jobs
-WHERE run_at <= now() AND queue = ANY($1::text[])
+WHERE run_at <= (SELECT clock_timestamp()) AND queue = ANY($1::text[])
 ORDER BY priority DESC, run_at, id
 LIMIT 1
 FOR UPDATE SKIP LOCKED;
@@ -146,7 +148,7 @@ WITH entry AS (
     SET cursor = $6, current_node = NULL, status = 'completed', result = $7::jsonb,
         wake_at = NULL, waiting_for = NULL, finished_at = now(), updated_at = now()
     WHERE id = $1
-    RETURNING watched
+    RETURNING watched, result::text AS stored
 ), job AS (
     DELETE FROM __SCHEMA__.jobs WHERE id = $8
 ), parent AS (
@@ -155,7 +157,11 @@ WITH entry AS (
     FROM __SCHEMA__.runs p
     WHERE p.id = (SELECT parent_id FROM __SCHEMA__.runs WHERE id = $1) AND p.status = 'waiting'
 )
-SELECT pg_notify($9, $1) FROM run WHERE run.watched;
+-- A small result (as stored) rides along, so that Engine.wait need not read it back.
+SELECT pg_notify(
+    $9, CASE WHEN length(run.stored) < 7000 THEN $1 || E'\n' || run.stored ELSE $1 END
+)
+FROM run WHERE run.watched;
 
 -- retry_node --
 -- Record a failed attempt and make the run's job due again after the backoff, counted from
@@ -486,7 +492,9 @@ SELECT pg_notify($3, $1) FROM run WHERE run.watched;
 SELECT clock_timestamp();
 
 -- watch_run --
--- Ask for a NOTIFY when the run finishes (Engine.wait).
+-- Ask for a NOTIFY when the run finishes (Engine.wait). The run is read afterwards, in a
+-- statement of its own: this UPDATE may wait for a worker's lock on the run, and a read in
+-- the same statement would see the run as it was before that wait.
 UPDATE __SCHEMA__.runs SET watched = true
 WHERE id = $1 AND NOT watched AND finished_at IS NULL;
 

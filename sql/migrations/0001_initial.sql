@@ -173,10 +173,13 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     j __SCHEMA__.jobs%ROWTYPE;
+    -- The clock now, not the transaction's start: a worker's transaction may have begun
+    -- before a job that is due by now was even inserted.
+    v_now timestamptz := clock_timestamp();
 BEGIN
     IF p_job IS NULL THEN
         SELECT * INTO j FROM __SCHEMA__.jobs
-        WHERE run_at <= now() AND queue = ANY(p_queues)
+        WHERE run_at <= v_now AND queue = ANY(p_queues)
           AND NOT EXISTS (
             SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
           )
@@ -185,7 +188,7 @@ BEGIN
         FOR UPDATE SKIP LOCKED;
     ELSE
         SELECT * INTO j FROM __SCHEMA__.jobs
-        WHERE id = p_job AND run_at <= now()
+        WHERE id = p_job AND run_at <= v_now
           AND NOT EXISTS (
             SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
           )
