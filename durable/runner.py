@@ -79,6 +79,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _declared_before(wf: Workflow, name: str, cursor: int) -> bool:
+    position = wf.position(name)
+    return position is not None and position < cursor
+
+
 def _payload(cursor: int, attempt: int, **extra: Any) -> str:
     if not extra:  # the hot path: two integers need no encoder
         return f'{{"c": {int(cursor)}, "a": {int(attempt)}}}'
@@ -295,6 +300,17 @@ class Runner:
                 "changed while the run was in flight"
             )
             return await self._fail_terminal(visit, run["current_node"], changed)
+        if job.prefetched is None or job.prefetched[1] is None:
+            # Read from the journal (not carried over by this worker): every node the run
+            # completed must still be declared, before its position.
+            passed = [k for k in results if not _declared_before(wf, k, cursor)]
+            if passed:
+                changed = DefinitionChanged(
+                    f"run {job.run_id} completed node(s) {sorted(passed)} that workflow "
+                    f"{wf.name!r} no longer declares before node #{cursor + 1}: the "
+                    "definition changed while the run was in flight"
+                )
+                return await self._fail_terminal(visit, run["current_node"] or node.name, changed)
         with node_span(node.kind, node.name, run_id=job.run_id, workflow=wf.name, attempt=attempt):
             return await self._kinds[node.kind](visit, node)
 
@@ -929,6 +945,16 @@ class Runner:
         target = None
         for row in rows:
             if row["status"] != "completed" or "@" in row["key"] or row["key"] in compensated:
+                continue
+            if wf.position(row["node"]) is None:
+                log.warning(
+                    "run %s: node %r is no longer declared by workflow %r; it cannot be "
+                    "compensated",
+                    job.run_id,
+                    row["node"],
+                    wf.name,
+                    extra={"run_id": job.run_id, "workflow": wf.name, "node": row["node"]},
+                )
                 continue
             found = self._compensator(wf, row)
             if found is not None:

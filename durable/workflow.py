@@ -234,6 +234,7 @@ class Workflow:
         self._nodes: list[Node] = []
         self._names: set[str] = set()
         self._frozen: tuple[Node, ...] | None = None
+        self._positions: dict[str, int] | None = None
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, nodes={[n.name for n in self._nodes]})"
@@ -247,10 +248,14 @@ class Workflow:
 
     def node(self, name: str) -> Node | None:
         """The node called `name`, or None."""
-        for n in self._nodes:
-            if n.name == name:
-                return n
-        return None
+        position = self.position(name)
+        return None if position is None else self._nodes[position]
+
+    def position(self, name: str) -> int | None:
+        """The index of the node called `name`, or None."""
+        if self._positions is None or len(self._positions) != len(self._nodes):
+            self._positions = {n.name: i for i, n in enumerate(self._nodes)}
+        return self._positions.get(name)
 
     def _add(self, node: Node) -> None:
         if node.name in self._names:
