@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +45,7 @@ from durable.workflow import (
     Step,
     WaitForSignal,
     Workflow,
+    is_seconds,
     resolve,
 )
 
@@ -610,12 +610,7 @@ class Runner:
         try:
             if isinstance(node, Sleep):
                 seconds = await resolve(node.seconds, ctx)
-                if (
-                    isinstance(seconds, bool)
-                    or not isinstance(seconds, int | float)
-                    or not math.isfinite(seconds)
-                    or seconds < 0
-                ):
+                if not is_seconds(seconds):
                     raise TypeError(f"sleep {node.name!r}: expected seconds >= 0, got {seconds!r}")
                 wake_at = now + timedelta(seconds=float(seconds))
             else:

@@ -212,14 +212,9 @@ def _check_branches(branches: object, what: str) -> dict[str, Handler]:
 def _check_timeout(timeout: object, what: str) -> float | None:
     if timeout is None:
         return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or timeout <= 0
-    ):
+    if not is_seconds(timeout, positive=True):
         raise DefinitionError(f"{what}: timeout must be a number of seconds > 0, got {timeout!r}")
-    return float(timeout)
+    return float(timeout)  # type: ignore[arg-type]
 
 
 class Workflow:
@@ -540,15 +535,20 @@ class Workflow:
         return self
 
 
+def is_seconds(value: object, *, positive: bool = False) -> bool:
+    """True for a finite number of seconds (> 0 if `positive`, else >= 0); bools are not."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
+
+
 def _check_seconds(seconds: object, what: str) -> float:
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-        or seconds < 0
-    ):
+    if not is_seconds(seconds):
         raise DefinitionError(f"{what}: seconds must be a number >= 0, got {seconds!r}")
-    return float(seconds)
+    return float(seconds)  # type: ignore[arg-type]
 
 
 def _check_when(when: object, what: str) -> datetime:

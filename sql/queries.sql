@@ -112,10 +112,7 @@ SELECT id FROM __SCHEMA__.runs WHERE workflow = $1 AND idempotency_key = $2;
 -- Lock a run (always after its job: one lock order everywhere) and read what a node needs.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.current_node,
        r.error, r.parent_id, r.wake_at, r.waiting_for, clock_timestamp() AS now,
-       (SELECT jsonb_object_agg(j.key, j.result)
-          FROM __SCHEMA__.journal j
-         WHERE j.run_id = r.id AND j.status = 'completed'
-           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results
+       __SCHEMA__.run_results_v1(r.id)::text AS results
 FROM __SCHEMA__.runs r
 WHERE r.id = $1
 FOR NO KEY UPDATE OF r;
@@ -250,10 +247,7 @@ WHERE id = $5;
 -- A run with the results of its completed nodes.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
-       (SELECT jsonb_object_agg(j.key, j.result)
-          FROM __SCHEMA__.journal j
-         WHERE j.run_id = r.id AND j.status = 'completed'
-           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results,
+       __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
            AS children
 FROM __SCHEMA__.runs r
@@ -263,10 +257,7 @@ WHERE r.id = $1;
 -- Runs, newest first, optionally filtered by status and workflow.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
-       (SELECT jsonb_object_agg(j.key, j.result)
-          FROM __SCHEMA__.journal j
-         WHERE j.run_id = r.id AND j.status = 'completed'
-           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results,
+       __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY[]::text[] AS children
 FROM __SCHEMA__.runs r
 WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
@@ -383,10 +374,7 @@ FROM unnest($4::text[]) AS b;
 -- Read a run without locking it (parallel branches run side by side).
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.cursor, r.current_node,
        clock_timestamp() AS now,
-       (SELECT jsonb_object_agg(j.key, j.result)
-          FROM __SCHEMA__.journal j
-         WHERE j.run_id = r.id AND j.status = 'completed'
-           AND strpos(j.key, '@') = 0 AND strpos(j.key, '#') = 0)::text AS results
+       __SCHEMA__.run_results_v1(r.id)::text AS results
 FROM __SCHEMA__.runs r
 WHERE r.id = $1;
 
@@ -460,9 +448,7 @@ SELECT * FROM __SCHEMA__.claim_run_job_v1(NULL, $1, $2);
 
 -- run_results --
 -- The results of a run's completed nodes, as one JSON object.
-SELECT jsonb_object_agg(key, result)::text
-FROM __SCHEMA__.journal
-WHERE run_id = $1 AND status = 'completed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0;
+SELECT __SCHEMA__.run_results_v1($1)::text;
 
 -- has_journal --
 -- Whether a run has committed anything that compensation might have to undo.

@@ -158,6 +158,16 @@ $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
 
+-- The results of a run's completed nodes (not branches, iterations, choices or
+-- compensations) as one JSON object, or NULL when none completed yet.
+CREATE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT jsonb_object_agg(e.key, e.result)
+    FROM __SCHEMA__.journal e
+    WHERE e.run_id = p_run AND e.status = 'completed'
+      AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
+$$;
+
 -- Claim a job for the workflow engine and, in the same round trip, lock its run (jobs
 -- before runs: one lock order everywhere) and read what the node needs. `p_job` claims that
 -- job (a worker continuing a run); otherwise the most urgent due job of `p_queues`.
@@ -205,12 +215,7 @@ BEGIN
     SELECT j.id, j.queue, j.task, j.run_id, j.payload::text, j.priority, j.attempts,
            j.lease_token, r.workflow, r.status, r.input::text, r.cursor, r.current_node,
            r.error, r.parent_id, r.wake_at, r.waiting_for, clock_timestamp(),
-           CASE WHEN p_results THEN
-               (SELECT jsonb_object_agg(e.key, e.result)
-                  FROM __SCHEMA__.journal e
-                 WHERE e.run_id = j.run_id AND e.status = 'completed'
-                   AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0)::text
-           END
+           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(j.run_id)::text END
     FROM (SELECT 1) AS one
     LEFT JOIN __SCHEMA__.runs r ON r.id = j.run_id;
 END
