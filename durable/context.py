@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,3 +34,9 @@ class LoopContext(Context):
     """The context of a loop body: a `Context` plus the 0-based `iteration`."""
 
     iteration: int = 0
+
+
+#: The run whose user code runs in this task (set by the runtime around every call of a
+#: handler, select, condition or start function), so that a handler cancelling its own run
+#: records the request instead of waiting for its own transaction.
+current_run: ContextVar[str | None] = ContextVar("durable_current_run", default=None)

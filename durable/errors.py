@@ -58,3 +58,27 @@ class NonRetryable(DurableError):
 
 class IllegalTransition(DurableError):
     """Raised when a run is asked to move between statuses that do not connect."""
+
+
+class DefinitionChanged(DurableError):
+    """Raised (as a node's failure) when a run's journal no longer matches the workflow
+    definition that serves it."""
+
+
+class WorkerLost(DurableError):
+    """Raised (as an attempt's failure) when the worker running the attempt vanished: its
+    lease lapsed, or workers died holding the job again and again."""
+
+
+class ChildFailed(DurableError):
+    """Raised (as a node's failure) when a child run ended failed or cancelled, or was
+    purged."""
+
+
+class SignalTimeout(DurableError):
+    """Raised (as a node's failure) when a signal wait without a default timed out."""
+
+
+class SwallowedDatabaseError(DurableError):
+    """Raised (as an attempt's failure) when a handler caught a database error on
+    `ctx.conn` and returned as if nothing happened: the transaction was aborted."""

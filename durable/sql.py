@@ -12,6 +12,7 @@ from durable.errors import ConfigurationError
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
 _BLOCK = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_INCLUDE = re.compile(r"^-- include: ([a-z0-9_]+\.sql)$", re.MULTILINE)
 
 
 def validate_schema(name: str) -> str:
@@ -31,9 +32,17 @@ def _read(*parts: str) -> str:
     return node.read_text(encoding="utf-8")
 
 
+def _expand(sql: str) -> str:
+    """Replace `-- include: NAME.sql` lines with that file of `sql/` (the runtime's
+    functions are written once and included by the schema and the migrations)."""
+    return _INCLUDE.sub(lambda m: _read(m[1]), sql)
+
+
 def render(sql: str, schema: str) -> str:
-    """Put the (validated) schema name into a SQL text."""
-    return sql.replace("__SCHEMA__", '"' + validate_schema(schema) + '"')
+    """Put the (validated) schema name into a SQL text: `__SCHEMA_NAME__` bare (inside
+    literals such as a NOTIFY channel), `__SCHEMA__` quoted."""
+    name = validate_schema(schema)
+    return sql.replace("__SCHEMA_NAME__", name).replace("__SCHEMA__", '"' + name + '"')
 
 
 @cache
@@ -67,14 +76,15 @@ def migrations() -> tuple[Migration, ...]:
     for entry in folder.iterdir():
         match = _MIGRATION.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+            text = _expand(entry.read_text(encoding="utf-8"))
+            found.append(Migration(int(match[1]), match[2], text))
     found.sort(key=lambda m: m.version)
     return tuple(found)
 
 
 def schema_sql() -> str:
     """The full DDL of a fresh database (`sql/schema.sql`)."""
-    return _read("schema.sql")
+    return _expand(_read("schema.sql"))
 
 
 class Queries:

@@ -23,10 +23,11 @@ from durable.db import Connection
 class StepConnection:
     """Proxy of the node's connection that sets a savepoint before its first statement."""
 
-    __slots__ = ("_conn", "_savepoint", "failed")
+    __slots__ = ("_conn", "_expired", "_savepoint", "failed")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._expired = False
         self._savepoint: asyncpg.transaction.Transaction | None = None
         #: A statement error the handler may have swallowed: it leaves the transaction
         #: aborted, so the attempt cannot commit even if the handler returns normally.
@@ -44,7 +45,19 @@ class StepConnection:
             savepoint, self._savepoint = self._savepoint, None
             await savepoint.rollback()
 
+    def expire(self) -> None:
+        """The attempt is over: any later use of this connection raises."""
+        self._expired = True
+
+    def _check(self) -> None:
+        if self._expired:
+            raise asyncpg.InterfaceError(
+                "ctx.conn is only valid during the attempt it was given to; this attempt is "
+                "over (a handler kept a reference to it)"
+            )
+
     def __getattr__(self, name: str) -> Any:
+        self._check()
         attr = getattr(self._conn, name)
         if not callable(attr):
             return attr
@@ -76,10 +89,12 @@ class StepConnection:
 
     def transaction(self, **kwargs: Any) -> _LazyTransaction:
         """A nested transaction (savepoint) of the handler's own, as `Connection.transaction`."""
+        self._check()
         return _LazyTransaction(self, self._conn.transaction(**kwargs))
 
     def cursor(self, *args: Any, **kwargs: Any) -> _LazyCursor:
         """A server-side cursor, as `Connection.cursor`."""
+        self._check()
         return _LazyCursor(self, self._conn.cursor(*args, **kwargs))
 
     def __repr__(self) -> str:

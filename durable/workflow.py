@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -24,6 +25,9 @@ RESERVED = ("#", "@")
 MAX_NAME = 200
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_BACKOFF = 60.0
+#: The longest sleep, signal timeout or retry delay durable accepts (about 100 years): any
+#: longer and a wake time could overflow a datetime.
+MAX_WAIT = 100 * 365 * 86400.0
 
 NodeKind = Literal[
     "step",
@@ -213,7 +217,10 @@ def _check_timeout(timeout: object, what: str) -> float | None:
     if timeout is None:
         return None
     if not is_seconds(timeout, positive=True):
-        raise DefinitionError(f"{what}: timeout must be a number of seconds > 0, got {timeout!r}")
+        raise DefinitionError(
+            f"{what}: timeout must be a number of seconds > 0 and <= {MAX_WAIT:.0f}, "
+            f"got {timeout!r}"
+        )
     return float(timeout)  # type: ignore[arg-type]
 
 
@@ -251,6 +258,22 @@ class Workflow:
         if self._positions is None or len(self._positions) != len(self._nodes):
             self._positions = {n.name: i for i, n in enumerate(self._nodes)}
         return self._positions.get(name)
+
+    @property
+    def shape(self) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """What a run of this workflow is pinned to: each node's name, kind and branch keys,
+        in order (handler code is not part of it, so fixing a handler strands nothing)."""
+        return tuple(
+            (n.name, n.kind, tuple(getattr(n, "branches", None) or ())) for n in self.nodes
+        )
+
+    @property
+    def queue(self) -> str:
+        """The queue of this workflow's jobs: its name and a digest of its shape. Only a
+        worker that registered this exact shape claims them, so an old worker never
+        continues a run of newer code, nor a new worker a run of older code."""
+        digest = hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:12]
+        return f"{self.name}@{digest}"
 
     def _add(self, node: Node) -> None:
         if node.name in self._names:
@@ -536,18 +559,22 @@ class Workflow:
 
 
 def is_seconds(value: object, *, positive: bool = False) -> bool:
-    """True for a finite number of seconds (> 0 if `positive`, else >= 0); bools are not."""
+    """True for a finite number of seconds up to `MAX_WAIT` (> 0 if `positive`, else >= 0);
+    bools are not."""
     return (
         not isinstance(value, bool)
         and isinstance(value, int | float)
         and math.isfinite(value)
         and (value > 0 if positive else value >= 0)
+        and value <= MAX_WAIT
     )
 
 
 def _check_seconds(seconds: object, what: str) -> float:
     if not is_seconds(seconds):
-        raise DefinitionError(f"{what}: seconds must be a number >= 0, got {seconds!r}")
+        raise DefinitionError(
+            f"{what}: seconds must be a number >= 0 and <= {MAX_WAIT:.0f}, got {seconds!r}"
+        )
     return float(seconds)  # type: ignore[arg-type]
 
 

@@ -2,13 +2,29 @@
 -- Must equal every file of sql/migrations applied in order (tests/integration/test_migrations.py).
 -- __SCHEMA__ is replaced by the validated, quoted schema name before execution.
 
+-- One clock for every statement: the database's, shifted by `clock.offset_seconds`
+-- (zero in production; a test harness moves it to skip time).
+CREATE TABLE __SCHEMA__.clock (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    offset_seconds float8 NOT NULL DEFAULT 0 CHECK (offset_seconds >= 0)
+);
+CREATE FUNCTION __SCHEMA__.now_v1() RETURNS timestamptz
+LANGUAGE sql VOLATILE AS $$
+    SELECT clock_timestamp()
+        + make_interval(secs => coalesce((SELECT offset_seconds FROM __SCHEMA__.clock), 0))
+$$;
+
 CREATE TABLE __SCHEMA__.migrations (
     version integer PRIMARY KEY,
     name text NOT NULL,
-    applied_at timestamptz NOT NULL DEFAULT now()
+    applied_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
 );
 
--- One row per workflow run. `cursor` is the index of the node the run is at.
+-- One row per workflow run, and the one place that says where it is: the node (`cursor`,
+-- `current_node`), the loop `iteration`, the `attempt` of the work at that position, and
+-- what it waits for (`wake_at`, `waiting_for`, `child_id`, parallel `branches`).
+-- `queue` is what a worker must serve to claim its jobs; `epoch` counts retries of the run
+-- (attempts are numbered per epoch); `ending` is where compensation leads.
 CREATE TABLE __SCHEMA__.runs (
     id text PRIMARY KEY,
     workflow text NOT NULL CHECK (workflow <> ''),
@@ -26,11 +42,18 @@ CREATE TABLE __SCHEMA__.runs (
     idempotency_key text,
     -- Someone is in Engine.wait for this run: its final transaction sends a NOTIFY.
     watched boolean NOT NULL DEFAULT false,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now(),
+    created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    updated_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     finished_at timestamptz,
     CONSTRAINT runs_finished_iff_terminal
-        CHECK ((status IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
+        CHECK ((status IN ('completed', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
+    queue text NOT NULL DEFAULT '',
+    iteration integer NOT NULL DEFAULT 0 CHECK (iteration >= 0),
+    attempt integer NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+    epoch integer NOT NULL DEFAULT 0 CHECK (epoch >= 0),
+    branches text[],
+    child_id text,
+    ending text CHECK (ending IN ('failed', 'cancelled'))
 ) WITH (fillfactor = 80);  -- room for HOT updates of the cursor
 CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -74,10 +97,13 @@ CREATE TABLE __SCHEMA__.journal (
     error text,
     attempts integer NOT NULL DEFAULT 1 CHECK (attempts >= 1),
     started_at timestamptz,
-    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     seq bigint GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (run_id, key)
 );
+-- The results mapping reads only node rows, not the iterations of a long loop.
+CREATE INDEX journal_nodes_idx ON __SCHEMA__.journal (run_id)
+    WHERE status = 'completed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0;
 
 -- Failed attempts, for retries and the timeline; the node's final outcome is in journal.
 -- A retried run (Engine.retry) starts its failed node's attempts at 1 again, so the
@@ -89,7 +115,8 @@ CREATE TABLE __SCHEMA__.attempts (
     attempt integer NOT NULL CHECK (attempt >= 1),
     error text NOT NULL,
     started_at timestamptz,
-    failed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    failed_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    epoch integer NOT NULL DEFAULT 0
 );
 CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
 
@@ -97,7 +124,8 @@ CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
 -- node after node cannot keep winning the job's lock from the waiting cancel.
 CREATE TABLE __SCHEMA__.cancel_requests (
     run_id text PRIMARY KEY REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
-    requested_at timestamptz NOT NULL DEFAULT now()
+    requested_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    reason text NOT NULL DEFAULT 'cancelled'
 );
 
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
@@ -106,7 +134,7 @@ CREATE TABLE __SCHEMA__.signals (
     run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
     name text NOT NULL,
     payload jsonb,
-    created_at timestamptz NOT NULL DEFAULT now(),
+    created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     consumed_by text,
     consumed_at timestamptz,
     CHECK ((consumed_by IS NULL) = (consumed_at IS NULL))
@@ -125,21 +153,32 @@ CREATE TABLE __SCHEMA__.jobs (
     run_id text REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
     payload jsonb NOT NULL DEFAULT '{}',
     priority smallint NOT NULL DEFAULT 0,
-    run_at timestamptz NOT NULL DEFAULT now(),
+    run_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     lease_token uuid,
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    branch text
 ) WITH (fillfactor = 70);  -- room on the page for HOT updates as a job moves from node to node
 -- The claim walks this index in (priority desc, run_at) order and stops at the first future job.
 CREATE INDEX jobs_ready_idx ON __SCHEMA__.jobs (priority DESC, run_at, id);
-CREATE INDEX jobs_run_idx ON __SCHEMA__.jobs (run_id) WHERE run_id IS NOT NULL;
+-- A run's jobs, at most one of each kind of work (one per branch): the database refuses
+-- a second.
+CREATE UNIQUE INDEX jobs_run_work_idx ON __SCHEMA__.jobs (run_id, task, coalesce(branch, ''))
+    WHERE run_id IS NOT NULL;
 
 -- Workers that have an idle slot say so here (refreshed while idle). Job inserts send a
 -- NOTIFY only while some worker listens: a NOTIFY serialises committing transactions on a
 -- cluster-wide lock, so a busy system, whose workers find work without being told, skips it.
 CREATE UNLOGGED TABLE __SCHEMA__.listeners (
     worker text PRIMARY KEY,
-    seen_at timestamptz NOT NULL DEFAULT now()
+    seen_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+);
+
+-- A job a worker died holding is claimed again at once; this counts those claims (UNLOGGED:
+-- written outside the job's transaction on every fresh claim, so it must be cheap).
+CREATE UNLOGGED TABLE __SCHEMA__.claims (
+    job_id bigint PRIMARY KEY,
+    n integer NOT NULL DEFAULT 1
 );
 
 -- One coalesced wake-up per inserting statement; PostgreSQL folds identical notifications
@@ -147,112 +186,20 @@ CREATE UNLOGGED TABLE __SCHEMA__.listeners (
 CREATE FUNCTION __SCHEMA__.jobs_notify_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (
-        SELECT 1 FROM __SCHEMA__.listeners WHERE seen_at > now() - interval '1 minute'
-    ) THEN
-        PERFORM pg_notify(TG_TABLE_SCHEMA || '_jobs', '');
-    END IF;
+    PERFORM __SCHEMA__.notify_jobs_v1();
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
 
--- The results of a run's completed nodes (not branches, iterations, choices or
--- compensations) as one JSON object, or NULL when none completed yet.
--- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
--- PL/pgSQL keeps its plan for the session instead of planning on every call.
-CREATE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
-BEGIN
-    RETURN (
-        SELECT jsonb_object_agg(e.key, e.result)
-        FROM __SCHEMA__.journal e
-        WHERE e.run_id = p_run AND e.status = 'completed'
-          AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
-    );
-END
-$$;
+-- The shape (ordered node names, kinds and branch keys) of each queue a run was pinned to,
+-- recorded when an engine first registers it: what retry reads to find node positions.
+CREATE TABLE __SCHEMA__.shapes (
+    queue text PRIMARY KEY,
+    workflow text NOT NULL,
+    shape jsonb NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+);
 
--- Claim a job for the workflow engine and, in the same round trip, lock its run (jobs
--- before runs: one lock order everywhere) and read what the node needs. `p_job` claims that
--- job (a worker continuing a run); otherwise the most urgent due job of `p_queues`.
--- Branch jobs do not lock the run, so branches of one node run side by side. The results
--- mapping is only built when `p_results` is set (a worker continuing a run has it cached).
-CREATE FUNCTION __SCHEMA__.claim_run_job_v1(p_queues text[], p_job bigint, p_results boolean)
-RETURNS TABLE (
-    id bigint, queue text, task text, run_id text, payload text, priority smallint,
-    attempts integer, lease_token uuid, workflow text, status text, input text,
-    "cursor" integer, current_node text, error text, parent_id text, wake_at timestamptz,
-    waiting_for text, now timestamptz, results text
-)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    j __SCHEMA__.jobs%ROWTYPE;
-    -- The clock now, not the transaction's start: a worker's transaction may have begun
-    -- before a job that is due by now was even inserted.
-    v_now timestamptz := clock_timestamp();
-BEGIN
-    IF p_job IS NULL THEN
-        SELECT * INTO j FROM __SCHEMA__.jobs
-        WHERE run_at <= v_now AND queue = ANY(p_queues)
-          AND NOT EXISTS (
-            SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
-          )
-        ORDER BY priority DESC, run_at, id
-        LIMIT 1
-        FOR UPDATE SKIP LOCKED;
-    ELSE
-        SELECT * INTO j FROM __SCHEMA__.jobs
-        WHERE id = p_job AND run_at <= v_now
-          AND NOT EXISTS (
-            SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
-          )
-        FOR UPDATE SKIP LOCKED;
-    END IF;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF j.task <> 'branch' THEN
-        PERFORM 1 FROM __SCHEMA__.runs WHERE id = j.run_id FOR NO KEY UPDATE;
-    END IF;
-    RETURN QUERY
-    SELECT j.id, j.queue, j.task, j.run_id, j.payload::text, j.priority, j.attempts,
-           j.lease_token, r.workflow, r.status, r.input::text, r.cursor, r.current_node,
-           r.error, r.parent_id, r.wake_at, r.waiting_for, clock_timestamp(),
-           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(j.run_id)::text END
-    FROM (SELECT 1) AS one
-    LEFT JOIN __SCHEMA__.runs r ON r.id = j.run_id;
-END
-$$;
-
--- A worker that just committed a node re-locks the run's job and run for the next node in
--- the same round trip as its COMMIT, without reading anything back: it raises DU001 when
--- the job or run is no longer where that worker left it (taken, moved on, being
--- cancelled).
-CREATE FUNCTION __SCHEMA__.relock_run_job_v1(p_job bigint, p_cursor integer)
-RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM 1 FROM __SCHEMA__.jobs
-    WHERE id = p_job AND run_at <= now() AND task = 'advance' AND lease_token IS NULL
-      AND (payload ->> 'c')::integer = p_cursor
-      AND NOT EXISTS (
-        SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = jobs.run_id
-      )
-    FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'durable: job % is not free at node #%', p_job, p_cursor
-            USING ERRCODE = 'DU001';
-    END IF;
-    PERFORM 1 FROM __SCHEMA__.runs r
-    WHERE r.id = (SELECT run_id FROM __SCHEMA__.jobs WHERE id = p_job)
-      AND r.cursor = p_cursor AND r.status = 'running'
-    FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'durable: the run of job % moved on from node #%', p_job, p_cursor
-            USING ERRCODE = 'DU001';
-    END IF;
-END
-$$;
+-- include: functions.sql

@@ -116,7 +116,7 @@ async def test_purge_of_old_runs_uses_the_finished_index(big: asyncpg.Connection
     # batches: runs_finished_idx gives them in order. We do not assert it for a cut-off
     # that matches most of the table (e.g. older than one day), where a sequential scan
     # can be the cheaper plan for the planner and harmless in a batch job.
-    nodes = await explain(big, Q["purge_runs"], 29 * 86400.0, 1000)
+    nodes = await explain(big, Q["purge_candidates"], 29 * 86400.0, 1000)
     assert uses_index(nodes, "runs", "runs_finished_idx"), scans_of(nodes, "runs")
 
 
@@ -124,5 +124,5 @@ async def test_purge_does_not_scan_the_whole_runs_table(big: asyncpg.Connection)
     # The parent check only needs the runs that have a parent (runs_parent_idx) or a
     # lookup of the parent by primary key; a full scan per batch makes purging N runs
     # cost O(N^2 / batch_size).
-    nodes = await explain(big, Q["purge_runs"], 29 * 86400.0, 1000)
+    nodes = await explain(big, Q["purge_candidates"], 29 * 86400.0, 1000)
     assert ("Seq Scan", None) not in scans_of(nodes, "runs"), scans_of(nodes, "runs")

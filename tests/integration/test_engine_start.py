@@ -46,7 +46,9 @@ async def test_start_creates_a_pending_run_and_its_first_job(db: Any) -> None:
     assert run.current_node == "work"
     assert run.parent_id is None
     assert run.finished_at is None
-    assert [(j["queue"], j["task"], j["run_id"]) for j in jobs] == [("order", "advance", run_id)]
+    # The job says which run and what kind of work; its queue names the workflow's shape.
+    assert [(j["queue"], j["task"], j["run_id"]) for j in jobs] == [(wf.queue, "advance", run_id)]
+    assert wf.queue.startswith("order@")
 
 
 async def test_start_accepts_the_workflow_object_and_no_input(db: Any) -> None:

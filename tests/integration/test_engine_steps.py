@@ -635,15 +635,17 @@ async def node_calls(engine: durable.Engine) -> list[tuple[str, int]]:
     return [(r["node"], r["attempt"]) for r in rows]
 
 
-async def insert_job(engine: durable.Engine, wf: str, run_id: str, task: str, payload: str) -> int:
+async def insert_job(
+    engine: durable.Engine, wf: durable.Workflow, run_id: str, task: str, branch: str | None = None
+) -> int:
     job_id: int = await fetchval(
         engine,
-        "INSERT INTO durable.jobs (queue, task, run_id, payload) "
-        "VALUES ($1, $2, $3, $4::jsonb) RETURNING id",
-        wf,
+        "INSERT INTO durable.jobs (queue, task, run_id, branch) "
+        "VALUES ($1, $2, $3, $4) RETURNING id",
+        wf.queue,
         task,
         run_id,
-        payload,
+        branch,
     )
     return job_id
 
@@ -658,7 +660,10 @@ async def gone(engine: durable.Engine, *job_ids: int) -> None:
     await eventually(check, timeout=10)
 
 
-async def test_duplicate_advance_job_for_a_node_already_passed_is_a_no_op(db: Any) -> None:
+async def test_a_second_advance_job_is_refused_and_stray_jobs_are_no_ops(db: Any) -> None:
+    """A job says only which run and what kind of work: the database refuses a second
+    `advance` job for a run, and stray `compensate` or `branch` jobs for a run parked at a
+    step do nothing and go."""
     wf = counted_workflow("dup", park_second=True)
     async with running_engine(db, wf, setup=COUNTER_TABLE) as engine:
         run_id = await engine.start(wf)
@@ -666,13 +671,19 @@ async def test_duplicate_advance_job_for_a_node_already_passed_is_a_no_op(db: An
         assert run.current_node == "b"
         assert await node_calls(engine) == [("a", 1)]
 
-        duplicate = await insert_job(engine, wf.name, run_id, "advance", '{"c": 0, "a": 1}')
-        await gone(engine, duplicate)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await insert_job(engine, wf, run_id, "advance")
+        strays = [
+            await insert_job(engine, wf, run_id, "compensate"),
+            await insert_job(engine, wf, run_id, "branch", "x"),
+        ]
+        await gone(engine, *strays)
         assert await node_calls(engine) == [("a", 1)]  # step a did not run again
         assert (await engine.get_run(run_id)).current_node == "b"
 
         # Bring the real retry forward; the run completes with every node run once.
         await execute(engine, "UPDATE durable.jobs SET run_at = now() WHERE run_id = $1", run_id)
+        await execute(engine, "UPDATE durable.runs SET wake_at = now() WHERE id = $1", run_id)
         assert await engine.wait(run_id, timeout=10) == {"a": "a", "b": "b", "c": "c"}
         assert await node_calls(engine) == [("a", 1), ("b", 2), ("c", 1)]
         assert await fetchval(engine, "SELECT count(*) FROM durable.jobs") == 0
@@ -685,10 +696,9 @@ async def test_jobs_for_a_finished_run_do_nothing(db: Any) -> None:
         result = await engine.wait(run_id, timeout=10)
         before = await engine.get_run(run_id, journal=True)
         jobs = [
-            await insert_job(engine, wf.name, run_id, "advance", '{"c": 0, "a": 1}'),
-            await insert_job(engine, wf.name, run_id, "advance", '{"c": 2, "a": 1}'),
-            await insert_job(engine, wf.name, run_id, "advance", '{"c": 3, "a": 1}'),
-            await insert_job(engine, wf.name, run_id, "compensate", '{"final": "failed", "a": 1}'),
+            await insert_job(engine, wf, run_id, "advance"),
+            await insert_job(engine, wf, run_id, "branch", "x"),
+            await insert_job(engine, wf, run_id, "compensate"),
         ]
         await gone(engine, *jobs)
         after = await engine.get_run(run_id, journal=True)
@@ -721,8 +731,8 @@ async def test_jobs_for_a_failed_run_do_nothing(db: Any) -> None:
         with pytest.raises(durable.RunFailed):
             await engine.wait(run_id, timeout=10)
         jobs = [
-            await insert_job(engine, wf.name, run_id, "advance", '{"c": 1, "a": 1}'),
-            await insert_job(engine, wf.name, run_id, "compensate", '{"final": "failed", "a": 1}'),
+            await insert_job(engine, wf, run_id, "advance"),
+            await insert_job(engine, wf, run_id, "compensate"),
         ]
         await gone(engine, *jobs)
         run = await engine.get_run(run_id, journal=True)

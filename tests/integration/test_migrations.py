@@ -242,7 +242,8 @@ CATALOG: dict[str, str] = {
 
 async def describe(conn: asyncpg.Connection, schema: str) -> dict[str, list[tuple[Any, ...]]]:
     """A schema's catalog, with its own name replaced by `<schema>`."""
-    name = re.compile(rf'"{schema}"|\b{schema}\b')
+    # Also inside NOTIFY channel names such as '<schema>_jobs'.
+    name = re.compile(rf'"{schema}"|\b{schema}(?=\b|_)')
 
     def normal(value: Any) -> Any:
         return name.sub("<schema>", value) if isinstance(value, str) else value

@@ -1,0 +1,376 @@
+"""The client side: start, inspect, wait for, signal, cancel, retry and purge runs.
+
+It shares the SQL functions with the runtime, not Python state: every operation that
+moves a run is one call of a function of sql/functions.sql, which ends by giving the run
+exactly the jobs its state needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import asyncpg
+from ulid import ULID
+
+from durable.context import current_run
+from durable.db import Connection, dumps, loads
+from durable.errors import (
+    ConfigurationError,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+    WorkflowNotFound,
+)
+from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.sql import Queries
+from durable.workflow import Workflow
+
+log = logging.getLogger("durable.engine")
+
+# How often `wait` re-reads a run in case a notification was missed (e.g. a reconnect).
+_WAIT_RECHECK = 5.0
+
+
+def _run_from_record(row: asyncpg.Record) -> Run:
+    return Run(
+        id=row["id"],
+        workflow=row["workflow"],
+        status=RunStatus(row["status"]),
+        input=loads(row["input"]),
+        results=loads(row["results"]) or {},
+        result=loads(row["result"]),
+        error=row["error"],
+        current_node=row["current_node"],
+        parent_id=row["parent_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        children=tuple(row["children"] or ()),
+    )
+
+
+class Client:
+    """The run operations of an `Engine` (see there for how to build one)."""
+
+    queries: Queries
+    _workflows: dict[str, Workflow]
+
+    def __init__(self) -> None:
+        self._runs_channel = f"{self.queries.schema}_runs"
+        self._listener: Connection | None = None
+        self._listener_lock = asyncio.Lock()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._results: dict[str, str] = {}  # results that came with a run's final NOTIFY
+        self._recorded: set[str] = set()  # queues whose shape this engine recorded
+
+    def _acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        raise NotImplementedError
+
+    @property
+    def _listen_dsn(self) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        raise NotImplementedError
+
+    def _workflow(self, workflow: str | Workflow) -> Workflow:
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        found = self._workflows.get(name)
+        if found is None:
+            known = ", ".join(sorted(self._workflows)) or "none"
+            raise WorkflowNotFound(f"workflow {name!r} is not registered (registered: {known})")
+        return found
+
+    async def _record_shapes(self, conn: Connection, workflows: list[Workflow]) -> None:
+        """Remember the shape of each workflow's queue in the database (retry reads it)."""
+        for wf in workflows:
+            if wf.queue not in self._recorded:
+                shape = dumps([list(map(_plain, n)) for n in wf.shape], "workflow shape")
+                await conn.execute(self.queries["record_shape"], wf.queue, wf.name, shape)
+                self._recorded.add(wf.queue)
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: str | Workflow,
+        input: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        conn: Connection | None = None,
+    ) -> str:
+        """Create a run and its first job in one transaction; return the run id (a ULID).
+
+        Nothing is written unless the workflow is registered and `input` serializes to JSON.
+        With `conn`, the run commits (or rolls back) with the caller's transaction. With an
+        `idempotency_key`, a second start with the same key returns the first run's id.
+        """
+        wf = self._workflow(workflow)
+        if input is None:
+            input = {}
+        if not isinstance(input, Mapping):
+            raise TypeError(f"input must be a mapping (a JSON object), got {type(input).__name__}")
+        text = dumps(dict(input), f"input of workflow {wf.name!r}")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
+        ):
+            raise ValueError("idempotency_key must be a non-empty string without NUL")
+        args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
+        if conn is not None:
+            return await self._start(conn, wf, args)
+        async with self._acquire() as c:
+            return await self._start(c, wf, args)
+
+    async def _start(self, conn: Connection, wf: Workflow, args: tuple[Any, ...]) -> str:
+        await self._record_shapes(conn, [wf])
+        run_id: str = await conn.fetchval(self.queries["start_run"], *args)
+        if run_id == args[0]:
+            log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
+        return run_id
+
+    async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
+        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
+        async with self._acquire() as conn:
+            row = await conn.fetchrow(self.queries["get_run"], run_id)
+            if row is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            run = _run_from_record(row)
+            if not journal:
+                return run
+            entries = tuple(
+                JournalEntry(
+                    key=r["key"],
+                    node=r["node"],
+                    status=r["status"],
+                    result=loads(r["result"]),
+                    error=r["error"],
+                    attempts=r["attempts"],
+                    started_at=r["started_at"],
+                    finished_at=r["finished_at"],
+                )
+                for r in await conn.fetch(self.queries["get_journal"], run_id)
+            )
+            attempts = tuple(
+                Attempt(
+                    key=r["key"],
+                    attempt=r["attempt"],
+                    error=r["error"],
+                    started_at=r["started_at"],
+                    failed_at=r["failed_at"],
+                )
+                for r in await conn.fetch(self.queries["get_attempts"], run_id)
+            )
+        return Run(**{**run.__dict__, "journal": entries, "attempts": attempts})
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+    ) -> list[Run]:
+        """Runs, newest first, optionally of one status and/or workflow."""
+        if status is not None:
+            status = RunStatus(status).value
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        async with self._acquire() as conn:
+            rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
+        return [_run_from_record(r) for r in rows]
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _on_finished(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        run_id, _, result = str(payload).partition("\n")
+        waiters = self._waiters.get(run_id)
+        if not waiters:
+            return
+        if result:  # a completed run's result, when small enough to travel with the NOTIFY
+            self._results[run_id] = result
+        for event in waiters:
+            event.set()
+
+    async def _ensure_listener(self) -> None:
+        async with self._listener_lock:
+            if self._listener is not None and not self._listener.is_closed():
+                return
+            conn: Connection
+            if self._listen_dsn is not None:
+                conn = await asyncpg.connect(self._listen_dsn)
+            else:
+                conn = await self.pool.acquire()
+            await conn.add_listener(self._runs_channel, self._on_finished)
+            self._listener = conn
+
+    async def _close_listener(self, *, owned: bool) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                if owned:
+                    await self._listener.close()
+                else:
+                    await self._listener.remove_listener(self._runs_channel, self._on_finished)
+                    await self.pool.release(self._listener)  # type: ignore[arg-type]
+            self._listener = None
+
+    async def wait(self, run_id: str, timeout: float | None = None) -> Any:
+        """Wait until the run finishes; return its result.
+
+        Raises `RunFailed` or `RunCancelled` (carrying the final `Run`), `RunNotFound`, or
+        `TimeoutError` after `timeout` seconds. Woken by the run's own final transaction.
+        """
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        try:
+            with anyio.fail_after(timeout):
+                with contextlib.suppress(Exception):
+                    await self._ensure_listener()
+                # Only watched runs NOTIFY when they finish (NOTIFY serialises commits).
+                async with self._acquire() as conn:
+                    await conn.execute(self.queries["watch_run"], run_id)
+                run = await self.get_run(run_id)
+                while True:
+                    if run.status is RunStatus.COMPLETED:
+                        return run.result
+                    if run.status is RunStatus.FAILED:
+                        raise RunFailed(run)
+                    if run.status is RunStatus.CANCELLED:
+                        raise RunCancelled(run)
+                    with anyio.move_on_after(_WAIT_RECHECK):
+                        await event.wait()
+                    event.clear()
+                    result = self._results.get(run_id)
+                    if result is not None:
+                        return loads(result)
+                    run = await self.get_run(run_id)
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[run_id]
+                    self._results.pop(run_id, None)
+
+    # -- signals ---------------------------------------------------------------------------
+
+    async def signal(
+        self,
+        run_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        conn: Connection | None = None,
+    ) -> bool:
+        """Send signal `name` with `payload` to a run's mailbox.
+
+        The first `wait_for_signal` for that name consumes it (oldest first), whether it is
+        already waiting (it is woken in this transaction) or reaches the wait later. Returns
+        True when recorded, False when the run has finished or is compensating (no wait would
+        ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
+        caller's transaction. A transaction in flight on the run (a node's) commits first.
+        """
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"signal name must be a non-empty string without NUL, got {name!r}")
+        text = dumps(payload, f"payload of signal {name!r}")
+        own = current_run.get() == run_id
+        if conn is not None:
+            return await self._signal(conn, run_id, name, text, own)
+        async with self._acquire() as c:
+            return await self._signal(c, run_id, name, text, own)
+
+    async def _signal(self, conn: Connection, run_id: str, name: str, text: str, own: bool) -> bool:
+        if own:
+            # A handler signalling its own run: the run is in this handler, not waiting, and
+            # its lock is held by the handler's own transaction.
+            await conn.execute(self.queries["record_signal"], run_id, name, text)
+            return True
+        accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
+        if accepted is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        log.debug(
+            "signal %s sent to run %s", name, run_id, extra={"run_id": run_id, "signal": name}
+        )
+        return accepted
+
+    # -- cancelling ------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str, *, reason: str = "cancelled") -> bool:
+        """Cancel a pending, running or waiting run and its unfinished children: completed
+        steps are compensated and it ends `cancelled`. Returns False if the run had already
+        finished or was compensating; raises `RunNotFound`.
+
+        A node in flight commits first (the cancel waits for its transaction; claims of the
+        run's next node leave it to the cancel). Called from a handler of the run itself, it
+        records the request and returns at once: the cancel takes effect when the node
+        commits. All of it commits in one transaction: an interrupted cancel leaves nothing.
+        """
+        if not isinstance(reason, str) or "\x00" in reason:
+            raise ValueError("reason must be a string without NUL")
+        async with self._acquire() as conn:
+            if current_run.get() == run_id:
+                requested = await conn.fetchval(self.queries["request_cancel"], run_id, reason)
+                if (
+                    requested is None
+                    and await conn.fetchval(self.queries["run_status"], run_id) is None
+                ):
+                    raise RunNotFound(f"no run with id {run_id!r}")
+                return requested is not None
+            done: bool | None = await conn.fetchval(self.queries["cancel"], run_id, reason)
+        if done is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        if done:
+            log.info("run %s cancelled", run_id, extra={"run_id": run_id})
+        return done
+
+    # -- retry and purge -------------------------------------------------------------------
+
+    async def retry(self, run_id: str) -> bool:
+        """Resume a failed run: re-run the node that failed and every step whose compensator
+        ran (a fresh attempt budget for each); every other completed node is replayed from
+        its journal. Returns False if the run is not `failed`; raises `RunNotFound`.
+        """
+        async with self._acquire() as conn:
+            await self._record_shapes(conn, list(self._workflows.values()))
+            try:
+                done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == "DU002":
+                    raise ConfigurationError(str(exc)) from None
+                raise
+        if done is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        if done:
+            log.info("run %s retried", run_id, extra={"run_id": run_id})
+        return done
+
+    async def purge(self, *, older_than: timedelta, batch_size: int = 1000) -> int:
+        """Delete runs that finished more than `older_than` ago, with their journal, attempts
+        and mailbox, in batches of `batch_size`; return how many runs were deleted."""
+        seconds = older_than.total_seconds()
+        if seconds < 0:
+            raise ValueError("older_than must not be negative")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        total = 0
+        while True:
+            async with self._acquire() as conn:
+                rows = await conn.fetch(self.queries["purge_candidates"], seconds, batch_size)
+                ids = [r["id"] for r in rows]
+                n: int = await conn.fetchval(self.queries["purge"], ids) if ids else 0
+            total += n
+            if len(ids) < batch_size or n == 0:
+                break
+        log.info(
+            "purged %d runs finished more than %s ago", total, older_than, extra={"purged": total}
+        )
+        return total
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,115 @@
+"""The one writer of run state: turns a transition into the SQL call that journals it,
+moves the run and ensures its jobs (sql/functions.sql), in the job's transaction.
+
+Each function returns the id of the run's job when it is due at once, so that the worker
+may continue the run on the same slot.
+"""
+
+from __future__ import annotations
+
+from ulid import ULID
+
+from durable.db import Connection
+from durable.runtime.transition import (
+    BranchDone,
+    Cancel,
+    Choose,
+    Compensated,
+    Complete,
+    Fail,
+    FanOut,
+    Finish,
+    Iterate,
+    Noop,
+    Park,
+    Retry,
+    RunState,
+    StartChild,
+    Transition,
+)
+from durable.sql import Queries
+from durable.workflow import Workflow
+
+
+async def apply(
+    conn: Connection, q: Queries, s: RunState, wf: Workflow, t: Transition
+) -> int | None:
+    """Apply transition `t` of run `s` (a `Lease` or `BranchDone` has its own function)."""
+    node = s.current_node
+    started = s.now
+    follow: int | None
+    if isinstance(t, Complete):
+        nxt = s.cursor + 1
+        name = wf.nodes[s.cursor].name
+        following = wf.nodes[nxt].name if nxt < len(wf.nodes) else None
+        follow = await conn.fetchval(
+            q["complete_node"],
+            s.run_id,
+            name,
+            t.text,
+            s.attempt,
+            started,
+            t.replay,
+            nxt,
+            following,
+            t.consume,
+        )
+    elif isinstance(t, Retry):
+        branch_job = s.job_id if s.task == "branch" else None
+        follow = await conn.fetchval(
+            q["retry_node"], s.run_id, t.key, t.attempt, t.error, started, t.delay, branch_job
+        )
+    elif isinstance(t, Fail):
+        follow = await conn.fetchval(
+            q["fail_node"], s.run_id, t.key, node, t.attempt, t.error, started
+        )
+    elif isinstance(t, Park):
+        follow = await conn.fetchval(q["park"], s.run_id, t.wake_at, t.signal)
+    elif isinstance(t, Iterate):
+        follow = await conn.fetchval(
+            q["iterate"], s.run_id, node, t.index, t.text, s.attempt, started
+        )
+    elif isinstance(t, FanOut):
+        follow = await conn.fetchval(q["fan_out"], s.run_id, list(t.branches))
+    elif isinstance(t, Choose):
+        follow = await conn.fetchval(q["choose"], s.run_id, node, t.branch, s.attempt, started)
+    elif isinstance(t, StartChild):
+        follow = await conn.fetchval(
+            q["start_child"],
+            s.run_id,
+            node,
+            s.attempt,
+            str(ULID()),
+            t.workflow.name,
+            t.workflow.queue,
+            t.input,
+            t.workflow.nodes[0].name,
+        )
+    elif isinstance(t, Compensated):
+        follow = await conn.fetchval(
+            q["compensated"], s.run_id, t.key, t.node, t.status, t.text, t.error, s.attempt, started
+        )
+    elif isinstance(t, Finish):
+        await conn.execute(q["finish_run"], s.run_id, t.status, None)
+        follow = None
+    elif isinstance(t, Cancel):
+        await conn.execute(q["apply_cancel"], s.run_id, t.reason)
+        follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
+    elif isinstance(t, Noop):
+        follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
+    else:
+        raise TypeError(f"no apply for {t!r}")
+    return follow
+
+
+async def branch_done(conn: Connection, q: Queries, s: RunState, t: BranchDone) -> int:
+    """Journal a committed branch; return how many branches of the node are left."""
+    left: int = await conn.fetchval(
+        q["branch_done"], s.run_id, s.current_node, t.branch, t.text, s.attempt, s.now, s.job_id
+    )
+    return left
+
+
+async def lease(conn: Connection, q: Queries, s: RunState, token: object, seconds: float) -> None:
+    """Lease the run's job to a `transactional=False` attempt for `seconds`."""
+    await conn.execute(q["lease"], s.run_id, token, seconds, s.job_id)

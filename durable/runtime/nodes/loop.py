@@ -1,0 +1,62 @@
+"""loop: before each iteration `condition(ctx, i)` decides; each iteration commits its own
+journal row and has its own retry budget."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from durable.context import LoopContext
+from durable.errors import NonRetryable
+from durable.runtime.transition import (
+    Complete,
+    Err,
+    Iterate,
+    Transition,
+    Visit,
+    after_failure,
+    to_json,
+)
+from durable.workflow import Loop, resolve
+
+
+async def visit(v: Visit, node: Loop) -> Transition:
+    """Run iteration `state.iteration` (or finish the loop when the condition says so)."""
+    s = v.state
+    i = s.iteration
+    done = await v.sub_results(node.name)
+    so_far = [json.loads(done[str(k)]) for k in range(i) if str(k) in done]
+    ctx = v.context(node.name, results={**s.results, node.name: so_far})
+    key = f"{node.name}#{i}"
+
+    async def iteration() -> tuple[bool, Any]:
+        if not await resolve(node.condition, ctx, i):
+            return False, None
+        if i >= node.max_iterations:
+            raise NonRetryable(
+                f"loop {node.name!r}: condition still holds after "
+                f"max_iterations={node.max_iterations}"
+            )
+        body_ctx = LoopContext(
+            input=ctx.input,
+            results=ctx.results,
+            run_id=ctx.run_id,
+            workflow=ctx.workflow,
+            node=key,
+            attempt=ctx.attempt,
+            conn=ctx.conn,
+            iteration=i,
+        )
+        return True, await node.body(body_ctx)
+
+    out = await v.call(f"loop {node.name!r}", ctx, iteration, store=False)
+    if isinstance(out, Err):
+        return after_failure(s, key, out.error, node.max_attempts, node.backoff)
+    more, value = out.value
+    if not more:
+        return Complete(to_json(so_far, f"result of loop {node.name!r}"))
+    try:
+        text = to_json(value, f"result of {key!r}")
+    except Exception as exc:
+        return after_failure(s, key, exc, node.max_attempts, node.backoff)
+    return Iterate(i, text)

@@ -1,0 +1,394 @@
+"""Where a node runs: claim a job with its run, let the node's module decide, apply.
+
+One `Runner` per worker. Its hooks plug into the queue worker (`durable.worker.Worker`):
+`claim` takes the most urgent due job of the served queues with its run locked and read,
+`claim_follow` commits and claims the job the last transition handed on (the run goes on
+on the same slot), and `handle` decides and applies, all in the job's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, cast
+
+import asyncpg
+
+from durable.context import Context
+from durable.db import Connection
+from durable.errors import DefinitionChanged, WorkerLost
+from durable.queue import Job, JobQueue
+from durable.runtime import apply, compensation, lease
+from durable.runtime.attempt import run_attempt
+from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, step
+from durable.runtime.transition import (
+    BranchDone,
+    Cancel,
+    Child,
+    Complete,
+    Err,
+    Fail,
+    Finish,
+    Lease,
+    Noop,
+    Outcome,
+    Retry,
+    RunState,
+    Signal,
+    StartChild,
+    Transition,
+    after_failure,
+)
+from durable.sql import Queries
+from durable.stepconn import StepConnection, undo
+from durable.tracing import node_span, record_failure
+from durable.worker import Outcome as JobOutcome
+from durable.workflow import Parallel, Step, Workflow
+
+log = logging.getLogger("durable.runner")
+
+_FINISHED = ("completed", "failed", "cancelled")
+
+_KINDS: dict[str, Callable[[Any, Any], Awaitable[Transition]]] = {
+    "step": step.visit,
+    "sleep": sleep.visit,
+    "sleep_until": sleep.visit,
+    "wait_for_signal": signal.visit,
+    "parallel": parallel.visit,
+    "route": route.visit,
+    "loop": loop.visit,
+    "child_workflow": child.visit,
+}
+
+
+def _state(row: asyncpg.Record) -> RunState:
+    branches = row["branches"]
+    return RunState(
+        job_id=row["id"],
+        task=row["task"],
+        branch=row["branch"],
+        run_id=row["run_id"],
+        lease_token=row["lease_token"],
+        workflow=row["workflow"],
+        status=row["status"],
+        input=row["input"],
+        cursor=row["cursor"],
+        current_node=row["current_node"],
+        iteration=row["iteration"],
+        attempt=row["attempt"],
+        epoch=row["epoch"],
+        wake_at=row["wake_at"],
+        waiting_for=row["waiting_for"],
+        child_id=row["child_id"],
+        branches=None if branches is None else tuple(branches),
+        error=row["error"],
+        parent_id=row["parent_id"],
+        ending=row["ending"],
+        now=row["now"],
+        results=json.loads(row["results"]) if row["results"] is not None else {},
+        replay=row["replay"],
+        cancel=row["cancel"],
+    )
+
+
+def _job(row: asyncpg.Record | None, *, fresh: bool) -> Job | None:
+    if row is None:
+        return None
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        task=row["task"],
+        run_id=row["run_id"],
+        payload={"fresh": fresh},
+        priority=0,
+        attempts=0,
+        lease_token=row["lease_token"],
+        prefetched=_state(row),
+    )
+
+
+def _traced(t: Transition) -> Transition:
+    """Mark the current node span with a failed attempt (no-op without OpenTelemetry)."""
+    if isinstance(t, Retry | Fail):
+        record_failure(t.cause or RuntimeError(t.error), final=isinstance(t, Fail))
+    return t
+
+
+class _Visit:
+    """One job's look at its run: the `Visit` a node module decides with."""
+
+    def __init__(
+        self, runner: Runner, conn: Connection, state: RunState, wf: Workflow, lost: bool
+    ) -> None:
+        self.runner = runner
+        self.conn = conn
+        self.state = state
+        self.wf = wf
+        self.lost = lost
+        self.conns: list[StepConnection] = []
+
+    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
+        conn = StepConnection(self.conn)
+        self.conns.append(conn)
+        return self._context(node, cast(Connection, conn), results)
+
+    def detached_context(self, node: str) -> Context:
+        """A context without a connection (a `transactional=False` step)."""
+        return self._context(node, None, None)
+
+    def _context(
+        self, node: str, conn: Connection | None, results: Mapping[str, Any] | None
+    ) -> Context:
+        s = self.state
+        return Context(
+            # Parsed for each context: what one handler does to it no other sees.
+            input=json.loads(s.input),
+            results=MappingProxyType(dict(s.results if results is None else results)),
+            run_id=s.run_id,
+            workflow=s.workflow,
+            node=node,
+            attempt=s.attempt,
+            conn=conn,
+        )
+
+    async def call(
+        self,
+        what: str,
+        ctx: Context,
+        call: Callable[[], Awaitable[Any]],
+        *,
+        timeout: float | None = None,
+        store: bool = True,
+    ) -> Outcome:
+        if self.lost:
+            return Err(
+                WorkerLost(
+                    f"workers died {self.runner.max_claims} times in a row running attempt "
+                    f"{ctx.attempt} of {what} (killed, out of memory, or crashed)"
+                )
+            )
+        return await run_attempt(
+            ctx,
+            what,
+            call,
+            timeout=timeout,
+            transaction_timeout=self.runner.transaction_timeout,
+            store=store,
+        )
+
+    async def journal(self, key: str) -> str | None:
+        text: str | None = await self.conn.fetchval(
+            self.runner.q["journal_value"], self.state.run_id, key
+        )
+        return text
+
+    async def sub_results(self, node: str) -> dict[str, str]:
+        rows = await self.conn.fetch(self.runner.q["sub_results"], self.state.run_id, node)
+        return {r["key"].split("#", 1)[1]: r["result"] for r in rows}
+
+    async def oldest_signal(self, name: str) -> Signal | None:
+        row = await self.conn.fetchrow(self.runner.q["oldest_signal"], self.state.run_id, name)
+        return None if row is None else Signal(row["id"], row["payload"])
+
+    async def child(self, run_id: str) -> Child | None:
+        row = await self.conn.fetchrow(self.runner.q["child_state"], run_id)
+        return None if row is None else Child(row["status"], row["result"], row["error"])
+
+    def workflow(self, name: str) -> Workflow | None:
+        return self.runner.by_name.get(name)
+
+
+class Runner:
+    """Runs the jobs of the given workflows: one per worker, sharing nothing with others."""
+
+    def __init__(
+        self,
+        queries: Queries,
+        workflows: Iterable[Workflow],
+        pool: asyncpg.Pool,
+        *,
+        lease_seconds: float = 30.0,
+        transaction_timeout: float | None = 60.0,
+        max_claims: int = 5,
+    ) -> None:
+        self.q = queries
+        self.pool = pool
+        self.by_name = {wf.name: wf for wf in workflows}
+        self.by_queue = {wf.queue: wf for wf in self.by_name.values()}
+        self.queues = sorted(self.by_queue)
+        self.lease_seconds = lease_seconds
+        self.transaction_timeout = transaction_timeout
+        self.max_claims = max_claims
+        self.jobs = JobQueue(queries)
+
+    # -- claiming --------------------------------------------------------------------------
+
+    async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
+        """Worker claim hook: the most urgent due job, with its run locked and read."""
+        return _job(await conn.fetchrow(self.q["claim"], list(queues)), fresh=True)
+
+    async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
+        """Worker follow hook: commit, then claim the job the last transition handed on."""
+        await conn.execute("COMMIT; BEGIN")
+        return _job(await conn.fetchrow(self.q["claim_by_id"], job_id), fresh=False)
+
+    async def _lost(self, job: Job) -> bool:
+        """Count a fresh claim outside the job's transaction (a worker that dies mid-job
+        rolls that transaction back); True when workers died holding it too often."""
+        if not job.payload.get("fresh"):
+            return False  # handed on by this worker's own commit: nobody died holding it
+        async with self.pool.acquire() as c:
+            n: int = await c.fetchval(self.q["count_claim"], job.id)
+        return n > self.max_claims
+
+    # -- handling --------------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, job: Job) -> JobOutcome:
+        """Decide what the job's run does next and apply it, in the job's transaction."""
+        s: RunState = job.prefetched
+        wf = self.by_queue[job.queue]
+        lost = await self._lost(job)
+        v = _Visit(self, conn, s, wf, lost)
+        try:
+            if s.lease_token is not None:
+                await conn.execute(self.q["release_lease"], s.job_id)
+            transition = await self._decide(v, wf)
+            if isinstance(transition, Lease):
+                return await self._lease(v, wf)
+            follow = await self._apply(v, wf, transition)
+            if lost:
+                await conn.execute(self.q["forget_claims"], job.id)
+        finally:
+            for c in v.conns:
+                c.expire()
+        return JobOutcome(settled=True, follow=follow)
+
+    async def _decide(self, v: _Visit, wf: Workflow) -> Transition:
+        s = v.state
+        if s.task == "compensate":
+            if s.status != "compensating":
+                return Noop("the run is not compensating")
+            rows = list(await v.conn.fetch(self.q["journal_newest"], s.run_id))
+            with node_span("compensate", "compensation", run_id=s.run_id, attempt=s.attempt):
+                return _traced(await compensation.visit(v, wf, rows))
+        if s.status in _FINISHED or s.status == "compensating":
+            return Noop("the run finished or is compensating")
+        if s.cancel is not None:
+            return Noop("a cancel is pending") if s.task == "branch" else Cancel(s.cancel)
+        if s.cursor >= len(wf.nodes) or wf.nodes[s.cursor].name != s.current_node:
+            changed = DefinitionChanged(
+                f"run {s.run_id} is at node {s.current_node!r} (#{s.cursor + 1}), which "
+                f"workflow {wf.name!r} does not declare there"
+            )
+            return after_failure(s, s.current_node or f"#{s.cursor}", changed, 1, lambda _: 0.0)
+        node = wf.nodes[s.cursor]
+        if s.task == "branch":
+            if not isinstance(node, Parallel) or s.branch is None:
+                return Noop("the run is not at a parallel node")
+            with node_span("branch", s.branch, run_id=s.run_id, attempt=s.attempt):
+                return _traced(await parallel.branch(v, node, s.branch))
+        if s.replay is not None:
+            return Complete(s.replay, replay=True)  # retried run: committed nodes replay
+        with node_span(node.kind, node.name, run_id=s.run_id, workflow=wf.name, attempt=s.attempt):
+            return _traced(await _KINDS[node.kind](v, node))
+
+    async def _apply(self, v: _Visit, wf: Workflow, t: Transition) -> int | None:
+        s = v.state
+        self._log(s, wf, t)
+        if s.task != "branch":
+            return await apply.apply(v.conn, self.q, s, wf, t)
+        # A branch ran without the run's lock: see, under the lock, whether the run still
+        # fans this branch out (it may have failed or been cancelled meanwhile).
+        now = await v.conn.fetchrow(self.q["branch_check"], s.run_id)
+        if (
+            now is None
+            or now["status"] != "running"
+            or now["cursor"] != s.cursor
+            or now["epoch"] != s.epoch
+            or now["cancel"]
+            or s.branch not in (now["branches"] or ())
+        ):
+            for c in v.conns:
+                await undo(c)
+            return await apply.apply(v.conn, self.q, s, wf, Noop("the branch is moot"))
+        if isinstance(t, BranchDone):
+            if await apply.branch_done(v.conn, self.q, s, t):
+                return None
+            node = cast(Parallel, wf.nodes[s.cursor])
+            t = await parallel.complete(v, node)
+        return await apply.apply(v.conn, self.q, s, wf, t)
+
+    def _log(self, s: RunState, wf: Workflow, t: Transition) -> None:
+        fields: dict[str, object] = {
+            "run_id": s.run_id,
+            "workflow": wf.name,
+            "node": s.current_node,
+        }
+        if isinstance(t, Retry):
+            fields["attempt"] = t.attempt
+            log.warning(
+                "run %s: %s attempt %d failed, retrying in %.2f s: %s",
+                s.run_id,
+                t.key,
+                t.attempt,
+                t.delay,
+                t.error,
+                extra={**fields, "error": t.error},
+            )
+        elif isinstance(t, Fail):
+            log.error(
+                "run %s: node %s failed for good: %s",
+                s.run_id,
+                s.current_node,
+                t.error,
+                extra={**fields, "error": t.error},
+            )
+        elif isinstance(t, Complete) and s.task != "compensate" and s.cursor + 1 >= len(wf.nodes):
+            log.info("run %s completed", s.run_id, extra=fields)
+        elif isinstance(t, Finish):
+            log.info("run %s %s", s.run_id, t.status, extra={**fields, "status": t.status})
+        elif isinstance(t, StartChild):
+            log.info("run %s starts a child run of %s", s.run_id, t.workflow.name, extra=fields)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("run %s: %r", s.run_id, t, extra=fields)
+
+    # -- non-transactional steps -----------------------------------------------------------
+
+    async def _lease(self, v: _Visit, wf: Workflow) -> JobOutcome:
+        s = v.state
+        node = cast(Step, wf.nodes[s.cursor])
+        token = lease.new_token()
+        await apply.lease(v.conn, self.q, s, token, self.lease_seconds)
+        ctx = v.detached_context(node.name)
+
+        async def attempt() -> Outcome:
+            return await run_attempt(
+                ctx,
+                f"step {node.name!r}",
+                lambda: node.fn(ctx),
+                timeout=node.timeout,
+                transaction_timeout=None,
+            )
+
+        async def extend(c: Connection, seconds: float) -> bool:
+            return await self.jobs.extend_lease(c, s.job_id, token, seconds)
+
+        async def settle(out: Outcome) -> None:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(self.q["claim_leased"], s.job_id, token)
+                if row is None:
+                    return  # the lease lapsed and another worker took the job over
+                now = _state(row)
+                await conn.execute(self.q["release_lease"], s.job_id)
+                if now.status != "running" or now.cursor != s.cursor or now.attempt != s.attempt:
+                    await apply.apply(conn, self.q, now, wf, Noop("the run moved on"))
+                    return
+                settled = _Visit(self, conn, now, wf, False)
+                await self._apply(settled, wf, step.settle(settled, node, out))
+
+        async def detached() -> None:
+            await lease.run_leased(self.pool, extend, s, node, attempt, settle, self.lease_seconds)
+
+        return JobOutcome(settled=True, after_commit=detached)

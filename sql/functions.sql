@@ -1,0 +1,746 @@
+-- The runtime's functions: how a run's state becomes jobs, how a worker claims one, and one
+-- function per transition of a run. Included by sql/schema.sql and by the migration that
+-- introduced them; a later migration that changes one includes this file again.
+--
+-- Theory of operation. The run row alone says where a run is: its node (`cursor`,
+-- `current_node`), the loop `iteration`, the `attempt` of the work at that position, and
+-- what it waits for (`wake_at`, `waiting_for`, `child_id`, `branches`). A job says only
+-- which run and what kind of work: `advance` (run the node at the run's position),
+-- `branch` (one branch of the parallel node there) or `compensate`. Every function that
+-- moves a run ends by calling ensure_jobs_v1, which makes the run's jobs exactly what
+-- its state needs. Lock order everywhere: a client's advisory lock on the run, then jobs,
+-- then the run row; a worker locks its job, then the run.
+
+-- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
+CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (
+        SELECT 1 FROM __SCHEMA__.listeners
+        WHERE seen_at > __SCHEMA__.now_v1() - interval '1 minute'
+    ) THEN
+        PERFORM pg_notify('__SCHEMA_NAME___jobs', '');
+    END IF;
+END
+$$;
+
+-- The results of a run's completed nodes (not branches, iterations, choices or
+-- compensations) as one JSON object, or NULL when none completed yet.
+-- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
+-- PL/pgSQL keeps its plan for the session instead of planning on every call.
+CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (
+        SELECT jsonb_object_agg(e.key, e.result)
+        FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.status = 'completed'
+          AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
+    );
+END
+$$;
+
+-- Give run `p_run` exactly the jobs its state needs: none when it is finished, one
+-- `compensate` job while it compensates, one `branch` job per uncommitted branch while a
+-- parallel node fans out, else one `advance` job, due when the run's state says (its wake
+-- time or retry backoff, now when an awaited signal or child is there or a cancel was
+-- requested) or none while it waits for a signal, a child or branches. Jobs another
+-- transaction holds are left alone: their worker reads the run after that transaction
+-- and finds nothing to do. Returns the run's advance or compensate job when it is due
+-- now, so that the caller may continue the run on the same worker.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    r __SCHEMA__.runs%ROWTYPE;
+    v_now timestamptz := __SCHEMA__.now_v1();
+    v_task text;
+    v_due timestamptz;
+    v_job bigint;
+    v_run_at timestamptz;
+    v_leased boolean;
+BEGIN
+    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF r.finished_at IS NOT NULL THEN
+        v_task := NULL;
+        DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+    ELSIF r.status = 'compensating' THEN
+        v_task := 'compensate';
+        v_due := coalesce(r.wake_at, v_now);
+        DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+    ELSIF EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = p_run) THEN
+        v_task := 'advance';  -- a worker applies the cancel
+        v_due := v_now;
+    ELSIF r.branches IS NOT NULL THEN
+        v_task := NULL;
+    ELSIF r.child_id IS NOT NULL THEN
+        IF NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs c WHERE c.id = r.child_id AND c.finished_at IS NULL
+        ) THEN
+            v_task := 'advance';
+            v_due := v_now;
+        END IF;
+    ELSIF r.waiting_for IS NOT NULL THEN
+        IF EXISTS (
+            SELECT 1 FROM __SCHEMA__.signals s
+            WHERE s.run_id = p_run AND s.name = r.waiting_for AND s.consumed_at IS NULL
+        ) THEN
+            v_task := 'advance';
+            v_due := v_now;
+        ELSIF r.wake_at IS NOT NULL THEN
+            v_task := 'advance';
+            v_due := r.wake_at;
+        END IF;
+    ELSE
+        v_task := 'advance';
+        v_due := coalesce(r.wake_at, v_now);
+    END IF;
+
+    -- What the state does not need goes, unless another transaction holds it.
+    DELETE FROM __SCHEMA__.jobs WHERE id IN (
+        SELECT j.id FROM __SCHEMA__.jobs j
+        WHERE j.run_id = p_run
+          AND NOT coalesce(j.task = v_task, false)
+          AND NOT (
+            j.task = 'branch' AND v_task IS NULL AND r.branches IS NOT NULL
+            AND r.finished_at IS NULL AND j.branch = ANY (r.branches)
+            AND NOT EXISTS (
+                SELECT 1 FROM __SCHEMA__.journal e
+                WHERE e.run_id = p_run AND e.key = r.current_node || '#' || j.branch
+                  AND e.status = 'completed'
+            )
+          )
+        FOR UPDATE SKIP LOCKED
+    );
+
+    IF v_task IS NOT NULL THEN
+        SELECT j.id, j.run_at, j.lease_token IS NOT NULL INTO v_job, v_run_at, v_leased
+        FROM __SCHEMA__.jobs j
+        WHERE j.run_id = p_run AND j.task = v_task AND j.branch IS NULL;
+        IF v_job IS NULL THEN
+            INSERT INTO __SCHEMA__.jobs (queue, task, run_id, run_at)
+            VALUES (r.queue, v_task, p_run, v_due)
+            ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
+            DO NOTHING
+            RETURNING id, run_at INTO v_job, v_run_at;
+            v_leased := false;
+        ELSIF NOT v_leased AND v_run_at IS DISTINCT FROM v_due
+              AND (v_run_at > v_now OR v_due > v_now) THEN
+            -- A due job stays as it is (no index changes, a HOT update); a lease is its
+            -- holder's until it lapses.
+            UPDATE __SCHEMA__.jobs SET run_at = v_due
+            WHERE id = (
+                SELECT j.id FROM __SCHEMA__.jobs j WHERE j.id = v_job FOR UPDATE SKIP LOCKED
+            )
+            RETURNING run_at INTO v_run_at;
+            IF FOUND AND v_due <= v_now THEN
+                PERFORM __SCHEMA__.notify_jobs_v1();
+            END IF;
+        END IF;
+        IF v_job IS NOT NULL AND NOT v_leased AND v_run_at <= v_now THEN
+            RETURN v_job;
+        END IF;
+    ELSIF r.branches IS NOT NULL AND r.finished_at IS NULL AND r.status <> 'compensating' THEN
+        INSERT INTO __SCHEMA__.jobs (queue, task, run_id, branch)
+        SELECT r.queue, 'branch', p_run, b FROM unnest(r.branches) AS b
+        WHERE NOT EXISTS (
+                SELECT 1 FROM __SCHEMA__.jobs j
+                WHERE j.run_id = p_run AND j.task = 'branch' AND j.branch = b
+            )
+          AND NOT EXISTS (
+                SELECT 1 FROM __SCHEMA__.journal e
+                WHERE e.run_id = p_run AND e.key = r.current_node || '#' || b
+                  AND e.status = 'completed'
+            )
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Claim a job of the workflow engine and read the run it belongs to. `p_job` claims that
+-- job (a worker continuing a run; with `p_token`, the holder of its lease); otherwise the
+-- most urgent due job of `p_queues`. The run is locked (jobs before runs), except for
+-- branch jobs, so that branches of one node run side by side. A run a client is changing (cancel, signal: they hold the run's
+-- advisory lock) is left to that client; the job skipped stays locked until this
+-- transaction ends, and whoever claims it next finds the run as the client left it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.claim_v1(p_queues text[], p_job bigint, p_token uuid)
+RETURNS TABLE (
+    id bigint, queue text, task text, branch text, run_id text, lease_token uuid, workflow text,
+    status text, input text, "cursor" integer, current_node text, iteration integer,
+    attempt integer, epoch integer, wake_at timestamptz, waiting_for text, child_id text,
+    branches text[], error text, parent_id text, ending text, now timestamptz,
+    results text, replay text, cancel text
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    j __SCHEMA__.jobs%ROWTYPE;
+    -- The clock now, not the transaction's start: a worker's transaction may have begun
+    -- before a job that is due by now was even inserted.
+    v_now timestamptz := __SCHEMA__.now_v1();
+    c refcursor;
+BEGIN
+    IF p_job IS NULL THEN
+        OPEN c FOR
+            SELECT * FROM __SCHEMA__.jobs
+            WHERE run_at <= v_now AND queue = ANY (p_queues)
+            ORDER BY priority DESC, run_at, id
+            FOR UPDATE SKIP LOCKED;
+        LOOP
+            FETCH c INTO j;
+            EXIT WHEN j.id IS NULL
+                OR j.task = 'branch'
+                OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0));
+        END LOOP;
+        CLOSE c;
+    ELSIF p_token IS NOT NULL THEN
+        -- The lease holder settles: the job is its own, unless the lease lapsed and another
+        -- worker took it over.
+        SELECT * INTO j FROM __SCHEMA__.jobs WHERE jobs.id = p_job AND lease_token = p_token
+        FOR UPDATE;
+    ELSE
+        SELECT * INTO j FROM __SCHEMA__.jobs
+        WHERE jobs.id = p_job AND run_at <= v_now
+        FOR UPDATE SKIP LOCKED;
+        IF j.id IS NOT NULL AND j.task <> 'branch'
+           AND NOT pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF j.id IS NULL THEN
+        RETURN;
+    END IF;
+    IF j.task <> 'branch' THEN
+        -- Locked in a statement of its own: a read in the same statement would see the run
+        -- as it was before waiting for its lock.
+        PERFORM 1 FROM __SCHEMA__.runs WHERE runs.id = j.run_id FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+    SELECT j.id, j.queue, j.task, j.branch, j.run_id, j.lease_token, r.workflow, r.status,
+           r.input::text, r.cursor, r.current_node, r.iteration,
+           CASE WHEN j.task = 'branch' THEN 1 + (
+               SELECT count(*)::integer FROM __SCHEMA__.attempts a
+               WHERE a.run_id = r.id AND a.key = r.current_node || '#' || j.branch
+                 AND a.epoch = r.epoch
+           ) ELSE r.attempt END,
+           r.epoch, r.wake_at, r.waiting_for, r.child_id, r.branches, r.error, r.parent_id,
+           r.ending, v_now, __SCHEMA__.run_results_v1(r.id)::text,
+           (SELECT e.result::text FROM __SCHEMA__.journal e
+             WHERE e.run_id = r.id AND e.status = 'completed'
+               AND e.key = CASE WHEN j.task = 'branch'
+                                THEN r.current_node || '#' || j.branch
+                                ELSE r.current_node END),
+           (SELECT q.reason FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id)
+    FROM __SCHEMA__.runs r
+    WHERE r.id = j.run_id;
+END
+$$;
+
+-- Create a run and its first job; the id of the run that holds the idempotency key when
+-- it is taken (the caller compares it with `p_id`).
+CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
+    p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
+    p_parent text, p_parent_node text
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id text;
+BEGIN
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, queue, input, current_node, idempotency_key, parent_id, parent_node)
+    VALUES (p_id, p_workflow, p_queue, p_input::jsonb, p_node, p_key, p_parent, p_parent_node)
+    ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN
+        SELECT id INTO v_id FROM __SCHEMA__.runs
+        WHERE workflow = p_workflow AND idempotency_key = p_key;
+        RETURN v_id;
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
+    RETURN v_id;
+END
+$$;
+
+-- What a finished run's transaction owes others: its jobs go, a parent waiting for it
+-- gets its job, and whoever waits for it (Engine.wait) hears of it, with a small result
+-- riding along (a notification holds at most 8000 bytes).
+CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_parent text;
+    v_queue text;
+    v_watched boolean;
+    v_result text;
+BEGIN
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    SELECT p.id, p.queue INTO v_parent, v_queue
+    FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
+    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL;
+    IF v_parent IS NOT NULL THEN
+        -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
+        INSERT INTO __SCHEMA__.jobs (queue, task, run_id) VALUES (v_queue, 'advance', v_parent)
+        ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
+        DO NOTHING;
+    END IF;
+    SELECT watched, CASE WHEN status = 'completed' THEN result::text END
+    INTO v_watched, v_result
+    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_watched THEN
+        PERFORM pg_notify(
+            '__SCHEMA_NAME___runs',
+            CASE WHEN v_result IS NOT NULL AND octet_length(v_result) < 7900 - octet_length(p_run)
+                 THEN p_run || E'\n' || v_result ELSE p_run END
+        );
+    END IF;
+END
+$$;
+
+-- Journal node `p_node` as completed (unless it is replayed from the journal), consume
+-- the signal it took, and move the run to node `p_cursor` (`p_next`), or finish it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v1(
+    p_run text, p_node text, p_result text, p_attempts integer, p_started timestamptz,
+    p_replay boolean, p_cursor integer, p_next text, p_consume bigint
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT p_replay THEN
+        INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+        VALUES (p_run, p_node, p_node, 'completed', p_result::jsonb, p_attempts,
+                coalesce(p_started, __SCHEMA__.now_v1()));
+    END IF;
+    IF p_consume IS NOT NULL THEN
+        UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = __SCHEMA__.now_v1()
+        WHERE id = p_consume;
+    END IF;
+    IF p_next IS NULL THEN
+        UPDATE __SCHEMA__.runs
+        SET status = 'completed', result = coalesce(__SCHEMA__.run_results_v1(p_run), '{}'),
+            cursor = p_cursor, current_node = NULL, iteration = 0, attempt = 1,
+            wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
+            finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+        WHERE id = p_run;
+        PERFORM __SCHEMA__.finished_v1(p_run);
+        RETURN NULL;
+    END IF;
+    UPDATE __SCHEMA__.runs
+    SET cursor = p_cursor, current_node = p_next, status = 'running', iteration = 0,
+        attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Record failed attempt `p_attempt` of `p_key` and make the next one due after `p_delay`
+-- seconds, counted from the failure. A branch (`p_job`: its job) keeps its own due time
+-- on its job; anything else on the run row.
+CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
+    p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz,
+    p_delay float8, p_job bigint
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
+    SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()), epoch
+    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF p_job IS NOT NULL THEN
+        UPDATE __SCHEMA__.jobs
+        SET run_at = __SCHEMA__.now_v1() + make_interval(secs => p_delay), lease_token = NULL
+        WHERE id = p_job;
+        RETURN NULL;
+    END IF;
+    UPDATE __SCHEMA__.runs
+    SET attempt = p_attempt + 1,
+        wake_at = __SCHEMA__.now_v1() + make_interval(secs => p_delay),
+        status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    -- A lapsed lease's job must be claimable at the backoff, not kept as a lease.
+    UPDATE __SCHEMA__.jobs SET lease_token = NULL
+    WHERE run_id = p_run AND task = 'advance' AND lease_token IS NOT NULL;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Node `p_node` failed for good (its last attempt, of key `p_key`, when there was one):
+-- journal it as failed and start compensating.
+CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
+    p_run text, p_key text, p_node text, p_attempt integer, p_error text,
+    p_started timestamptz
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_key IS NOT NULL THEN
+        INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
+        SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()),
+               epoch
+        FROM __SCHEMA__.runs WHERE id = p_run;
+    END IF;
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, error, attempts, started_at)
+    VALUES (p_run, p_node, p_node, 'failed', p_error, p_attempt,
+            coalesce(p_started, __SCHEMA__.now_v1()))
+    ON CONFLICT (run_id, key) DO UPDATE
+    SET status = 'failed', result = NULL, error = EXCLUDED.error,
+        attempts = EXCLUDED.attempts, finished_at = __SCHEMA__.now_v1();
+    UPDATE __SCHEMA__.runs
+    SET status = 'compensating', ending = 'failed', error = p_error, current_node = p_node,
+        attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    UPDATE __SCHEMA__.jobs SET lease_token = NULL
+    WHERE run_id = p_run AND lease_token IS NOT NULL;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Park the run: until `p_wake_at`, for signal `p_signal`, or both (a wait with a timeout).
+CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
+    p_run text, p_wake_at timestamptz, p_signal text
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE __SCHEMA__.runs
+    SET status = 'waiting', wake_at = p_wake_at, waiting_for = p_signal,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Journal iteration `p_index` of loop `p_node` and move the run to the next one.
+CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
+    p_run text, p_node text, p_index integer, p_result text, p_attempts integer,
+    p_started timestamptz
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES (p_run, p_node || '#' || p_index, p_node, 'completed', p_result::jsonb, p_attempts,
+            coalesce(p_started, __SCHEMA__.now_v1()));
+    UPDATE __SCHEMA__.runs
+    SET iteration = p_index + 1, attempt = 1, wake_at = NULL, status = 'running',
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- A parallel node fans out: its branches `p_branches` each get a job.
+CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
+RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE __SCHEMA__.runs
+    SET branches = p_branches, status = 'running', wake_at = NULL,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Journal branch `p_branch` of parallel node `p_node` and drop its job; return how many of
+-- the node's branches have not committed yet.
+CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
+    p_run text, p_node text, p_branch text, p_result text, p_attempts integer,
+    p_started timestamptz, p_job bigint
+) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_left integer;
+BEGIN
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES (p_run, p_node || '#' || p_branch, p_node, 'completed', p_result::jsonb,
+            p_attempts, coalesce(p_started, __SCHEMA__.now_v1()));
+    DELETE FROM __SCHEMA__.jobs WHERE id = p_job;
+    SELECT count(*) INTO v_left
+    FROM __SCHEMA__.runs r, unnest(r.branches) AS b
+    WHERE r.id = p_run AND NOT EXISTS (
+        SELECT 1 FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.key = p_node || '#' || b AND e.status = 'completed'
+    );
+    UPDATE __SCHEMA__.runs SET updated_at = __SCHEMA__.now_v1() WHERE id = p_run;
+    RETURN v_left;
+END
+$$;
+
+-- Journal the branch a route chose, in a transaction of its own, before the branch runs:
+-- a crash in the branch cannot make the choice again.
+CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
+    p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES (p_run, p_node || '@route', p_node, 'completed', to_jsonb(p_branch), p_attempts,
+            coalesce(p_started, __SCHEMA__.now_v1()));
+    UPDATE __SCHEMA__.runs
+    SET status = 'running', attempt = 1, wake_at = NULL, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Start child run `p_child` of node `p_node`, journal the marker that names it, and park
+-- the parent until the child finishes (the child's final transaction gives it its job).
+CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v1(
+    p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
+    p_queue text, p_input text, p_first text
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM __SCHEMA__.start_run_v1(
+        p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node
+    );
+    INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+    VALUES (p_run, p_node || '@child', p_node, 'completed',
+            jsonb_build_object('run_id', p_child), p_attempts, __SCHEMA__.now_v1());
+    UPDATE __SCHEMA__.runs
+    SET status = 'waiting', child_id = p_child, wake_at = NULL,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- Journal the outcome of one compensator and go on to the next.
+CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
+    p_run text, p_key text, p_node text, p_status text, p_result text, p_error text,
+    p_attempts integer, p_started timestamptz
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO __SCHEMA__.journal
+        (run_id, key, node, status, result, error, attempts, started_at)
+    VALUES (p_run, p_key, p_node, p_status, p_result::jsonb, p_error, p_attempts,
+            coalesce(p_started, __SCHEMA__.now_v1()));
+    UPDATE __SCHEMA__.runs
+    SET attempt = 1, wake_at = NULL, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- End a run as failed or cancelled (its compensation is done).
+CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE __SCHEMA__.runs
+    SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
+        child_id = NULL, branches = NULL, finished_at = __SCHEMA__.now_v1(),
+        updated_at = __SCHEMA__.now_v1(), error = coalesce(error, p_error)
+    WHERE id = p_run;
+    PERFORM __SCHEMA__.finished_v1(p_run);
+END
+$$;
+
+-- Cancel a run whose row this transaction holds: compensate what it did, or end it
+-- `cancelled` at once when it did nothing. False when it had finished or was compensating.
+CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    r __SCHEMA__.runs%ROWTYPE;
+BEGIN
+    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+    IF r.id IS NULL OR r.finished_at IS NOT NULL OR r.status = 'compensating' THEN
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+        RETURN false;
+    END IF;
+    IF EXISTS (
+        SELECT 1 FROM __SCHEMA__.journal WHERE run_id = p_run AND status = 'completed'
+    ) THEN
+        UPDATE __SCHEMA__.runs
+        SET status = 'compensating', ending = 'cancelled', error = p_reason, attempt = 1,
+            wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
+            updated_at = __SCHEMA__.now_v1()
+        WHERE id = p_run;
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    ELSE
+        UPDATE __SCHEMA__.runs
+        SET status = 'cancelled', error = p_reason, current_node = NULL, wake_at = NULL,
+            waiting_for = NULL, child_id = NULL, branches = NULL,
+            finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+        WHERE id = p_run;
+        PERFORM __SCHEMA__.finished_v1(p_run);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Cancel a run and its unfinished children, grandchildren first locked after their
+-- parent, all in the caller's transaction: a crash cancels all of them or none. Each run's
+-- advisory lock waits for the worker transaction in flight on it (claims of its jobs then
+-- leave it alone), then its row is locked. Returns NULL for an unknown run.
+CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_child text;
+    v_done boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM 1 FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    v_done := __SCHEMA__.cancel_run_v1(p_run, p_reason);
+    FOR v_child IN
+        SELECT id FROM __SCHEMA__.runs
+        WHERE parent_id = p_run AND finished_at IS NULL AND status <> 'compensating'
+        ORDER BY id
+    LOOP
+        PERFORM __SCHEMA__.cancel_tree_v1(v_child, 'parent run ' || p_run || ' was cancelled');
+    END LOOP;
+    RETURN v_done;
+END
+$$;
+
+-- Put a signal in a run's mailbox and wake the run if it waits for that name. NULL for an
+-- unknown run, false when no wait can ever consume it (finished or compensating).
+CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    SELECT status INTO v_status FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_status IN ('completed', 'failed', 'cancelled', 'compensating') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES (p_run, p_name, p_payload::jsonb);
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN true;
+END
+$$;
+
+-- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,
+-- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
+-- transaction holds waits for the next purge. Returns how many runs were deleted.
+CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run text;
+    v_count integer := 0;
+BEGIN
+    FOREACH v_run IN ARRAY p_runs LOOP
+        DELETE FROM __SCHEMA__.jobs WHERE id IN (
+            SELECT id FROM __SCHEMA__.jobs WHERE run_id = v_run FOR UPDATE SKIP LOCKED
+        );
+        CONTINUE WHEN EXISTS (SELECT 1 FROM __SCHEMA__.jobs WHERE run_id = v_run);
+        DELETE FROM __SCHEMA__.runs WHERE id = (
+            SELECT id FROM __SCHEMA__.runs
+            WHERE id = v_run AND finished_at IS NOT NULL
+            FOR UPDATE SKIP LOCKED
+        );
+        IF FOUND THEN
+            v_count := v_count + 1;
+        END IF;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+
+-- Count a claim of a job (outside the job's transaction, so that a worker dying mid-job
+-- still leaves it counted); return how many claims the job has had.
+CREATE OR REPLACE FUNCTION __SCHEMA__.count_claim_v1(p_job bigint) RETURNS integer
+LANGUAGE sql AS $$
+    INSERT INTO __SCHEMA__.claims AS c (job_id) VALUES (p_job)
+    ON CONFLICT (job_id) DO UPDATE SET n = c.n + 1
+    RETURNING n
+$$;
+
+-- Resume failed run `p_run` where the SPEC says: at the first node (in declaration order,
+-- by its recorded shape) that is no longer in effect: the failed node, and every step or
+-- parallel branch whose compensator ran. Those journal rows are forgotten (with their
+-- compensations, a failed child's marker, and the row of a parallel node one of whose
+-- branches must run again); every other completed node replays from the journal. Loops
+-- resume after their committed iterations. False when the run is not failed, NULL when
+-- there is no such run.
+CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    r __SCHEMA__.runs%ROWTYPE;
+    v_shape jsonb;
+    v_forget text[];
+    v_position integer;
+    v_node text;
+    v_kind text;
+    v_iteration integer := 0;
+BEGIN
+    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF r.status <> 'failed' THEN
+        RETURN false;
+    END IF;
+    SELECT shape INTO v_shape FROM __SCHEMA__.shapes WHERE queue = r.queue;
+    IF v_shape IS NULL THEN
+        RAISE EXCEPTION 'durable: the shape of run %''s workflow % is not recorded', p_run, r.queue
+            USING ERRCODE = 'DU002',
+                  HINT = 'open an Engine that registers this workflow once, then retry';
+    END IF;
+    WITH nodes AS (
+        SELECT n.ord - 1 AS position, n.value ->> 0 AS name, n.value ->> 1 AS kind
+        FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    ), undone AS (
+        -- steps and branches whose compensator completed
+        SELECT left(c.key, length(c.key) - length('@compensate')) AS key, c.node
+        FROM __SCHEMA__.journal c
+        WHERE c.run_id = p_run AND c.status = 'completed' AND c.key LIKE '%@compensate'
+    ), failed AS (
+        SELECT e.key, e.node FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.status = 'failed'
+          AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
+    ), again AS (
+        SELECT key, node FROM undone UNION ALL SELECT key, node FROM failed
+    )
+    SELECT
+        array_agg(DISTINCT k) FILTER (WHERE k IS NOT NULL),
+        (SELECT min(n.position) FROM nodes n WHERE n.name IN (SELECT node FROM again))
+    INTO v_forget, v_position
+    FROM (
+        SELECT key AS k FROM again
+        UNION ALL SELECT key || '@compensate' FROM undone
+        UNION ALL SELECT node FROM undone WHERE strpos(key, '#') > 0
+        UNION ALL SELECT node || '@child' FROM failed
+    ) AS keys;
+    IF v_position IS NULL THEN
+        v_position := least(r.cursor, jsonb_array_length(v_shape) - 1);
+    END IF;
+    SELECT n.value ->> 0, n.value ->> 1 INTO v_node, v_kind
+    FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    WHERE n.ord - 1 = v_position;
+    DELETE FROM __SCHEMA__.journal WHERE run_id = p_run AND key = ANY (coalesce(v_forget, '{}'));
+    IF v_kind = 'loop' THEN
+        SELECT count(*) INTO v_iteration FROM __SCHEMA__.journal
+        WHERE run_id = p_run AND node = v_node AND status = 'completed'
+          AND strpos(key, '#') > 0;
+    END IF;
+    UPDATE __SCHEMA__.runs
+    SET status = 'running', error = NULL, finished_at = NULL, ending = NULL,
+        cursor = v_position, current_node = v_node, iteration = v_iteration, attempt = 1,
+        epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
+        branches = NULL, result = NULL, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN true;
+END
+$$;
+
+-- Remember the shape a workflow's runs are pinned to (its queue), once.
+CREATE OR REPLACE FUNCTION __SCHEMA__.record_shape_v1(p_queue text, p_workflow text, p_shape text)
+RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO __SCHEMA__.shapes (queue, workflow, shape) VALUES (p_queue, p_workflow, p_shape::jsonb)
+    ON CONFLICT (queue) DO NOTHING
+$$;
