@@ -148,14 +148,17 @@ def _reachable_bin_dir(bin_dir: Path, user: pwd.struct_passwd) -> Path:
     The installation is `bin_dir`'s parent (bin, lib, share: PostgreSQL finds its files
     relative to its binaries). The copy keeps the layout two levels up, because pgserver's
     binaries load their libraries from `$ORIGIN/../../../pgserver.libs`. It is made once
-    per source installation and reused; it is built under a temporary name and renamed into
-    place, so concurrent first uses never see half a copy.
+    per server build and reused; it is built under a temporary name and renamed into place,
+    so concurrent first uses never see half a copy.
     """
     if reachable_by(bin_dir, user):
         return bin_dir
     install = bin_dir.parent
     package = install.parent
-    digest = hashlib.sha256(f"{install}:{install.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    # Keyed by the server binary's content, not its path: every fresh virtualenv of the same
+    # pgserver release shares one copy instead of leaving 35 MB behind per path.
+    server_binary = bin_dir / "postgres"
+    digest = hashlib.sha256(server_binary.read_bytes()).hexdigest()[:12]
     cache = _SHARED_TMP / f"durable-pg-bin-{digest}"
     copied_bin = cache / package.name / install.name / bin_dir.name
     if cache.exists():
