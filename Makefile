@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.demo-stamp
 PYTEST_ARGS ?=
 
 .PHONY: install lint format typecheck test test-unit test-integration test-acceptance demo bench soak docs wheel clean
@@ -13,6 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The demo needs only the package and its bundled server, not the dev and docs tools.
+$(DEMO_STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -U pip
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[server]'
+	touch $(DEMO_STAMP)
 
 LINTED := $(wildcard durable tests examples benchmarks docs/examples)
 
@@ -38,7 +46,7 @@ test-integration: install
 test-acceptance: install
 	$(VENV)/bin/pytest tests/acceptance $(PYTEST_ARGS)
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/durable demo
 
 # Benchmarks against the raw-commit baseline measured in the same run; QUICK=1 for < 1 min.

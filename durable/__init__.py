@@ -1,5 +1,7 @@
 """durable: crash-resumable asyncio workflows that need nothing but PostgreSQL."""
 
+__version__ = "0.1.0"
+
 from durable.context import Context, LoopContext
 from durable.engine import Engine
 from durable.errors import (

@@ -1,9 +1,12 @@
 """The `durable` command: migrate a database, run a worker, inspect and steer runs, demo.
 
-    durable [--dsn DSN] [--schema NAME] [--json] COMMAND ...
+    durable [--dsn DSN] [--schema NAME] [--json] [--log-level L] COMMAND ...
+    durable --version
 
     migrate                         apply pending migrations (idempotent)
     worker MODULE:ENGINE            run a worker for the engine defined in MODULE
+    start WORKFLOW [JSON] --app MODULE:ENGINE [--idempotency-key K] [--wait]
+                                    start a run (and wait for its result)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
@@ -12,11 +15,19 @@
     purge --older-than 30d          delete finished runs older than a duration
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
-`--dsn` defaults to `$DURABLE_DSN`. Exit codes: 0 done; 1 the answer is "not done" (a
-cancel or signal that found the run already finished, a retry of a run that had not
-failed); 2 a usage error or user mistake (unknown run id, bad JSON, bad duration, bad
-MODULE:ENGINE, no DSN); 3 the database cannot be reached; 4 an unexpected internal error.
-Passwords in DSNs are never printed.
+`--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
+defines; a different `--dsn` is ignored with a warning that names both (passwords hidden).
+MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotated
+`-> durable.Engine` (anything else is refused without being called).
+
+Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
+already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
+was cancelled or did not finish in time); 2 a usage or configuration error, which retrying
+will not fix (unknown run id, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
+DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
+schema); 3 the database cannot be reached or does not answer (retrying later may work);
+4 an unexpected internal error. With `--json` an error is also written to stdout as
+`{"error": {"exit_code": N, "type": ..., "message": ...}}`. Passwords are never printed.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import re
 import signal
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TextIO, TypeVar
@@ -41,18 +53,18 @@ from urllib.parse import unquote, urlsplit
 import anyio
 import asyncpg
 
+from durable import __version__
 from durable.db import is_connection_error, redact
 from durable.engine import Engine
 from durable.errors import (
     ConfigurationError,
     DatabaseUnavailable,
-    DefinitionError,
     DurableError,
-    RunNotFound,
-    SerializationError,
-    WorkflowNotFound,
+    RunCancelled,
+    RunFailed,
 )
 from durable.model import Run, RunStatus
+from durable.sql import migrations
 
 log = logging.getLogger("durable.cli")
 
@@ -63,6 +75,10 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERNAL = 4
 
 DSN_ENV = "DURABLE_DSN"
+APP_ENV = "DURABLE_APP"
+
+# The structured fields durable's log records carry, in the order the formatter prints them.
+LOG_FIELDS = ("run_id", "workflow", "node", "attempt", "worker")
 
 
 class UsageError(Exception):
@@ -85,9 +101,20 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _ts(value: datetime | None) -> str:
+    """A timestamp in local time with its UTC offset, e.g. `2026-05-01 14:03:07+02:00`."""
     if value is None:
         return "-"
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone().isoformat(sep=" ", timespec="seconds")
+
+
+def human_duration(seconds: float) -> str:
+    """`840 ms` under 10 s, `12.4 s` under 10 min, then `14.2 min`."""
+    if seconds < 10:
+        ms = seconds * 1000
+        return "<1 ms" if ms < 1 else f"{ms:.0f} ms"
+    if seconds < 600:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -97,10 +124,10 @@ def _iso(value: datetime | None) -> str | None:
 def _ms(start: datetime | None, end: datetime | None) -> str:
     if start is None or end is None:
         return "-"
-    ms = (end - start).total_seconds() * 1000
-    if ms < 0:
+    seconds = (end - start).total_seconds()
+    if seconds < 0:
         return "-"  # clocks disagree (the end was stamped at its transaction's start)
-    return "<1 ms" if ms < 1 else f"{ms:.0f} ms"
+    return human_duration(seconds)
 
 
 def _one_line(text: str | None, width: int = 120) -> str:
@@ -125,7 +152,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def timeline_lines(run: Run, indent: str = "  ") -> list[str]:
     """A run's journal and failed attempts in time order, one line per event.
 
-    Each line: the offset from the run's creation, the journal key (`node`,
+    Each line: the offset from the run's creation (ms, then s past 10 s, then min past
+    10 min), the journal key (`node`,
     `node@compensate`, ...), the outcome (`completed`, `failed`, or `retried` for an attempt
     that failed and was tried again), the attempt number, how long it took, and the error.
     Needs a `Run` read with `get_run(id, journal=True)`.
@@ -170,8 +198,10 @@ def timeline_lines(run: Run, indent: str = "  ") -> list[str]:
     events.sort(key=lambda e: (e[0], e[1]))
     rows: list[tuple[str, str, str, str, str, str]] = []
     for when, _, cells in events:
-        ms = (when - run.created_at).total_seconds() * 1000
-        rows.append((f"+{ms:.0f} ms", *cells))
+        since = max((when - run.created_at).total_seconds(), 0.0)
+        rows.append(
+            (f"+{since * 1000:.0f} ms" if since < 10 else f"+{human_duration(since)}", *cells)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines: list[str] = []
     for offset, key, outcome, tried, took, error in rows:
@@ -184,7 +214,11 @@ def timeline_lines(run: Run, indent: str = "  ") -> list[str]:
 
 
 def run_to_json(run: Run, *, journal: bool = False) -> dict[str, Any]:
-    """A run as a JSON-ready dict (with its journal and attempts when `journal`)."""
+    """A run as a JSON-ready dict (with its journal and attempts when `journal`).
+
+    `results` is every completed node's result; once the run has completed it is also the
+    run's result, so `Run.result` is not repeated.
+    """
     data: dict[str, Any] = {
         "id": run.id,
         "workflow": run.workflow,
@@ -193,7 +227,6 @@ def run_to_json(run: Run, *, journal: bool = False) -> dict[str, Any]:
         "parent_id": run.parent_id,
         "input": run.input,
         "results": run.results,
-        "result": run.result,
         "error": run.error,
         "created_at": _iso(run.created_at),
         "updated_at": _iso(run.updated_at),
@@ -316,13 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Crash-resumable asyncio workflows on PostgreSQL.",
         epilog=(
             "exit codes: 0 done, 1 not done (e.g. the run had already finished), "
-            "2 usage error, 3 database unreachable, 4 internal error"
+            "2 usage or configuration error (bad DSN, wrong password, missing database), "
+            "3 database unreachable, 4 internal error"
         ),
     )
     parser.add_argument(
-        "--dsn",
-        default=os.environ.get(DSN_ENV) or None,
-        help=f"PostgreSQL connection string (default: ${DSN_ENV})",
+        "--dsn", default=None, help=f"PostgreSQL connection string (default: ${DSN_ENV})"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"durable {__version__} (distribution durable-pg)"
     )
     parser.add_argument("--schema", default="durable", help="schema of durable's tables")
     parser.add_argument("--json", action="store_true", default=False, help="machine output")
@@ -343,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run a worker for an engine defined in your code",
         description=(
-            "Import MODULE, take ENGINE from it (a durable.Engine, or a function returning "
-            "one), apply pending migrations and work until SIGTERM or SIGINT, then stop "
-            "gracefully. A second signal stops at once."
+            "Import MODULE, take ENGINE from it (a durable.Engine, or a function without "
+            "parameters annotated `-> durable.Engine`), apply pending migrations and work "
+            "until SIGTERM or SIGINT, then stop gracefully. A second signal stops at once. "
+            "The engine's own DSN is used."
         ),
     )
     worker.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
@@ -358,7 +394,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds in-flight jobs get to finish on shutdown",
     )
     worker.add_argument(
-        "--no-migrate", action="store_true", help="do not apply pending migrations on start"
+        "--no-migrate",
+        action="store_true",
+        help="do not apply pending migrations on start (exit 2 if the schema is not migrated)",
+    )
+
+    start = sub.add_parser(
+        "start",
+        parents=[common],
+        help="start a run of a workflow your code registers",
+        description=(
+            "Start a run of WORKFLOW with the JSON object INPUT (default {}) and print its id. "
+            "The workflow definition comes from the engine --app MODULE:ENGINE (or "
+            f"${APP_ENV}) registers, and so does the DSN. With --wait, wait for a worker "
+            "to finish the run and print its result (exit 1 if it failed, was cancelled "
+            "or did not finish within --timeout)."
+        ),
+    )
+    start.add_argument("workflow", metavar="WORKFLOW")
+    start.add_argument("input", metavar="JSON", nargs="?", default=None, help="a JSON object")
+    start.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine that registers WORKFLOW (default: ${APP_ENV})",
+    )
+    start.add_argument("--idempotency-key", metavar="KEY", default=None)
+    start.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    start.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds --wait waits (default 60)",
     )
 
     runs = sub.add_parser("runs", parents=[common], help="list and inspect runs")
@@ -369,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
     runs_list.add_argument("--workflow")
     runs_list.add_argument("--limit", type=_positive_int, default=50)
+
     runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
 
@@ -434,10 +502,7 @@ def _emit_json(out: Out, value: Any) -> None:
 
 async def _open_engine(dsn: str, schema: str) -> Engine:
     engine = Engine(dsn, schema=schema)
-    try:
-        await engine.open(migrate=False)
-    except (ValueError, asyncpg.ClientConfigurationError) as exc:
-        raise UsageError(f"invalid DSN {redact(dsn)}: {exc}") from None
+    await engine.open(migrate=False)
     return engine
 
 
@@ -457,30 +522,58 @@ async def cmd_migrate(args: argparse.Namespace, dsn: str, out: Out) -> int:
     return EXIT_OK
 
 
+def failed_node(run: Run) -> str | None:
+    """The node whose failure ended `run` (read with `journal=True`), if any."""
+    for entry in run.journal:
+        if entry.status == "failed" and "@" not in entry.key:
+            return entry.node
+    return None
+
+
 async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
         runs = await engine.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        # A finished run has no current node; for a failed one the journal says which failed.
+        failed_at = {
+            r.id: failed_node(await engine.get_run(r.id, journal=True))
+            for r in runs
+            if r.status is RunStatus.FAILED
+        }
     finally:
         await engine.close()
     if args.json:
-        _emit_json(out, [run_to_json(r) for r in runs])
+        _emit_json(
+            out,
+            [
+                {
+                    **run_to_json(r),
+                    **({"failed_node": failed_at[r.id]} if r.id in failed_at else {}),
+                }
+                for r in runs
+            ],
+        )
         return EXIT_OK
     if not runs:
         print("no runs", file=out)
         return EXIT_OK
+    # NODE is where the run is, or for a failed run the node that failed. PARENT links a
+    # child run to the run that started it. ERROR is cut to keep one line per run.
     rows = [
         (
             r.id,
             r.workflow,
             r.status.value,
-            r.current_node or "-",
+            failed_at.get(r.id) or r.current_node or "-",
+            r.parent_id or "-",
             _ts(r.created_at),
             _ts(r.updated_at),
+            _one_line(r.error, 60) or "-",
         )
         for r in runs
     ]
-    print(table(("ID", "WORKFLOW", "STATUS", "NODE", "CREATED", "UPDATED"), rows), file=out)
+    headers = ("ID", "WORKFLOW", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR")
+    print(table(headers, rows), file=out)
     return EXIT_OK
 
 
@@ -534,10 +627,12 @@ async def cmd_cancel(args: argparse.Namespace, dsn: str, out: Out) -> int:
         await engine.close()
     if args.json:
         _emit_json(out, {"run_id": args.run_id, "cancelled": cancelled, "status": status})
+    elif cancelled and status == RunStatus.CANCELLED.value:
+        print(f"run {args.run_id} cancelled (it had no completed step to compensate)", file=out)
     elif cancelled:
         print(
             f"run {args.run_id} is being cancelled (status {status}): a worker compensates "
-            "its completed steps and ends it 'cancelled'",
+            "its completed steps, then ends it 'cancelled'",
             file=out,
         )
     else:
@@ -576,12 +671,26 @@ async def cmd_purge(args: argparse.Namespace, dsn: str, out: Out) -> int:
 
 
 def load_engine_target(target: str) -> Any:
-    """Import `MODULE:ATTR` (ATTR may be dotted) and return the attribute."""
+    """Import `MODULE:ATTR` (ATTR may be dotted) and return the attribute.
+
+    Import errors raised by the user's module are reported in one line; their traceback is
+    logged at DEBUG (`--log-level debug`).
+    """
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"expected MODULE:ENGINE (e.g. myapp.jobs:engine), got {target!r}")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        dotted = module_name.removesuffix(".py").replace(os.sep, ".").replace("/", ".")
+        raise UsageError(
+            f"{module_name!r} is a file path, but MODULE:ENGINE takes a module name: try "
+            f"{dotted.strip('.')}:{attr} from the directory that holds the package, or put "
+            "that directory on PYTHONPATH"
+        )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    debug_hint = (
+        "" if log.isEnabledFor(logging.DEBUG) else " (--log-level debug shows the traceback)"
+    )
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -589,9 +698,13 @@ def load_engine_target(target: str) -> Any:
             raise UsageError(
                 f"cannot import module {module_name!r} (is it on PYTHONPATH?)"
             ) from None
-        raise UsageError(f"importing {module_name!r} failed: {exc}") from exc
+        log.debug("importing %r failed", module_name, exc_info=True)
+        raise UsageError(f"importing {module_name!r} failed: {exc}{debug_hint}") from exc
     except Exception as exc:
-        raise UsageError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        log.debug("importing %r failed", module_name, exc_info=True)
+        raise UsageError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}{debug_hint}"
+        ) from exc
     value: Any = module
     for part in attr.split("."):
         try:
@@ -601,9 +714,35 @@ def load_engine_target(target: str) -> Any:
     return value
 
 
-async def _resolve_engine(target: str) -> Engine:
+def is_engine_factory(value: Any) -> bool:
+    """True for a function (sync or async) that takes no arguments and is annotated to
+    return a `durable.Engine`: the only callables `durable worker` and `durable start` call.
+
+    Any other function (say the application's `main()`) could start runs or serve traffic,
+    so it is refused without being called.
+    """
+    if not (inspect.isfunction(value) or inspect.ismethod(value)):
+        return False
+    signature = inspect.signature(value)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if any(
+        p.default is inspect.Parameter.empty and p.kind not in variadic
+        for p in signature.parameters.values()
+    ):
+        return False
+    try:
+        returns = typing.get_type_hints(value).get("return")
+    except Exception:  # an annotation that does not resolve: judge it by its text
+        returns = signature.return_annotation
+    if isinstance(returns, str):
+        return returns in ("Engine", "durable.Engine", "durable.engine.Engine")
+    return isinstance(returns, type) and issubclass(returns, Engine)
+
+
+async def resolve_engine(target: str) -> Engine:
+    """The `durable.Engine` that `MODULE:ENGINE` names, calling it if it is a factory."""
     value = load_engine_target(target)
-    if not isinstance(value, Engine) and callable(value):
+    if is_engine_factory(value):
         try:
             value = value()
             if inspect.isawaitable(value):
@@ -612,24 +751,55 @@ async def _resolve_engine(target: str) -> Engine:
             raise
         except Exception as exc:
             raise UsageError(f"calling {target} failed: {type(exc).__name__}: {exc}") from exc
+    elif callable(value) and not isinstance(value, Engine):
+        raise UsageError(
+            f"{target} is a {type(value).__name__} but not an engine factory, so it was not "
+            "called: name a durable.Engine, or a function without parameters annotated "
+            "`-> durable.Engine`"
+        )
     if not isinstance(value, Engine):
         raise UsageError(
             f"{target} is a {type(value).__name__}, not a durable.Engine "
-            "(or a function returning one)"
+            "(or a function without parameters annotated `-> durable.Engine`)"
         )
     return value
 
 
+def _warn_if_dsn_ignored(args: argparse.Namespace, engine: Engine, target: str) -> None:
+    """The engine in the user's code keeps its own database; say so if one was given too."""
+    if args.dsn and args.dsn != engine.dsn:
+        uses = f"its DSN {redact(engine.dsn)}" if engine.dsn else "its own asyncpg pool"
+        log.warning("%s %s is ignored: %s uses %s", args.dsn_source, redact(args.dsn), target, uses)
+
+
+async def _open_app_engine(engine: Engine, *, migrate: bool) -> None:
+    """Open an engine from the user's code; without `migrate`, insist on a current schema."""
+    await engine.open(migrate=migrate)
+    if migrate:
+        return
+    async with engine.pool.acquire() as conn:
+        # Raises UndefinedTableError on a schema never migrated: main() says what to do.
+        applied = {r[0] for r in await conn.fetch(engine.queries["applied_migrations"])}
+    missing = [m.version for m in migrations() if m.version not in applied]
+    if missing:
+        versions = ", ".join(f"{v:04d}" for v in missing)
+        raise ConfigurationError(
+            f"schema {engine.schema!r} lacks migration(s) {versions}: run `durable migrate` first"
+        )
+
+
 async def cmd_worker(args: argparse.Namespace, out: Out) -> int:
-    engine = await _resolve_engine(args.target)
+    engine = await resolve_engine(args.target)
     if not engine.workflows:
         raise UsageError(f"{args.target} has no registered workflows: nothing to work on")
+    _warn_if_dsn_ignored(args, engine, args.target)
     args.dsn_for_errors = engine.dsn
     try:
-        await engine.open(migrate=not args.no_migrate)
-    except (ValueError, asyncpg.ClientConfigurationError) as exc:
-        where = redact(engine.dsn) if engine.dsn else "its pool"
-        raise UsageError(f"invalid DSN {where}: {exc}") from None
+        await _open_app_engine(engine, migrate=not args.no_migrate)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+        raise
     loop = asyncio.get_running_loop()
     installed: list[int] = []
     try:
@@ -679,6 +849,74 @@ async def cmd_worker(args: argparse.Namespace, out: Out) -> int:
     return EXIT_OK
 
 
+async def cmd_start(args: argparse.Namespace, out: Out) -> int:
+    if not args.app:
+        raise UsageError(
+            "durable start needs the engine that registers the workflow: "
+            f"pass --app MODULE:ENGINE or set {APP_ENV}"
+        )
+    value: Any = {}
+    if args.input is not None:
+        try:
+            value = json.loads(args.input)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f'the input is not valid JSON ({exc}); quote it, e.g. \'{{"sku": "A1"}}\''
+            ) from None
+        if not isinstance(value, dict):
+            raise UsageError(f"the input must be a JSON object, got {type(value).__name__}")
+    engine = await resolve_engine(args.app)
+    if args.workflow not in engine.workflows:
+        known = ", ".join(sorted(engine.workflows)) or "none"
+        raise UsageError(
+            f"{args.app} registers no workflow {args.workflow!r} (it registers: {known})"
+        )
+    _warn_if_dsn_ignored(args, engine, args.app)
+    args.dsn_for_errors = engine.dsn
+    try:
+        await _open_app_engine(engine, migrate=False)
+        run_id = await engine.start(args.workflow, value, idempotency_key=args.idempotency_key)
+        if not args.wait:
+            if args.json:
+                _emit_json(out, {"run_id": run_id})
+            else:
+                print(run_id, file=out)
+            return EXIT_OK
+        return await _wait_and_report(engine, run_id, args, out)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+
+
+async def _wait_and_report(engine: Engine, run_id: str, args: argparse.Namespace, out: Out) -> int:
+    try:
+        results = await engine.wait(run_id, timeout=args.timeout)
+    except (RunFailed, RunCancelled) as exc:
+        run = exc.run
+        if args.json:
+            _emit_json(out, run_to_json(run))
+        else:
+            print(f"run {run_id} {run.status.value}: {run.error}", file=out)
+        return EXIT_NOT_DONE
+    except TimeoutError:
+        status = (await engine.get_run(run_id)).status.value
+        if args.json:
+            _emit_json(out, {"run_id": run_id, "status": status, "timed_out": True})
+        else:
+            print(
+                f"run {run_id} is still {status} after {args.timeout:g} s "
+                "(is a worker running for this workflow?)",
+                file=out,
+            )
+        return EXIT_NOT_DONE
+    if args.json:
+        _emit_json(out, {"run_id": run_id, "status": "completed", "results": results})
+    else:
+        print(f"run {run_id} completed", file=out)
+        print(json.dumps(results, indent=2, default=str), file=out)
+    return EXIT_OK
+
+
 async def cmd_demo(args: argparse.Namespace, out: Out) -> int:
     from durable.demo import run_demo
 
@@ -703,6 +941,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         command = f"runs {args.runs_command}"
     if command == "worker":
         return await cmd_worker(args, out)
+    if command == "start":
+        return await cmd_start(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
     handler = _NEEDS_DSN[command]
@@ -713,6 +953,33 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     return await handler(args, args.dsn, out)
 
 
+class FieldFormatter(logging.Formatter):
+    """A log format that keeps durable's structured fields visible in plain text.
+
+    durable's records carry `run_id`, `workflow`, `node`, `attempt` and `worker` as
+    attributes (`extra=`); a plain format string drops them, so two retries of different
+    runs would read the same. This formatter appends the ones a record has, e.g.
+    `... charge attempt 2 failed, retrying in 4.00 s: ... [run_id=01J... workflow=order]`,
+    skipping any value the message already shows. The `durable` command logs with it; use
+    it in your own logging configuration (`"()": "durable.cli.FieldFormatter"`).
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The formatted line with the record's durable fields appended."""
+        text = super().formatMessage(record)
+        message = record.getMessage()
+        fields = [
+            f"{name}={value}"
+            for name in LOG_FIELDS
+            if (value := getattr(record, name, None)) is not None
+            and not (name in ("run_id", "workflow") and str(value) in message)
+        ]
+        return f"{text} [{' '.join(fields)}]" if fields else text
+
+
+DEFAULT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def _configure_logging(level: str | None, command: str | None) -> None:
     if level is None:
         if command == "worker":
@@ -721,11 +988,14 @@ def _configure_logging(level: str | None, command: str | None) -> None:
             return  # the demo prints its own progress; it keeps library logs quiet
         else:
             level = "warning"
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(FieldFormatter(DEFAULT_LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _error_json(code: int, exc: BaseException, message: str) -> dict[str, Any]:
+    kind = "UsageError" if isinstance(exc, UsageError) else type(exc).__name__
+    return {"error": {"exit_code": code, "type": kind, "message": message}}
 
 
 def main(argv: Sequence[str] | None = None, out: Out | None = None) -> int:
@@ -733,39 +1003,52 @@ def main(argv: Sequence[str] | None = None, out: Out | None = None) -> int:
     out = out or sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dsn_source = "--dsn"
+    if args.dsn is None and os.environ.get(DSN_ENV):
+        args.dsn, args.dsn_source = os.environ[DSN_ENV], f"${DSN_ENV}"
     _configure_logging(args.log_level, args.command)
     args.dsn_for_errors = args.dsn
 
-    def fail(code: int, message: str) -> int:
-        print(f"durable: error: {_scrub(message, args.dsn_for_errors)}", file=sys.stderr)
+    def fail(code: int, exc: BaseException, message: str) -> int:
+        message = _scrub(message, args.dsn_for_errors)
+        print(f"durable: error: {message}", file=sys.stderr)
+        if args.json:
+            _emit_json(out, _error_json(code, exc, message))
         return code
 
     try:
         return run_async(dispatch(args, out))
     except KeyboardInterrupt:
         return 130
-    except UsageError as exc:
-        return fail(EXIT_USAGE, str(exc))
-    except RunNotFound as exc:
-        return fail(EXIT_USAGE, str(exc))
-    except (SerializationError, ConfigurationError, DefinitionError, WorkflowNotFound) as exc:
-        return fail(EXIT_USAGE, str(exc))
     except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError) as exc:
         return fail(
             EXIT_USAGE,
-            f"schema {args.schema!r} has no durable tables ({exc}): run 'durable migrate' first",
+            exc,
+            f"schema {args.schema!r} has no durable tables ({exc}): run `durable migrate` first",
         )
+    except (UsageError, DurableError) as exc:
+        if not isinstance(exc, DatabaseUnavailable):
+            # RunNotFound, SerializationError, ConfigurationError (bad DSN, credentials,
+            # database), DefinitionError, WorkflowNotFound...: retrying cannot help.
+            return fail(EXIT_USAGE, exc, str(exc))
+        return _database_failure(exc, args, fail)
     except Exception as exc:
-        dsn = args.dsn_for_errors
         if _is_database_error(exc):
-            where = redact(dsn) if dsn else "the database"
-            detail = str(exc) if isinstance(exc, DatabaseUnavailable) else f"{exc!r}"
-            if isinstance(exc, DatabaseUnavailable) and dsn and redact(dsn) in detail:
-                return fail(EXIT_UNAVAILABLE, f"database unavailable: {detail}")
-            return fail(EXIT_UNAVAILABLE, f"cannot reach the database at {where}: {detail}")
+            return _database_failure(exc, args, fail)
         text = "".join(traceback.format_exception(exc))
-        print(_scrub(text, dsn), file=sys.stderr, end="")
-        return fail(EXIT_INTERNAL, f"unexpected {type(exc).__name__}: {exc}")
+        print(_scrub(text, args.dsn_for_errors), file=sys.stderr, end="")
+        return fail(EXIT_INTERNAL, exc, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _database_failure(
+    exc: Exception, args: argparse.Namespace, fail: Callable[[int, BaseException, str], int]
+) -> int:
+    dsn = args.dsn_for_errors
+    where = redact(dsn) if dsn else "the database"
+    detail = str(exc) if isinstance(exc, DatabaseUnavailable) else f"{exc!r}"
+    if isinstance(exc, DatabaseUnavailable) and dsn and redact(dsn) in detail:
+        return fail(EXIT_UNAVAILABLE, exc, f"database unavailable: {detail}")
+    return fail(EXIT_UNAVAILABLE, exc, f"cannot reach the database at {where}: {detail}")
 
 
 if __name__ == "__main__":  # pragma: no cover

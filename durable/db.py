@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from durable.errors import DatabaseUnavailable, SerializationError
+from durable.errors import ConfigurationError, DatabaseUnavailable, SerializationError
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -33,6 +33,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # What asyncpg raises on a connection the server terminated mid-operation.
     asyncpg.InternalClientError,
     TimeoutError,
+)
+
+#: Seconds `create_pool` waits for a server to answer before giving up on a connection.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+# Errors that no retry will fix: the DSN itself, the credentials or the database name is
+# wrong. Callers (and the CLI's exit codes) must tell them apart from an outage.
+_CONFIGURATION_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # a malformed DSN: bad port, bad IPv6 literal...
+    asyncpg.ClientConfigurationError,  # unsupported scheme, bad option value
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, no pg_hba.conf entry
+    asyncpg.InvalidCatalogNameError,  # no such database
 )
 
 _PASSWORD_IN_URL = re.compile(r"(postgres(?:ql)?://[^:/@\s]*):[^@\s]*@", re.IGNORECASE)
@@ -65,8 +78,16 @@ async def create_pool(
     max_size: int,
     server_settings: dict[str, str] | None = None,
     statement_cache_size: int = 256,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
 ) -> asyncpg.Pool:
-    """Open an asyncpg pool, translating connection failures into `DatabaseUnavailable`."""
+    """Open an asyncpg pool.
+
+    Raises `ConfigurationError` when retrying cannot help (a malformed DSN, an unsupported
+    scheme, a wrong password or user, a missing database) and `DatabaseUnavailable` when
+    the server cannot be reached or does not answer within `connect_timeout` seconds (per
+    connection attempt). Messages name the DSN with its password hidden.
+    """
+    where = redact(dsn)
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -75,13 +96,21 @@ async def create_pool(
             server_settings=server_settings or None,
             # Workers reuse a handful of statements thousands of times a second.
             statement_cache_size=statement_cache_size,
+            timeout=connect_timeout,
         )
+    except _CONFIGURATION_ERRORS as exc:
+        if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
+            raise ConfigurationError(f"invalid DSN {where}: {exc}") from exc
+        raise ConfigurationError(f"the database at {where} refused the connection: {exc}") from exc
+    except TimeoutError as exc:  # before CONNECTION_ERRORS: TimeoutError is an OSError
+        raise DatabaseUnavailable(
+            f"cannot connect to {where}: no answer within {connect_timeout:g} s "
+            "(the server accepts connections but does not respond; raise connect_timeout "
+            "if it is just slow)"
+        ) from exc
     except CONNECTION_ERRORS as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from exc
-    except asyncpg.InvalidCatalogNameError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from exc
-    except asyncpg.InvalidAuthorizationSpecificationError as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {exc}") from exc
+        reason = str(exc) or type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to {where}: {reason}") from exc
     assert pool is not None
     return pool
 

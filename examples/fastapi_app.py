@@ -17,6 +17,10 @@ the step's journal entry or not at all), waits for an `approved` signal, then sh
 - `GET /runs/{run_id}`: the run's `status`, `current_node`, `results` so far, and its
   `result` or `error` once finished; `404` for an unknown run.
 
+Errors are JSON `{"detail": ...}`: `404` for an unknown run (`RunNotFound`), `415` for a
+POST whose body is not `application/json`, `422` for a body PostgreSQL cannot store as
+JSON (`SerializationError`, e.g. a NUL character) or one FastAPI cannot parse.
+
 Settings (environment): `DURABLE_DSN` (required), `DURABLE_WORKER_CONCURRENCY` (default 8)
 and `DURABLE_GRACE_PERIOD` (seconds, default 10). On SIGTERM uvicorn runs the lifespan's
 shutdown: the worker stops claiming, in-flight jobs get the grace period to commit, then
@@ -140,14 +144,34 @@ class RunView(BaseModel):
     error: str | None = None
 
 
-# --8<-- [start:endpoints]
+# --8<-- [start:errors]
 @app.exception_handler(durable.RunNotFound)
 async def run_not_found(request: Request, exc: durable.RunNotFound) -> JSONResponse:
     """Any endpoint given an unknown run id answers 404."""
     return JSONResponse(status_code=status.HTTP_404_NOT_FOUND, content={"detail": str(exc)})
 
 
-@app.post("/orders", status_code=status.HTTP_202_ACCEPTED)
+@app.exception_handler(durable.SerializationError)
+async def not_storable(request: Request, exc: durable.SerializationError) -> JSONResponse:
+    """An input or payload PostgreSQL cannot store as JSON is the client's mistake: 422."""
+    return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+
+async def json_body(request: Request) -> None:
+    """Refuse a POST whose body is not JSON (415) before FastAPI guesses what it meant."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json" and await request.body():
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send the body as application/json"
+        )
+
+
+JsonBody = Depends(json_body)
+# --8<-- [end:errors]
+
+
+# --8<-- [start:endpoints]
+@app.post("/orders", status_code=status.HTTP_202_ACCEPTED, dependencies=[JsonBody])
 async def create_order(
     engine: EngineDep,
     body: Annotated[dict[str, Any], Body()],
@@ -158,7 +182,9 @@ async def create_order(
     return Started(run_id=run_id)
 
 
-@app.post("/runs/{run_id}/signals/{name}", status_code=status.HTTP_202_ACCEPTED)
+@app.post(
+    "/runs/{run_id}/signals/{name}", status_code=status.HTTP_202_ACCEPTED, dependencies=[JsonBody]
+)
 async def send_signal(
     engine: EngineDep, run_id: str, name: str, payload: Annotated[Any, Body()] = None
 ) -> Signalled:

@@ -168,8 +168,11 @@ onboarding.child_workflow("identity", lambda ctx: ("kyc", {"user": ctx.input["us
 
 @onboarding.step
 async def activate(ctx: durable.Context) -> str:
-    child_result = ctx.results["identity"]  # the child run's result
-    return f"activated {child_result['verify']['verified']}"
+    # The node's result is the child run's result: the mapping of the child's node results.
+    # So the child step's own result is one level down, under the child's node name:
+    # ctx.results["identity"] == {"verify": {"verified": "ann"}}
+    verified = ctx.results["identity"]["verify"]["verified"]
+    return f"activated {verified}"
 
 
 # --8<-- [end:child]
@@ -229,6 +232,7 @@ async def main() -> None:
         onboarding_id = await engine.start("onboarding", {"user": "ann"})
         onboarded = await engine.wait(onboarding_id, timeout=10)
         assert onboarded["activate"] == "activated ann"
+        assert onboarded["identity"] == {"verify": {"verified": "ann"}}  # nested one level
         (child_id,) = (await engine.get_run(onboarding_id)).children
         child = await engine.get_run(child_id)
         assert child.workflow == "kyc"

@@ -6,15 +6,12 @@ Run it with `python docs/examples/quickstart.py`: it uses the PostgreSQL named b
 
 from __future__ import annotations
 
-# --8<-- [start:imports]
 import asyncio
 import os
 from typing import Any
 
 import durable
 from durable.server import LocalPostgres
-
-# --8<-- [end:imports]
 
 # --8<-- [start:workflow]
 signup = durable.Workflow("signup")
@@ -39,7 +36,6 @@ async def welcome(ctx: durable.Context) -> str:
 # --8<-- [end:workflow]
 
 
-# --8<-- [start:run]
 async def run(dsn: str) -> None:
     # Opening the engine opens a connection pool and applies durable's migrations.
     async with durable.Engine(dsn, workflows=[signup]) as engine:
@@ -54,10 +50,6 @@ async def run(dsn: str) -> None:
     # {'welcome': 'welcome mail queued for account 1', 'create_account': {'account_id': 1}}
 
 
-# --8<-- [end:run]
-
-
-# --8<-- [start:main]
 async def main() -> None:
     dsn = os.environ.get("DURABLE_DSN")
     if dsn:
@@ -70,4 +62,3 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
-# --8<-- [end:main]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +23,7 @@ import asyncpg
 import pytest
 
 import durable
+from durable.server import LocalPostgres
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,6 +146,12 @@ async def test_help_lists_every_command() -> None:
         assert command in result.out
 
 
+async def test_version() -> None:
+    result = await cli("--version")
+    assert result.code == 0, result
+    assert result.out.split()[:2] == ["durable", durable.__version__]
+
+
 async def test_no_command_is_a_usage_error() -> None:
     result = await cli()
     assert result.code == 2
@@ -192,12 +201,45 @@ async def test_runs_list_shows_a_table(engine: durable.Engine, db: Database) -> 
     result = await cli("--dsn", db.dsn, "runs", "list")
     assert result.code == 0, result
     header = result.out.splitlines()[0]
-    for column in ("ID", "WORKFLOW", "STATUS", "NODE", "CREATED", "UPDATED"):
+    for column in ("ID", "WORKFLOW", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR"):
         assert column in header
     for run_id in ids:
         line = next(ln for ln in result.out.splitlines() if ln.startswith(run_id))
         assert "cli_echo" in line
         assert "completed" in line
+        # Times carry their UTC offset, so two operators in two zones read the same instant.
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d\d:\d\d", line), line
+
+
+async def test_runs_list_shows_the_failed_node_the_error_and_the_parent(db: Database) -> None:
+    child = durable.Workflow("cli_kid")
+
+    @child.step
+    async def kid(ctx: durable.Context) -> str:
+        return "done"
+
+    parent = durable.Workflow("cli_parent")
+    parent.child_workflow("spawn", lambda ctx: ("cli_kid", {}))
+
+    @parent.step
+    async def boom(ctx: durable.Context) -> None:
+        raise durable.NonRetryable("the warehouse is on fire")
+
+    async with durable.Engine(db.dsn, workflows=[child, parent], poll_interval=0.2) as engine:
+        run_id = await engine.start("cli_parent", {})
+        async with engine.worker(poll_interval=0.1):
+            with pytest.raises(durable.RunFailed):
+                await engine.wait(run_id, timeout=30)
+        [kid_id] = (await engine.get_run(run_id)).children
+    result = await cli("--dsn", db.dsn, "runs", "list")
+    assert result.code == 0, result
+    lines = result.out.splitlines()
+    failed = next(ln for ln in lines if ln.startswith(run_id))
+    assert "failed" in failed
+    assert " boom " in failed
+    assert "the warehouse is on fire" in failed
+    kid_line = next(ln for ln in lines if ln.startswith(kid_id))
+    assert run_id in kid_line  # the PARENT column
 
 
 async def test_runs_list_filters_and_json(engine: durable.Engine, db: Database) -> None:
@@ -245,7 +287,9 @@ async def test_runs_show_json(engine: durable.Engine, db: Database) -> None:
     data = result.json()
     assert data["id"] == run_id
     assert data["status"] == "completed"
-    assert data["result"] == {"first": {"n": 0}, "second": {"doubled": 0}}
+    # The completed run's result is `results`; it is not repeated as `result`.
+    assert data["results"] == {"first": {"n": 0}, "second": {"doubled": 0}}
+    assert "result" not in data
     assert [e["key"] for e in data["journal"]] == ["first", "second"]
     assert data["journal"][1]["attempts"] == 2
     assert [(a["key"], a["attempt"]) for a in data["attempts"]] == [("second", 1)]
@@ -275,13 +319,41 @@ async def test_cancel_a_pending_run(engine: durable.Engine, db: Database) -> Non
     run_id = await engine.start("cli_echo", {"n": 1})  # no worker: it stays pending
     result = await cli("--dsn", db.dsn, "cancel", run_id)
     assert result.code == 0, result
-    status = (await engine.get_run(run_id)).status
-    assert status in (durable.RunStatus.COMPENSATING, durable.RunStatus.CANCELLED)
-    # A worker finishes the cancellation (there is nothing to compensate).
-    async with engine.worker(poll_interval=0.1):
-        with pytest.raises(durable.RunCancelled):
-            await engine.wait(run_id, timeout=30)
+    # Nothing to compensate: the run is cancelled at once, and the output says just that.
     assert (await engine.get_run(run_id)).status is durable.RunStatus.CANCELLED
+    assert f"run {run_id} cancelled" in result.out
+    assert "being cancelled" not in result.out
+    assert "compensates" not in result.out
+    again = await cli("--dsn", db.dsn, "cancel", run_id)
+    assert again.code == 1, again
+    assert "already cancelled" in again.out
+
+
+async def test_cancel_a_run_with_completed_steps_says_it_compensates(db: Database) -> None:
+    wf = durable.Workflow("cli_hold")
+
+    async def undo(ctx: durable.Context) -> None:
+        return None
+
+    @wf.step(compensate=undo)
+    async def take(ctx: durable.Context) -> str:
+        return "taken"
+
+    wf.wait_for_signal("go", "go")
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine:
+        run_id = await engine.start("cli_hold", {})
+        async with engine.worker(poll_interval=0.1):
+            with anyio.fail_after(30):
+                while (await engine.get_run(run_id)).status is not durable.RunStatus.WAITING:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+        # No worker now: the run stays `compensating` until one takes the compensation.
+        result = await cli("--dsn", db.dsn, "cancel", run_id)
+        assert result.code == 0, result
+        assert (await engine.get_run(run_id)).status is durable.RunStatus.COMPENSATING
+        assert "is being cancelled (status compensating)" in result.out
+        async with engine.worker(poll_interval=0.1):
+            with pytest.raises(durable.RunCancelled):
+                await engine.wait(run_id, timeout=30)
 
 
 async def test_cancel_an_unknown_run(db: Database) -> None:
@@ -329,6 +401,78 @@ async def test_unreachable_database_exits_3_without_the_password(args: tuple[str
         assert "u:***@127.0.0.1:1/x" in result.err
 
 
+@pytest.mark.parametrize(
+    ("dsn", "needle"),
+    [
+        ("mysql://u:secret@127.0.0.1/x", "scheme"),
+        ("postgresql://u:secret@127.0.0.1:notaport/x", "invalid DSN"),
+        ("postgresql://u:secret@[::1/x", "invalid DSN"),
+    ],
+)
+async def test_a_malformed_dsn_is_a_configuration_error(dsn: str, needle: str) -> None:
+    result = await cli("--dsn", dsn, "runs", "list")
+    assert_clean_error(result, 2, needle)
+    assert "secret" not in result.out + result.err
+
+
+async def test_a_missing_database_or_role_is_a_configuration_error(db: Database) -> None:
+    missing = with_database(db.dsn, "no_such_database_xyz")
+    result = await cli("--dsn", missing, "runs", "list")
+    assert_clean_error(result, 2, "no_such_database_xyz")
+    host = urlsplit(db.dsn).netloc.rpartition("@")[2]
+    nobody = urlunsplit(urlsplit(db.dsn)._replace(netloc=f"nobody_xyz@{host}"))
+    result = await cli("--dsn", nobody, "runs", "list")
+    assert_clean_error(result, 2, "nobody_xyz")
+
+
+async def test_a_wrong_password_is_a_configuration_error() -> None:
+    """A server of its own: the shared test server trusts every loopback connection."""
+    try:
+        server = LocalPostgres()
+    except durable.DurableError as exc:
+        pytest.skip(f"no local PostgreSQL binaries: {exc}")
+    with server:
+        conn = await asyncpg.connect(server.dsn)
+        try:
+            await conn.execute("CREATE ROLE app LOGIN PASSWORD 'right-one'")
+            (server.data_dir / "pg_hba.conf").write_text(
+                "host all all 127.0.0.1/32 scram-sha-256\n"
+            )
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        dsn = f"postgresql://app:wrong-one@127.0.0.1:{server.port}/postgres"
+        result = await cli("--dsn", dsn, "runs", "list")
+    assert_clean_error(result, 2, "password")
+    assert "wrong-one" not in result.out + result.err
+
+
+async def test_a_server_that_never_answers_times_out_with_a_reason() -> None:
+    # Accepts TCP connections (the kernel completes the handshake) but never speaks.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        began = anyio.current_time()
+        result = await cli("--dsn", f"postgresql://u:secret@127.0.0.1:{port}/x", "runs", "list")
+        took = anyio.current_time() - began
+    assert_clean_error(result, 3, "no answer within 10 s", f"127.0.0.1:{port}")
+    assert took < 40, took  # the default connect timeout is 10 s, not asyncpg's 60 s
+
+
+async def test_errors_are_json_under_json(db: Database) -> None:
+    result = await cli("--dsn", db.dsn, "--json", "runs", "show", "01NOSUCHRUN")
+    assert_clean_error(result, 2, "no run")
+    error = result.json()["error"]
+    assert error["exit_code"] == 2
+    assert error["type"] == "RunNotFound"
+    assert "01NOSUCHRUN" in error["message"]
+    down = await cli("--dsn", UNREACHABLE, "--json", "runs", "list")
+    assert down.code == 3
+    assert down.json()["error"]["exit_code"] == 3
+    assert "secret" not in down.out
+
+
 async def test_password_in_a_query_parameter_is_not_printed() -> None:
     result = await cli("--dsn", "postgresql://u@127.0.0.1:1/x?password=hunter2", "runs", "list")
     assert_clean_error(result, 3)
@@ -363,13 +507,32 @@ def make_engine() -> durable.Engine:
     return durable.Engine(os.environ["CLI_APP_DSN"], workflows=[wf], poll_interval=0.2)
 
 
+def main() -> None:
+    """The application's entry point: `durable worker cli_app:main` must never call it."""
+    open(os.environ["CLI_APP_MARKER"], "w").close()
+
+
+# The definition of the test's `cli_echo` workflow, for `durable start`; the test process
+# runs its worker.
+echo = durable.Workflow("cli_echo")
+echo.step("first", record)
+echo.step("second", record)
+echo_engine = durable.Engine(os.environ["CLI_APP_DSN"], workflows=[wf, echo])
+
 not_an_engine = 42
 '''
+
+BROKEN_APP = """
+import durable
+
+raise RuntimeError("kaboom while importing")
+"""
 
 
 @pytest.fixture
 def app_dir(tmp_path: Path) -> Path:
     (tmp_path / "cli_app.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "broken_app.py").write_text(textwrap.dedent(BROKEN_APP))
     return tmp_path
 
 
@@ -446,14 +609,39 @@ async def test_worker_runs_jobs_and_stops_gracefully(
         ("no_such_module_xyz:engine", "cannot import module 'no_such_module_xyz'"),
         ("cli_app:missing", "no attribute 'missing'"),
         ("cli_app:not_an_engine", "not a durable.Engine"),
+        ("cli_app:main", "not an engine factory, so it was not called"),
+        ("cli_app.py:engine", "try cli_app:engine"),
+        ("./cli_app.py:engine", "try cli_app:engine"),
+        ("broken_app:engine", "kaboom while importing"),
     ],
 )
 async def test_worker_with_a_bad_target(
     db: Database, app_dir: Path, target: str, needle: str
 ) -> None:
-    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)}
+    marker = app_dir / "main-was-called"
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir), "CLI_APP_MARKER": str(marker)}
     result = await cli("worker", target, env=env)
     assert_clean_error(result, 2, needle)
+    assert not marker.exists(), "the user's main() was called"
+
+
+async def test_an_import_error_shows_its_traceback_under_debug(app_dir: Path) -> None:
+    env = {"CLI_APP_DSN": UNREACHABLE, "PYTHONPATH": str(app_dir)}
+    quiet = await cli("worker", "broken_app:engine", env=env)
+    assert_clean_error(quiet, 2, "kaboom", "--log-level debug")
+    loud = await cli("--log-level", "debug", "worker", "broken_app:engine", env=env)
+    assert loud.code == 2, loud
+    assert "Traceback" in loud.err
+    assert 'raise RuntimeError("kaboom while importing")' in loud.err
+
+
+async def test_worker_no_migrate_on_an_unmigrated_database_exits_2(
+    empty_db: str, app_dir: Path
+) -> None:
+    env = {"CLI_APP_DSN": empty_db, "PYTHONPATH": str(app_dir)}
+    result = await cli("worker", "cli_app:engine", "--no-migrate", env=env, timeout=30)
+    assert_clean_error(result, 2, "run `durable migrate` first")
+    assert "ready" not in result.err
 
 
 async def test_worker_with_an_unreachable_database(app_dir: Path) -> None:
@@ -537,3 +725,75 @@ async def test_purge_deletes_old_finished_runs(engine: durable.Engine, db: Datab
     assert "purged 1" in purged.out
     gone = await cli("--dsn", db.dsn, "runs", "show", run_id)
     assert gone.code == 2
+
+
+# -- start ----------------------------------------------------------------------------------
+
+
+async def test_start_and_wait_through_the_app_engine(
+    engine: durable.Engine, db: Database, app_dir: Path
+) -> None:
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)}
+    async with engine.worker(poll_interval=0.1):  # serves cli_echo with the test's handlers
+        done = await cli(
+            "start", "cli_echo", '{"n": 21}', "--app", "cli_app:echo_engine", "--wait", env=env
+        )
+        assert done.code == 0, done
+        assert "completed" in done.out
+        assert '"doubled": 42' in done.out
+        from_env = {**env, "DURABLE_APP": "cli_app:echo_engine"}
+        as_json = await cli("--json", "start", "cli_echo", '{"n": 2}', "--wait", env=from_env)
+        assert as_json.code == 0, as_json
+        data = as_json.json()
+        assert data["status"] == "completed"
+        assert data["results"]["second"] == {"doubled": 4}
+    # Without --wait: the run id, and the same one again for the same idempotency key.
+    args = ("start", "cli_echo", '{"n": 1}', "--app", "cli_app:echo_engine")
+    first = await cli(*args, "--idempotency-key", "k-1", env=env)
+    second = await cli(*args, "--idempotency-key", "k-1", env=env)
+    assert first.code == second.code == 0, (first, second)
+    assert first.out.strip() == second.out.strip()
+    assert (await engine.get_run(first.out.strip())).input == {"n": 1}
+
+
+async def test_start_wait_without_a_worker_is_not_done(db: Database, app_dir: Path) -> None:
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)}
+    result = await cli(
+        "start", "cli_echo", "--app", "cli_app:echo_engine", "--wait", "--timeout", "1", env=env
+    )
+    assert result.code == 1, result
+    assert "still pending after 1 s" in result.out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("start", "cli_echo"), "--app MODULE:ENGINE"),
+        (("start", "cli_echo", "[1, 2]", "--app", "cli_app:echo_engine"), "JSON object"),
+        (("start", "cli_echo", "{nope", "--app", "cli_app:echo_engine"), "not valid JSON"),
+        (("start", "nope", "--app", "cli_app:echo_engine"), "registers: cli_app, cli_echo"),
+    ],
+)
+async def test_start_mistakes_are_usage_errors(
+    db: Database, app_dir: Path, args: tuple[str, ...], needle: str
+) -> None:
+    result = await cli(*args, env={"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)})
+    assert_clean_error(result, 2, needle)
+
+
+async def test_a_dsn_the_engine_overrides_is_reported(
+    engine: durable.Engine, db: Database, app_dir: Path
+) -> None:
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(app_dir)}
+    other = "postgresql://someone:hunter2@127.0.0.1:1/elsewhere"
+    result = await cli("--dsn", other, "start", "cli_echo", "--app", "cli_app:echo_engine", env=env)
+    assert result.code == 0, result
+    assert "--dsn postgresql://someone:***@127.0.0.1:1/elsewhere is ignored" in result.err
+    assert "cli_app:echo_engine uses its DSN" in result.err
+    assert "hunter2" not in result.err
+    assert (await engine.get_run(result.out.strip())).workflow == "cli_echo"
+    from_env = await cli(
+        "start", "cli_echo", "--app", "cli_app:echo_engine", env={**env, "DURABLE_DSN": other}
+    )
+    assert from_env.code == 0, from_env
+    assert "$DURABLE_DSN postgresql://someone:***@" in from_env.err

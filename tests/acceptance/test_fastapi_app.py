@@ -196,6 +196,43 @@ async def test_order_lifecycle_over_http(db: Database, tmp_path: Path) -> None:
         await conn.close()
 
 
+async def test_client_mistakes_are_4xx_json_not_500(db: Database, tmp_path: Path) -> None:
+    async with uvicorn(db.dsn, tmp_path, "server") as server:
+        client = server.client
+        started = await client.post("/orders", json={"items": ["A1"]})
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+
+        # A body that is not JSON: refused before it reaches durable.
+        plain = {"content-type": "text/plain"}
+        response = await client.post("/orders", content=b"two keyboards", headers=plain)
+        assert response.status_code == 415, response.text
+        assert "application/json" in response.json()["detail"]
+        response = await client.post(
+            f"/runs/{run_id}/signals/approved", content=b"yes", headers=plain
+        )
+        assert response.status_code == 415, response.text
+
+        # JSON that PostgreSQL cannot store (a NUL character): SerializationError -> 422.
+        response = await client.post("/orders", json={"items": ["A\u0000"]})
+        assert response.status_code == 422, response.text
+        assert "NUL" in response.json()["detail"]
+        response = await client.post(f"/runs/{run_id}/signals/approved", json={"by": "\u0000"})
+        assert response.status_code == 422, response.text
+
+        # An unknown run: RunNotFound -> 404, as JSON.
+        unknown = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        response = await client.post(f"/runs/{unknown}/signals/approved", json={})
+        assert response.status_code == 404, response.text
+        assert unknown in response.json()["detail"]
+
+        # A signal without a body (payload None) is still fine.
+        response = await client.post(f"/runs/{run_id}/signals/approved")
+        assert response.status_code == 202, response.text
+        assert "Traceback" not in server.log, server.log
+        server.assert_stopped_gracefully(await server.stop())
+
+
 @asynccontextmanager
 async def ship_blocked(
     conn: asyncpg.Connection, server: Server, run_id: str

@@ -18,7 +18,7 @@ def test_the_wheel_contains_the_sql_and_py_typed(tmp_path: Path) -> None:
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("durable-*.whl")
+    (wheel,) = tmp_path.glob("durable_pg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     sql_files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "sql").rglob("*.sql")}
     assert sql_files, "the repository has no SQL files?"
