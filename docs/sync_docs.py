@@ -195,12 +195,19 @@ def _signature(name: str, obj: Callable[..., Any], *, keyword: str = "def") -> s
 
 
 def _members(cls: type) -> Iterator[tuple[str, Any]]:
-    """Public members defined on `cls` itself, in source order."""
-    for name, value in vars(cls).items():
-        if name.startswith("_"):
+    """Public members of `cls` and of its durable base classes, in source order."""
+    seen: set[str] = set()
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("durable"):
             continue
-        if isinstance(value, property | staticmethod | classmethod) or inspect.isfunction(value):
-            yield name, value
+        for name, value in vars(klass).items():
+            if name.startswith("_") or name in seen:
+                continue
+            if isinstance(value, property | staticmethod | classmethod) or inspect.isfunction(
+                value
+            ):
+                seen.add(name)
+                yield name, value
 
 
 def _render_object(path: str, obj: Any) -> list[str]:

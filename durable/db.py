@@ -126,6 +126,13 @@ def dumps(value: Any, what: str) -> str:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None
     if "\x00" in text or _ESCAPED_NUL.search(text):
         raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"{what} contains a lone surrogate ({exc.object[exc.start : exc.end]!r}), which is "
+            "not valid UTF-8 and cannot be stored"
+        ) from None
     return text
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from durable.migrate import migrate
 from durable.server import provision
+from tests.invariant import violations
 
 TEMPLATE = "durable_test_template"
 
@@ -64,12 +65,16 @@ async def db(server_dsn: str, template_dsn: str) -> AsyncIterator[Database]:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
     finally:
         await admin.close()
-    yield Database(name=name, dsn=with_database(server_dsn, name))
+    database = Database(name=name, dsn=with_database(server_dsn, name))
+    yield database
+    # The global invariant (tests/invariant.py), after every test with a database.
+    broken = await violations(database.dsn)
     admin = await asyncpg.connect(server_dsn)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+    assert not broken, "invariant broken:\n" + "\n".join(broken)
 
 
 @pytest.fixture

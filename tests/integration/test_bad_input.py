@@ -734,6 +734,7 @@ async def test_a_branch_added_while_branches_are_in_flight_leaves_the_run_to_its
             return [a.key for a in run.attempts] == ["p#slow"] and "fast attempt 1" in log
 
         await eventually(slow_failed_once)
+    async with open_engine(db, old) as engine:  # no worker: make the slow branch due now
         await execute(engine, "UPDATE durable.jobs SET run_at = now() WHERE run_id = $1", run_id)
     log.clear()
     async with running_engine(db, new) as engine:

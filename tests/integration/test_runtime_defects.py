@@ -627,17 +627,18 @@ async def test_a_signal_timeout_beyond_the_datetime_range_is_bounded(db: Any) ->
 
 
 async def test_retry_after_nodes_were_removed_from_the_end_is_bounded(db: Any) -> None:
-    """Defect 6, retry after a shrink: a run that failed at its last node c is retried,
-    twice, under code that no longer declares c. Each retry must end the run (completed, or
-    failed with a clear error) within a deadline, and a, b never run again. Today a failed
-    journal row left behind by the first retry makes every later attempt hit a duplicate
-    key, and the job is retried forever."""
+    """Defect 6, retry after a shrink: a run that failed at its last node c is retried under
+    code that no longer declares c. The run is pinned to the shape it started with, so that
+    worker never touches it (no loop, no attempt); a worker of the old shape then runs c
+    again, once per retry, each retry ending cleanly (the old runtime hit a duplicate
+    journal key on every attempt after the first retry and retried the job forever)."""
     calls: Counter[str] = Counter()
     v1 = durable.Workflow("shrink")
     v1.step("a", counting("a", calls)).step("b", counting("b", calls))
 
     @v1.step
     async def c(ctx: durable.Context) -> None:
+        calls["c"] += 1
         raise durable.NonRetryable("c is broken")
 
     v2 = durable.Workflow("shrink")
@@ -648,17 +649,24 @@ async def test_retry_after_nodes_were_removed_from_the_end_is_bounded(db: Any) -
         assert (await until_finished(engine, run_id)).status.value == "failed"
 
     async with running_engine(db, v2) as engine:
-        for _ in range(2):
-            run = await engine.get_run(run_id)
-            if run.status.value != "failed":
-                break
-            assert await engine.retry(run_id) is True
+        assert await engine.retry(run_id) is True
+        assert await engine.retry(run_id) is False  # not failed any more: it waits
+        fresh = await engine.start(v2)
+        await engine.wait(fresh, timeout=10)  # the worker claimed past the older job
+        assert (await engine.get_run(run_id)).status.value == "running"
+        assert await attempt_rows(engine, run_id, "c") == 1
+    assert calls == {"a": 2, "b": 2, "c": 1}  # a and b: once for each run
+
+    async with running_engine(db, v1) as engine:
+        for expected in (2, 3):
             run = await until_finished(engine, run_id, timeout=6)
-            assert run.status.value in ("completed", "failed"), await describe(engine, run_id)
-            if run.status.value == "failed":
-                assert run.error
-        assert calls == {"a": 1, "b": 1}
+            assert run.status.value == "failed", await describe(engine, run_id)
+            assert run.error == "NonRetryable: c is broken"
+            assert await attempt_rows(engine, run_id, "c") == expected
+            if expected == 2:
+                assert await engine.retry(run_id) is True
         assert await jobs_of(engine, run_id) == 0
+    assert calls == {"a": 2, "b": 2, "c": 3}
 
 
 # -- 7: retry after compensation -------------------------------------------------------------
