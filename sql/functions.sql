@@ -160,6 +160,26 @@ BEGIN
 END
 $$;
 
+-- Whether transaction `p_xid` (a tuple's raw xmax) aborted: a job whose last locker aborted
+-- was most likely held by a worker that died mid-job. PostgreSQL 15 has no xid -> xid8 cast:
+-- the epoch is taken from the current snapshot (an xmax is never in the future).
+CREATE OR REPLACE FUNCTION __SCHEMA__.aborted_v1(p_xid xid) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_next bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    v_full bigint := p_xid::text::bigint;
+BEGIN
+    IF v_full < 3 THEN  -- 0: never locked; 1, 2: frozen and bootstrap ids
+        RETURN false;
+    END IF;
+    v_full := (v_next & ~4294967295::bigint) | v_full;
+    IF v_full >= v_next THEN
+        v_full := v_full - 4294967296;
+    END IF;
+    RETURN v_full > 0 AND pg_xact_status(v_full::text::xid8) = 'aborted';
+END
+$$;
+
 -- Claim a job of the workflow engine and read the run it belongs to. `p_job` claims that
 -- job (a worker continuing a run; with `p_token`, the holder of its lease); otherwise the
 -- most urgent due job of `p_queues`. The run is locked (jobs before runs), except for
@@ -172,12 +192,15 @@ RETURNS TABLE (
     status text, input text, "cursor" integer, current_node text, iteration integer,
     attempt integer, epoch integer, wake_at timestamptz, waiting_for text, child_id text,
     branches text[], error text, parent_id text, ending text, now timestamptz,
-    results text, replay text, cancel text
+    results text, replay text, cancel text, suspicious boolean
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    j __SCHEMA__.jobs%ROWTYPE;
+    -- The job, and its xmax before this claim locked it (a locking SELECT returns the row
+    -- as it was scanned): the transaction that locked it last.
+    j record;
+    v_found boolean := false;
     -- The clock now, not the transaction's start: a worker's transaction may have begun
     -- before a job that is due by now was even inserted.
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -185,32 +208,45 @@ DECLARE
 BEGIN
     IF p_job IS NULL THEN
         OPEN c FOR
-            SELECT * FROM __SCHEMA__.jobs
+            SELECT jobs.id, jobs.queue, jobs.task, jobs.branch, jobs.run_id, jobs.lease_token,
+                   jobs.xmax AS locker
+            FROM __SCHEMA__.jobs
             WHERE run_at <= v_now AND queue = ANY (p_queues)
-            ORDER BY priority DESC, run_at, id
+            ORDER BY priority DESC, run_at, jobs.id
             FOR UPDATE SKIP LOCKED;
         LOOP
             FETCH c INTO j;
-            EXIT WHEN j.id IS NULL
-                OR j.task = 'branch'
-                OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0));
+            EXIT WHEN NOT FOUND;
+            IF j.task = 'branch'
+               OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
+                v_found := true;
+                EXIT;
+            END IF;
         END LOOP;
         CLOSE c;
     ELSIF p_token IS NOT NULL THEN
         -- The lease holder settles: the job is its own, unless the lease lapsed and another
         -- worker took it over.
-        SELECT * INTO j FROM __SCHEMA__.jobs WHERE jobs.id = p_job AND lease_token = p_token
+        SELECT jobs.id, jobs.queue, jobs.task, jobs.branch, jobs.run_id, jobs.lease_token,
+               jobs.xmax AS locker
+        INTO j
+        FROM __SCHEMA__.jobs
+        WHERE jobs.id = p_job AND lease_token = p_token
         FOR UPDATE;
+        v_found := FOUND;
     ELSE
-        SELECT * INTO j FROM __SCHEMA__.jobs
+        SELECT jobs.id, jobs.queue, jobs.task, jobs.branch, jobs.run_id, jobs.lease_token,
+               jobs.xmax AS locker
+        INTO j
+        FROM __SCHEMA__.jobs
         WHERE jobs.id = p_job AND run_at <= v_now
         FOR UPDATE SKIP LOCKED;
-        IF j.id IS NOT NULL AND j.task <> 'branch'
-           AND NOT pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
-            RETURN;
-        END IF;
+        v_found := FOUND AND (
+            j.task = 'branch'
+            OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0))
+        );
     END IF;
-    IF j.id IS NULL THEN
+    IF NOT v_found THEN
         RETURN;
     END IF;
     IF j.task <> 'branch' THEN
@@ -233,7 +269,8 @@ BEGIN
                AND e.key = CASE WHEN j.task = 'branch'
                                 THEN r.current_node || '#' || j.branch
                                 ELSE r.current_node END),
-           (SELECT q.reason FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id)
+           (SELECT q.reason FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id),
+           __SCHEMA__.aborted_v1(j.locker)
     FROM __SCHEMA__.runs r
     WHERE r.id = j.run_id;
 END

@@ -93,7 +93,7 @@ def _state(row: asyncpg.Record) -> RunState:
     )
 
 
-def _job(row: asyncpg.Record | None, *, fresh: bool) -> Job | None:
+def _job(row: asyncpg.Record | None) -> Job | None:
     if row is None:
         return None
     return Job(
@@ -101,7 +101,7 @@ def _job(row: asyncpg.Record | None, *, fresh: bool) -> Job | None:
         queue=row["queue"],
         task=row["task"],
         run_id=row["run_id"],
-        payload={"fresh": fresh},
+        payload={"suspicious": row["suspicious"]},
         priority=0,
         attempts=0,
         lease_token=row["lease_token"],
@@ -227,18 +227,20 @@ class Runner:
 
     async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
         """Worker claim hook: the most urgent due job, with its run locked and read."""
-        return _job(await conn.fetchrow(self.q["claim"], list(queues)), fresh=True)
+        return _job(await conn.fetchrow(self.q["claim"], list(queues)))
 
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
         """Worker follow hook: commit, then claim the job the last transition handed on."""
         await conn.execute("COMMIT; BEGIN")
-        return _job(await conn.fetchrow(self.q["claim_by_id"], job_id), fresh=False)
+        return _job(await conn.fetchrow(self.q["claim_by_id"], job_id))
 
-    async def _lost(self, job: Job) -> bool:
-        """Count a fresh claim outside the job's transaction (a worker that dies mid-job
-        rolls that transaction back); True when workers died holding it too often."""
-        if not job.payload.get("fresh"):
-            return False  # handed on by this worker's own commit: nobody died holding it
+    async def _lost(self, job: Job) -> bool | None:
+        """None when the job's last locker committed (or nobody locked it). Otherwise its
+        claimer most likely died mid-job: count the claim outside the job's transaction
+        (which rolls back if this worker dies too) and say whether that happened too often
+        in a row."""
+        if not job.payload.get("suspicious"):
+            return None
         async with self.pool.acquire() as c:
             n: int = await c.fetchval(self.q["count_claim"], job.id)
         return n > self.max_claims
@@ -250,7 +252,7 @@ class Runner:
         s: RunState = job.prefetched
         wf = self.by_queue[job.queue]
         lost = await self._lost(job)
-        v = _Visit(self, conn, s, wf, lost)
+        v = _Visit(self, conn, s, wf, bool(lost))
         try:
             if s.lease_token is not None:
                 await conn.execute(self.q["release_lease"], s.job_id)
@@ -258,7 +260,7 @@ class Runner:
             if isinstance(transition, Lease):
                 return await self._lease(v, wf)
             follow = await self._apply(v, wf, transition)
-            if lost:
+            if lost is not None:  # committed with the work: the count is of deaths in a row
                 await conn.execute(self.q["forget_claims"], job.id)
         finally:
             for c in v.conns:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from durable.context import Context
 from durable.db import dumps
 from durable.errors import NonRetryable, SerializationError
-from durable.workflow import MAX_WAIT, Workflow, default_backoff
+from durable.workflow import MAX_WAIT, Workflow, default_backoff, resolve
 
 log = logging.getLogger("durable.runtime")
 
@@ -331,3 +331,11 @@ def after_failure(
 def gathered(parts: Mapping[str, str], order: tuple[str, ...], what: str) -> str:
     """The JSON of `{key: result}` in `order`, from stored JSON results."""
     return dumps({k: json.loads(parts[k]) for k in order}, what)
+
+
+async def computed(v: Visit, what: str, ctx: Context, value: Any) -> Outcome:
+    """A node option that is a value or a function of the context: a value is taken as it
+    is; a function runs as an attempt of the node."""
+    if not callable(value):
+        return Ok(value, "")
+    return await v.call(what, ctx, lambda: resolve(value, ctx), store=False)

@@ -13,9 +13,10 @@ from durable.runtime.transition import (
     Transition,
     Visit,
     after_failure,
+    computed,
     to_json,
 )
-from durable.workflow import WaitForSignal, resolve
+from durable.workflow import WaitForSignal
 
 
 async def visit(v: Visit, node: WaitForSignal) -> Transition:
@@ -25,9 +26,7 @@ async def visit(v: Visit, node: WaitForSignal) -> Transition:
     first = name is None
     if name is None:
         ctx = v.context(node.name)
-        out = await v.call(
-            f"wait_for_signal {node.name!r}", ctx, lambda: resolve(node.signal, ctx), store=False
-        )
+        out = await computed(v, f"wait_for_signal {node.name!r}", ctx, node.signal)
         if isinstance(out, Err):
             return after_failure(s, node.name, out.error, 1, lambda _: 0.0)
         if not isinstance(out.value, str) or not out.value or "\x00" in out.value:

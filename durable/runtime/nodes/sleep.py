@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from durable.runtime.transition import Complete, Err, Park, Transition, Visit, after_failure
-from durable.workflow import MAX_WAIT, Sleep, SleepUntil, is_seconds, resolve
+from durable.runtime.transition import (
+    Complete,
+    Err,
+    Park,
+    Transition,
+    Visit,
+    after_failure,
+    computed,
+)
+from durable.workflow import MAX_WAIT, Sleep, SleepUntil, is_seconds
 
 
 async def visit(v: Visit, node: Sleep | SleepUntil) -> Transition:
@@ -15,9 +23,7 @@ async def visit(v: Visit, node: Sleep | SleepUntil) -> Transition:
         return Park(s.wake_at) if s.wake_at > s.now else Complete("null")
     ctx = v.context(node.name)
     if isinstance(node, Sleep):
-        out = await v.call(
-            f"sleep {node.name!r}", ctx, lambda: resolve(node.seconds, ctx), store=False
-        )
+        out = await computed(v, f"sleep {node.name!r}", ctx, node.seconds)
         if isinstance(out, Err):
             return after_failure(s, node.name, out.error, 1, lambda _: 0.0)
         if not is_seconds(out.value):
@@ -28,9 +34,7 @@ async def visit(v: Visit, node: Sleep | SleepUntil) -> Transition:
             return after_failure(s, node.name, bad, 1, lambda _: 0.0)
         wake_at = s.now + timedelta(seconds=float(out.value))
     else:
-        out = await v.call(
-            f"sleep_until {node.name!r}", ctx, lambda: resolve(node.when, ctx), store=False
-        )
+        out = await computed(v, f"sleep_until {node.name!r}", ctx, node.when)
         if isinstance(out, Err):
             return after_failure(s, node.name, out.error, 1, lambda _: 0.0)
         when = out.value
