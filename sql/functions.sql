@@ -49,21 +49,28 @@ $$;
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Its statements are the same for every run: plan them once per session.
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
-    r __SCHEMA__.runs%ROWTYPE;
+    r record;
     v_now timestamptz := __SCHEMA__.now_v1();
     v_task text;
     v_due timestamptz;
     v_job bigint;
     v_run_at timestamptz;
     v_leased boolean;
+    v_jobs integer;
+    v_open text[];
 BEGIN
-    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    SELECT id, queue, status, current_node, wake_at, waiting_for, child_id, branches,
+           finished_at IS NOT NULL AS finished
+    INTO r FROM __SCHEMA__.runs WHERE id = p_run;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF r.finished_at IS NOT NULL THEN
+    IF r.finished THEN
         v_task := NULL;
         DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
     ELSIF r.status = 'compensating' THEN
@@ -75,6 +82,13 @@ BEGIN
         v_due := v_now;
     ELSIF r.branches IS NOT NULL THEN
         v_task := NULL;
+        -- the branches that have not committed: one job each
+        SELECT array_agg(b) INTO v_open FROM unnest(r.branches) AS b
+        WHERE NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.journal e
+            WHERE e.run_id = p_run AND e.key = r.current_node || '#' || b
+              AND e.status = 'completed'
+        );
     ELSIF r.child_id IS NOT NULL THEN
         IF NOT EXISTS (
             SELECT 1 FROM __SCHEMA__.runs c WHERE c.id = r.child_id AND c.finished_at IS NULL
@@ -98,27 +112,25 @@ BEGIN
         v_due := coalesce(r.wake_at, v_now);
     END IF;
 
-    -- What the state does not need goes, unless another transaction holds it.
-    DELETE FROM __SCHEMA__.jobs WHERE id IN (
-        SELECT j.id FROM __SCHEMA__.jobs j
-        WHERE j.run_id = p_run
-          AND NOT coalesce(j.task = v_task, false)
-          AND NOT (
-            j.task = 'branch' AND v_task IS NULL AND r.branches IS NOT NULL
-            AND r.finished_at IS NULL AND j.branch = ANY (r.branches)
-            AND NOT EXISTS (
-                SELECT 1 FROM __SCHEMA__.journal e
-                WHERE e.run_id = p_run AND e.key = r.current_node || '#' || j.branch
-                  AND e.status = 'completed'
-            )
-          )
-        FOR UPDATE SKIP LOCKED
-    );
+    -- The run's jobs as they are (whoever holds them) against what the state needs.
+    SELECT count(*),
+           max(j.id) FILTER (WHERE j.task = v_task AND j.branch IS NULL),
+           max(j.run_at) FILTER (WHERE j.task = v_task AND j.branch IS NULL),
+           bool_or(j.lease_token IS NOT NULL) FILTER (WHERE j.task = v_task AND j.branch IS NULL)
+    INTO v_jobs, v_job, v_run_at, v_leased
+    FROM __SCHEMA__.jobs j WHERE j.run_id = p_run;
+    IF v_jobs > (CASE WHEN v_job IS NULL THEN 0 ELSE 1 END) THEN
+        -- Something the state does not need: it goes, unless another transaction holds it.
+        DELETE FROM __SCHEMA__.jobs WHERE id IN (
+            SELECT j.id FROM __SCHEMA__.jobs j
+            WHERE j.run_id = p_run
+              AND j.id IS DISTINCT FROM v_job
+              AND NOT (j.task = 'branch' AND j.branch = ANY (coalesce(v_open, '{}')))
+            FOR UPDATE SKIP LOCKED
+        );
+    END IF;
 
     IF v_task IS NOT NULL THEN
-        SELECT j.id, j.run_at, j.lease_token IS NOT NULL INTO v_job, v_run_at, v_leased
-        FROM __SCHEMA__.jobs j
-        WHERE j.run_id = p_run AND j.task = v_task AND j.branch IS NULL;
         IF v_job IS NULL THEN
             INSERT INTO __SCHEMA__.jobs (queue, task, run_id, run_at)
             VALUES (r.queue, v_task, p_run, v_due)
@@ -142,41 +154,16 @@ BEGIN
         IF v_job IS NOT NULL AND NOT v_leased AND v_run_at <= v_now THEN
             RETURN v_job;
         END IF;
-    ELSIF r.branches IS NOT NULL AND r.finished_at IS NULL AND r.status <> 'compensating' THEN
+    ELSIF v_open IS NOT NULL THEN
         INSERT INTO __SCHEMA__.jobs (queue, task, run_id, branch)
-        SELECT r.queue, 'branch', p_run, b FROM unnest(r.branches) AS b
+        SELECT r.queue, 'branch', p_run, b FROM unnest(v_open) AS b
         WHERE NOT EXISTS (
-                SELECT 1 FROM __SCHEMA__.jobs j
-                WHERE j.run_id = p_run AND j.task = 'branch' AND j.branch = b
-            )
-          AND NOT EXISTS (
-                SELECT 1 FROM __SCHEMA__.journal e
-                WHERE e.run_id = p_run AND e.key = r.current_node || '#' || b
-                  AND e.status = 'completed'
-            )
+            SELECT 1 FROM __SCHEMA__.jobs j
+            WHERE j.run_id = p_run AND j.task = 'branch' AND j.branch = b
+        )
         ON CONFLICT DO NOTHING;
     END IF;
     RETURN NULL;
-END
-$$;
-
--- Whether transaction `p_xid` (a tuple's raw xmax) aborted: a job whose last locker aborted
--- was most likely held by a worker that died mid-job. PostgreSQL 15 has no xid -> xid8 cast:
--- the epoch is taken from the current snapshot (an xmax is never in the future).
-CREATE OR REPLACE FUNCTION __SCHEMA__.aborted_v1(p_xid xid) RETURNS boolean
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_next bigint := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
-    v_full bigint := p_xid::text::bigint;
-BEGIN
-    IF v_full < 3 THEN  -- 0: never locked; 1, 2: frozen and bootstrap ids
-        RETURN false;
-    END IF;
-    v_full := (v_next & ~4294967295::bigint) | v_full;
-    IF v_full >= v_next THEN
-        v_full := v_full - 4294967296;
-    END IF;
-    RETURN v_full > 0 AND pg_xact_status(v_full::text::xid8) = 'aborted';
 END
 $$;
 
@@ -185,8 +172,11 @@ $$;
 -- most urgent due job of `p_queues`. The run is locked (jobs before runs), except for
 -- branch jobs, so that branches of one node run side by side. A run a client is changing (cancel, signal: they hold the run's
 -- advisory lock) is left to that client; the job skipped stays locked until this
--- transaction ends, and whoever claims it next finds the run as the client left it.
-CREATE OR REPLACE FUNCTION __SCHEMA__.claim_v1(p_queues text[], p_job bigint, p_token uuid)
+-- transaction ends, and whoever claims it next finds the run as the client left it. The
+-- results mapping is only read when `p_results` is set (a worker continuing a run knows it).
+CREATE OR REPLACE FUNCTION __SCHEMA__.claim_v1(
+    p_queues text[], p_job bigint, p_token uuid, p_results boolean
+)
 RETURNS TABLE (
     id bigint, queue text, task text, branch text, run_id text, lease_token uuid, workflow text,
     status text, input text, "cursor" integer, current_node text, iteration integer,
@@ -194,13 +184,18 @@ RETURNS TABLE (
     branches text[], error text, parent_id text, ending text, now timestamptz,
     results text, replay text, cancel text, suspicious boolean
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
     -- The job, and its xmax before this claim locked it (a locking SELECT returns the row
     -- as it was scanned): the transaction that locked it last.
     j record;
     v_found boolean := false;
+    v_xid bigint;
+    v_next bigint;
+    v_suspicious boolean := false;
     -- The clock now, not the transaction's start: a worker's transaction may have begun
     -- before a job that is due by now was even inserted.
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -249,6 +244,18 @@ BEGIN
     IF NOT v_found THEN
         RETURN;
     END IF;
+    -- Whether the job's last locker aborted: a job whose claimer died mid-job looks so.
+    -- (PostgreSQL 15 has no xid -> xid8 cast: the epoch comes from the current snapshot, as
+    -- an xmax is never in the future.)
+    v_xid := j.locker::text::bigint;
+    IF v_xid >= 3 THEN  -- 0: never locked; 1, 2: bootstrap and frozen ids
+        v_next := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+        v_xid := (v_next & ~4294967295::bigint) | v_xid;
+        IF v_xid >= v_next THEN
+            v_xid := v_xid - 4294967296;
+        END IF;
+        v_suspicious := v_xid > 0 AND pg_xact_status(v_xid::text::xid8) = 'aborted';
+    END IF;
     IF j.task <> 'branch' THEN
         -- Locked in a statement of its own: a read in the same statement would see the run
         -- as it was before waiting for its lock.
@@ -263,14 +270,15 @@ BEGIN
                  AND a.epoch = r.epoch
            ) ELSE r.attempt END,
            r.epoch, r.wake_at, r.waiting_for, r.child_id, r.branches, r.error, r.parent_id,
-           r.ending, v_now, __SCHEMA__.run_results_v1(r.id)::text,
+           r.ending, v_now,
+           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(r.id)::text END,
            (SELECT e.result::text FROM __SCHEMA__.journal e
              WHERE e.run_id = r.id AND e.status = 'completed'
                AND e.key = CASE WHEN j.task = 'branch'
                                 THEN r.current_node || '#' || j.branch
                                 ELSE r.current_node END),
            (SELECT q.reason FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id),
-           __SCHEMA__.aborted_v1(j.locker)
+           v_suspicious
     FROM __SCHEMA__.runs r
     WHERE r.id = j.run_id;
 END
@@ -282,7 +290,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
 ) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_id text;
 BEGIN
@@ -305,7 +315,9 @@ $$;
 -- gets its job, and whoever waits for it (Engine.wait) hears of it, with a small result
 -- riding along (a notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_parent text;
     v_queue text;
@@ -341,15 +353,20 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v1(
     p_run text, p_node text, p_result text, p_attempts integer, p_started timestamptz,
     p_replay boolean, p_cursor integer, p_next text, p_consume bigint
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_now timestamptz := __SCHEMA__.now_v1();
 BEGIN
     IF NOT p_replay THEN
-        INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
+        INSERT INTO __SCHEMA__.journal
+            (run_id, key, node, status, result, attempts, started_at, finished_at)
         VALUES (p_run, p_node, p_node, 'completed', p_result::jsonb, p_attempts,
-                coalesce(p_started, __SCHEMA__.now_v1()));
+                coalesce(p_started, v_now), v_now);
     END IF;
     IF p_consume IS NOT NULL THEN
-        UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = __SCHEMA__.now_v1()
+        UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = v_now
         WHERE id = p_consume;
     END IF;
     IF p_next IS NULL THEN
@@ -365,7 +382,7 @@ BEGIN
     UPDATE __SCHEMA__.runs
     SET cursor = p_cursor, current_node = p_next, status = 'running', iteration = 0,
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-        updated_at = __SCHEMA__.now_v1()
+        updated_at = v_now
     WHERE id = p_run;
     RETURN __SCHEMA__.ensure_jobs_v1(p_run);
 END
@@ -378,7 +395,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz,
     p_delay float8, p_job bigint
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
     SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()), epoch
@@ -408,7 +427,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_run text, p_key text, p_node text, p_attempt integer, p_error text,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
         INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
@@ -437,7 +458,9 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = 'waiting', wake_at = p_wake_at, waiting_for = p_signal,
@@ -452,7 +475,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_run text, p_node text, p_index integer, p_result text, p_attempts integer,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
     VALUES (p_run, p_node || '#' || p_index, p_node, 'completed', p_result::jsonb, p_attempts,
@@ -468,7 +493,9 @@ $$;
 -- A parallel node fans out: its branches `p_branches` each get a job.
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET branches = p_branches, status = 'running', wake_at = NULL,
@@ -484,7 +511,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_run text, p_node text, p_branch text, p_result text, p_attempts integer,
     p_started timestamptz, p_job bigint
 ) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 DECLARE
     v_left integer;
 BEGIN
@@ -508,7 +537,9 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
     VALUES (p_run, p_node || '@route', p_node, 'completed', to_jsonb(p_branch), p_attempts,
@@ -547,7 +578,9 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_run text, p_key text, p_node text, p_status text, p_result text, p_error text,
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+SET plan_cache_mode = force_generic_plan
+AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
         (run_id, key, node, status, result, error, attempts, started_at)

@@ -140,16 +140,20 @@ DELETE FROM __SCHEMA__.listeners WHERE worker = $1;
 
 -- claim --
 -- Claim the most urgent due job of the given queues and read (and lock) its run.
-SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL);
+SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL, true);
 
 -- claim_by_id --
--- Claim a known job (a worker continuing a run) and read its run.
-SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL);
+-- Claim a known job (a worker continuing a run) and read its run; the results only if $2.
+SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL, $2);
+
+-- run_results --
+-- The results of a run's completed nodes, as one JSON object.
+SELECT __SCHEMA__.run_results_v1($1)::text;
 
 -- claim_leased --
 -- Lock a leased job for settling by its lease holder, with its run; nothing if the lease
 -- was lost.
-SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, $2);
+SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, $2, true);
 
 -- count_claim --
 -- Count a fresh claim of a job, outside its transaction; the number of claims so far.

@@ -8,10 +8,13 @@ CREATE TABLE __SCHEMA__.clock (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     offset_seconds float8 NOT NULL DEFAULT 0 CHECK (offset_seconds >= 0)
 );
+-- PL/pgSQL, not SQL: a SQL function that reads a table is planned again on every call.
 CREATE FUNCTION __SCHEMA__.now_v1() RETURNS timestamptz
-LANGUAGE sql VOLATILE AS $$
-    SELECT clock_timestamp()
-        + make_interval(secs => coalesce((SELECT offset_seconds FROM __SCHEMA__.clock), 0))
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RETURN clock_timestamp()
+        + make_interval(secs => coalesce((SELECT offset_seconds FROM __SCHEMA__.clock), 0));
+END
 $$;
 
 CREATE TABLE __SCHEMA__.migrations (

@@ -31,6 +31,7 @@ from durable.runtime.transition import (
     Err,
     Fail,
     Finish,
+    Iterate,
     Lease,
     Noop,
     Outcome,
@@ -63,7 +64,7 @@ _KINDS: dict[str, Callable[[Any, Any], Awaitable[Transition]]] = {
 }
 
 
-def _state(row: asyncpg.Record) -> RunState:
+def _state(row: asyncpg.Record, results: Mapping[str, Any] | None = None) -> RunState:
     branches = row["branches"]
     return RunState(
         job_id=row["id"],
@@ -87,13 +88,13 @@ def _state(row: asyncpg.Record) -> RunState:
         parent_id=row["parent_id"],
         ending=row["ending"],
         now=row["now"],
-        results=json.loads(row["results"]) if row["results"] is not None else {},
+        results=results if results is not None else json.loads(row["results"] or "{}"),
         replay=row["replay"],
         cancel=row["cancel"],
     )
 
 
-def _job(row: asyncpg.Record | None) -> Job | None:
+def _job(row: asyncpg.Record | None, results: Mapping[str, Any] | None = None) -> Job | None:
     if row is None:
         return None
     return Job(
@@ -105,7 +106,7 @@ def _job(row: asyncpg.Record | None) -> Job | None:
         priority=0,
         attempts=0,
         lease_token=row["lease_token"],
-        prefetched=_state(row),
+        prefetched=_state(row, results),
     )
 
 
@@ -188,6 +189,19 @@ class _Visit:
         rows = await self.conn.fetch(self.runner.q["sub_results"], self.state.run_id, node)
         return {r["key"].split("#", 1)[1]: r["result"] for r in rows}
 
+    async def iterations(self, node: str) -> list[Any]:
+        s = self.state
+        key = (s.run_id, node, s.epoch)
+        memo = self.runner._iterations.get(key)
+        if memo is not None and len(memo) == s.iteration:
+            return memo  # committed iterations do not change within an epoch
+        done = await self.sub_results(node)
+        memo = [json.loads(done[str(k)]) for k in range(s.iteration) if str(k) in done]
+        if len(self.runner._iterations) > 1_000:
+            self.runner._iterations.clear()
+        self.runner._iterations[key] = memo
+        return memo
+
     async def oldest_signal(self, name: str) -> Signal | None:
         row = await self.conn.fetchrow(self.runner.q["oldest_signal"], self.state.run_id, name)
         return None if row is None else Signal(row["id"], row["payload"])
@@ -222,6 +236,11 @@ class Runner:
         self.transaction_timeout = transaction_timeout
         self.max_claims = max_claims
         self.jobs = JobQueue(queries)
+        # Follow job id -> (run, epoch, cursor, results) of a run this worker handed on.
+        self._results: dict[int, tuple[str, int, int, dict[str, Any]]] = {}
+        # (run, loop node, epoch) -> results of its committed iterations, so that an
+        # iteration costs O(1), not a read of every earlier one.
+        self._iterations: dict[tuple[str, str, int], list[Any]] = {}
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -230,9 +249,33 @@ class Runner:
         return _job(await conn.fetchrow(self.q["claim"], list(queues)))
 
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
-        """Worker follow hook: commit, then claim the job the last transition handed on."""
+        """Worker follow hook: commit, then claim the job the last transition handed on.
+
+        The results of the nodes before the run's position cannot change within an
+        attempt epoch (only a retry, which starts a new epoch, forgets journal rows), so the
+        results this worker just committed are reused when the run is where it left it.
+        """
+        memo = self._results.pop(job_id, None)
         await conn.execute("COMMIT; BEGIN")
-        return _job(await conn.fetchrow(self.q["claim_by_id"], job_id))
+        row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)
+        if row is None or memo is None:
+            return _job(row)
+        run_id, epoch, cursor, results = memo
+        if (row["run_id"], row["epoch"], row["cursor"]) != (run_id, epoch, cursor):
+            results = json.loads(await conn.fetchval(self.q["run_results"], run_id) or "{}")
+        return _job(row, results)
+
+    def _remember(self, s: RunState, wf: Workflow, t: Transition, follow: int | None) -> None:
+        if isinstance(t, Iterate):
+            memo = self._iterations.get((s.run_id, s.current_node or "", s.epoch))
+            if memo is not None and len(memo) == t.index:
+                memo.append(json.loads(t.text))
+        if follow is None or not isinstance(t, Complete) or s.cursor + 1 >= len(wf.nodes):
+            return
+        if len(self._results) > 10_000:  # runs handed on but never claimed by this worker
+            self._results.clear()
+        results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
+        self._results[follow] = (s.run_id, s.epoch, s.cursor + 1, results)
 
     async def _lost(self, job: Job) -> bool | None:
         """None when the job's last locker committed (or nobody locked it). Otherwise its
@@ -260,6 +303,7 @@ class Runner:
             if isinstance(transition, Lease):
                 return await self._lease(v, wf)
             follow = await self._apply(v, wf, transition)
+            self._remember(s, wf, transition, follow)
             if lost is not None:  # committed with the work: the count is of deaths in a row
                 await conn.execute(self.q["forget_claims"], job.id)
         finally:

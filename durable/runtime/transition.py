@@ -121,6 +121,11 @@ class Visit(Protocol):
         """The committed branches or iterations of `node`: {suffix after '#': result}."""
         ...
 
+    async def iterations(self, node: str) -> list[Any]:
+        """The results of the committed iterations of loop `node`, in order (as many as the
+        run's `iteration`)."""
+        ...
+
     async def oldest_signal(self, name: str) -> Signal | None:
         """The oldest unconsumed signal `name` of this run."""
         ...

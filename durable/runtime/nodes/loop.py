@@ -3,7 +3,6 @@ journal row and has its own retry budget."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from durable.context import LoopContext
@@ -24,9 +23,9 @@ async def visit(v: Visit, node: Loop) -> Transition:
     """Run iteration `state.iteration` (or finish the loop when the condition says so)."""
     s = v.state
     i = s.iteration
-    done = await v.sub_results(node.name)
-    so_far = [json.loads(done[str(k)]) for k in range(i) if str(k) in done]
-    ctx = v.context(node.name, results={**s.results, node.name: so_far})
+    so_far = await v.iterations(node.name)
+    # A copy: what a handler does to the list no later iteration sees.
+    ctx = v.context(node.name, results={**s.results, node.name: list(so_far)})
     key = f"{node.name}#{i}"
 
     async def iteration() -> tuple[bool, Any]:
