@@ -5,8 +5,10 @@ __version__ = "0.1.0"
 from durable.context import Context, LoopContext
 from durable.engine import Engine
 from durable.errors import (
+    ChildFailed,
     ConfigurationError,
     DatabaseUnavailable,
+    DefinitionChanged,
     DefinitionError,
     DurableError,
     IllegalTransition,
@@ -15,6 +17,9 @@ from durable.errors import (
     RunFailed,
     RunNotFound,
     SerializationError,
+    SignalTimeout,
+    SwallowedDatabaseError,
+    WorkerLost,
     WorkflowNotFound,
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
@@ -22,9 +27,11 @@ from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
     "Attempt",
+    "ChildFailed",
     "ConfigurationError",
     "Context",
     "DatabaseUnavailable",
+    "DefinitionChanged",
     "DefinitionError",
     "DurableError",
     "Engine",
@@ -39,7 +46,10 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "SerializationError",
+    "SignalTimeout",
     "Step",
+    "SwallowedDatabaseError",
+    "WorkerLost",
     "Workflow",
     "WorkflowNotFound",
     "default_backoff",

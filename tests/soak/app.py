@@ -12,12 +12,20 @@ steps). The run's input decides its fate (see `plan_input`):
   the run ends `failed` and `a`, the three branches and `b` are compensated;
 - `doom == "fan"`: branch `f2` raises `NonRetryable`, so the parallel node fails; `a` and
   whichever of `f0`/`f1` had committed are compensated, nothing after `fan` runs;
-- `flaky`: step `b` fails its first attempt (after writing its effect, which rolls back).
+- `flaky`: step `b` fails its first attempt (after writing its effect, which rolls back);
+- `heal` (half of the doomed runs): the doomed node fails only while no `healed` row names
+  the run. The driver inserts that row once the run has `failed`, then calls
+  `engine.retry`: the run must end `completed`, the compensated steps and branches run
+  again (their effects are in the journal's second epoch), everything else replays;
+- `cancel` (about 12% of the runs, some of them doomed): the driver calls `engine.cancel`
+  once or twice at a random time, or while a worker holds the run's node; their handlers
+  keep their transactions open longer (`_hold`), so that cancels meet nodes in flight.
 
 Every handler that writes through `ctx.conn` keys its effect by `ctx.node`, which is the
-node's journal key (`a`, `fan#f0`, `lp#2`, `b@compensate`, ...), so the checker can match
-effects against the journal one to one. The effect tables have no unique constraint: a
-duplicate would be visible.
+node's journal key (`a`, `fan#f0`, `lp#2`, `b@compensate`, ...) and by the run's epoch (how
+many times it was retried, read from the run row in the node's transaction), so the checker
+can match effects against each epoch's journal one to one. The effect tables have no unique
+constraint: a duplicate would be visible.
 
 Environment: `SOAK_DSN`, the database (with `?application_name=soak-worker-N` for workers,
 so that the driver can find and terminate their backends).
@@ -56,6 +64,7 @@ CREATE TABLE effects (
     id bigserial,
     run_id text NOT NULL,
     key text NOT NULL,
+    epoch integer NOT NULL,
     info text,
     pid integer NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -64,8 +73,46 @@ CREATE TABLE comp_effects (
     id bigserial,
     run_id text NOT NULL,
     key text NOT NULL,
+    epoch integer NOT NULL,
     pid integer NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- A run's doomed node stops failing once its run is here (inserted by the driver, after
+-- the run failed and before it retries it).
+CREATE TABLE healed (
+    run_id text PRIMARY KEY
+);
+-- The journal of a failed run as it was just before the driver retried it (retry forgets
+-- the rows of what it re-runs), in the transaction that inserted its `healed` row.
+CREATE TABLE journal_before_retry (
+    run_id text NOT NULL,
+    key text NOT NULL,
+    status text NOT NULL,
+    result jsonb,
+    finished_at timestamptz NOT NULL,
+    seq bigint NOT NULL,
+    PRIMARY KEY (run_id, key)
+);
+-- Every engine.retry / engine.cancel the driver made: `accepted` is its return value, NULL
+-- when it raised (the outcome is unknown). `called_at` is taken before the call,
+-- `returned_at` after it; `in_flight`: the run's advisory lock was held by a worker just
+-- before the cancel.
+CREATE TABLE sent_retries (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    called_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    returned_at timestamptz,
+    accepted boolean,
+    error text
+);
+CREATE TABLE sent_cancels (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    in_flight boolean NOT NULL,
+    called_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    returned_at timestamptz,
+    accepted boolean,
+    error text
 );
 -- Written on a connection of its own by the non-transactional step: at-least-once.
 CREATE TABLE ext_effects (
@@ -93,13 +140,17 @@ Handler = Callable[[durable.Context], Awaitable[Any]]
 
 
 def plan_input(i: int, rng: random.Random) -> dict[str, Any]:
-    """The input of parent run `i`: its fate by index (exactly 5% `fan`, 15% `late`,
-    10% flaky), its timings at random."""
+    """The input of parent run `i`: its fate by index (exactly 5% `fan`, 15% `late`, half of
+    each healed and retried by the driver in alternate blocks of 20; 10% flaky; 12.5%
+    cancelled, including the unhealed doomed runs of index 9 mod 20), its timings at random."""
     k = i % 20
     doom = "fan" if k == 7 else "late" if k in (1, 9, 14) else ""
+    heal = bool(doom) and (i // 20) % 2 == 0
     return {
         "i": i,
         "doom": doom,
+        "heal": heal,
+        "cancel": k in (3, 12) or (k == 9 and not heal),
         "flaky": k in (3, 16),
         "nap": round(rng.uniform(0.2, 1.0), 3),
         "route": ROUTES[i % len(ROUTES)],
@@ -108,21 +159,32 @@ def plan_input(i: int, rng: random.Random) -> dict[str, Any]:
     }
 
 
-async def _hold() -> None:
-    """Keep the node's transaction open a few ms, so that kills land mid-transaction."""
-    await asyncio.sleep(random.uniform(0.0, 0.015))
+async def _hold(ctx: durable.Context) -> None:
+    """Keep the node's transaction open a few ms, so that kills land mid-transaction (and
+    longer in runs the driver cancels, so that cancels meet nodes in flight)."""
+    longer = ctx.input.get("cancel", False)
+    await asyncio.sleep(random.uniform(0.02, 0.2) if longer else random.uniform(0.0, 0.015))
 
 
 async def _effect(ctx: durable.Context, info: str | None = None) -> None:
     assert ctx.conn is not None
     await ctx.conn.execute(
-        "INSERT INTO effects (run_id, key, info, pid) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO effects (run_id, key, epoch, info, pid) "
+        "SELECT $1, $2, epoch, $3, $4 FROM durable.runs WHERE id = $1",
         ctx.run_id,
         ctx.node,
         info,
         os.getpid(),
     )
-    await _hold()
+    await _hold(ctx)
+
+
+async def _healed(ctx: durable.Context) -> bool:
+    assert ctx.conn is not None
+    found: bool = await ctx.conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM healed WHERE run_id = $1)", ctx.run_id
+    )
+    return found
 
 
 def _step(name: str) -> Handler:
@@ -137,12 +199,13 @@ def _step(name: str) -> Handler:
 async def _compensate(ctx: durable.Context) -> str:
     assert ctx.conn is not None
     await ctx.conn.execute(
-        "INSERT INTO comp_effects (run_id, key, pid) VALUES ($1, $2, $3)",
+        "INSERT INTO comp_effects (run_id, key, epoch, pid) "
+        "SELECT $1, $2, epoch, $3 FROM durable.runs WHERE id = $1",
         ctx.run_id,
         ctx.node,
         os.getpid(),
     )
-    await _hold()
+    await _hold(ctx)
     return ctx.node
 
 
@@ -176,7 +239,7 @@ async def _ext(ctx: durable.Context) -> dict[str, Any]:
 
 async def _branch(ctx: durable.Context) -> str:
     await _effect(ctx)
-    if ctx.input["doom"] == "fan" and ctx.node == "fan#f2":
+    if ctx.input["doom"] == "fan" and ctx.node == "fan#f2" and not await _healed(ctx):
         raise durable.NonRetryable("branch f2 doomed by the input")
     return ctx.node
 
@@ -205,7 +268,7 @@ async def _b(ctx: durable.Context) -> dict[str, Any]:
 
 async def _doom(ctx: durable.Context) -> str:
     await _effect(ctx)
-    if ctx.input["doom"] == "late":
+    if ctx.input["doom"] == "late" and not await _healed(ctx):
         raise durable.NonRetryable("step doom doomed by the input")
     return "spared"
 

@@ -12,18 +12,31 @@ workflow (`tests/soak/app.py`) over a ramp and, until every run is terminal:
   a timeout, at a random time (before, during or after that wait); every signal sent is
   recorded in `sent_signals` after `engine.signal` returned (or raised: outcome unknown,
   and an `approve` is then sent again);
+- cancels the runs whose input says so (`engine.cancel`), at a random time or as soon as a
+  worker holds the run's node (its advisory lock), some of them twice (at once or a moment
+  later); every call is recorded in `sent_cancels` (called_at before the call, the return
+  value or NULL when it raised a connection error: outcome unknown);
+- retries (`engine.retry`) each run whose input says `heal` once it has failed, after
+  inserting its `healed` row (its doomed node then succeeds) and a copy of its journal
+  (`journal_before_retry`) in one transaction; calls are recorded in `sent_retries`;
 - SIGKILLs a random ready worker every 0.2-1 s and starts a replacement;
-- every 2-4 s terminates a random half of the workers' backends (`pg_terminate_backend`);
+- every 2-4 s terminates a random half of the workers' backends (`pg_terminate_backend`),
+  and now and then one of the driver's own (the cancels, signals and retries in flight);
 - restarts PostgreSQL once (`immediate` by default: a crash and recovery) when 30% of the
   runs are terminal, in the middle of everything else; running workers must ride it out.
 
 Then it lets the workers drain stale jobs, stops them with SIGTERM (they must exit 0) and
 runs the checker (`check`), which reads only the database: every run terminal with the
-status its input predicts; every effect of a committed step, branch, iteration, route
-branch and child step exactly once and none of an uncommitted one; every compensator effect
-exactly once for failed runs, none for completed runs, in reverse completion order; every
-signal consumed exactly once by its wait (oldest first) or legitimately left in the mailbox;
-one child per child node; no job row and no lease left. `soak()` returns a `Report`.
+status its input and the driver's cancels predict (retried runs `completed`, in epoch 1);
+per epoch, every effect of a step, branch, iteration, route branch and child step committed
+in that epoch exactly once and none of an uncommitted or replayed one (a retry re-runs the
+failed node and the compensated steps, and replays the rest); every compensator effect
+exactly once for failed and cancelled runs, none for completed runs, in reverse completion
+order and after every node's commit; a cancelled run's journal is a prefix of the workflow
+(nothing ran after the cancel); every signal consumed exactly once by its wait (oldest
+first) or legitimately left in the mailbox; one child per child node; no job row, lease or
+cancel request left; and the global invariant (`tests.invariant`). `soak()` returns a
+`Report`.
 """
 
 from __future__ import annotations
@@ -55,6 +68,7 @@ import durable
 from durable.db import is_connection_error
 from durable.migrate import migrate
 from durable.server import LocalPostgres
+from tests import invariant
 from tests.soak import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +79,20 @@ READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 30.0
 RESUME_TIMEOUT = 20.0
+CANCEL_TIMEOUT = 60.0
+#: Fractions of the runs marked `cancel`: cancelled as soon as a node is seen in flight
+#: (else at a random time), and cancelled twice.
+CANCEL_IN_FLIGHT = 0.5
+CANCEL_TWICE = 0.3
+#: Held by a worker on a run's node (claim_v1 takes it shared): pg_locks splits the key.
+RUN_LOCK_HELD = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks l, (SELECT hashtextextended($1, 0) AS k) h
+    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+      AND l.classid::text::bigint = (h.k >> 32) & 4294967295
+      AND l.objid::text::bigint = h.k & 4294967295
+)
+"""
 
 T = TypeVar("T")
 
@@ -129,6 +157,11 @@ class SoakStats:
     resume_seconds: float = 0.0
     start_retries: int = 0
     signals: Counter[str] = field(default_factory=Counter)
+    cancels: Counter[str] = field(default_factory=Counter)
+    cancels_in_flight: int = 0
+    cancels_twice: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    driver_backends_terminated: int = 0
     effects_rolled_back: int = 0
     worker_outage_logs: int = 0
     worker_recovery_logs: int = 0
@@ -190,6 +223,12 @@ class Report:
             f"{s.effects_rolled_back}",
             f"  run starts retried: {s.start_retries}; signals sent: "
             + ", ".join(f"{k} {v}" for k, v in sorted(sig.items())),
+            f"  cancels: {sum(s.cancels.values())} calls ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(s.cancels.items()))
+            + f"), {s.cancels_in_flight} while a worker held the run's node, "
+            f"{s.cancels_twice} runs cancelled twice; retries: {sum(s.retries.values())} calls ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(s.retries.items()))
+            + f"); driver backends terminated: {s.driver_backends_terminated}",
             f"  worker log lines: 'database unavailable' {s.worker_outage_logs}, "
             f"'reachable again' {s.worker_recovery_logs}",
             f"  graceful stop exit codes: {s.stop_codes}",
@@ -320,6 +359,8 @@ class Soak:
         self.admin: asyncpg.Pool | None = None
         self.engine: durable.Engine | None = None
         self.fleet: Fleet | None = None
+        self.dsn = ""
+        self.tg: asyncio.TaskGroup | None = None
 
     def log(self, text: str) -> None:
         if self.config.progress:
@@ -409,8 +450,10 @@ class Soak:
             raise RuntimeError(f"the first workers did not become ready: {tails}")
         t0 = time.monotonic()
         async with asyncio.TaskGroup() as tg:
+            self.tg = tg
             tg.create_task(self.starter())
             tg.create_task(self.signaller())
+            tg.create_task(self.healer())
             tg.create_task(self.killer())
             tg.create_task(self.terminator())
             await self.monitor(t0)
@@ -450,6 +493,18 @@ class Soak:
                 self.schedule(now + self.rng.uniform(0.0, 6.0), run_id, "approve", resend=False)
             if inp["ping"]:
                 self.schedule(now + self.rng.uniform(0.0, 5.0), run_id, "ping", resend=False)
+            if inp["cancel"]:
+                assert self.tg is not None
+                self.tg.create_task(
+                    self.cancel_later(
+                        run_id,
+                        delay=self.rng.uniform(0.0, 6.0),
+                        in_flight=self.rng.random() < CANCEL_IN_FLIGHT,
+                        twice=self.rng.choice(("at once", "later"))
+                        if self.rng.random() < CANCEL_TWICE
+                        else None,
+                    )
+                )
 
     def schedule(self, due: float, run_id: str, name: str, *, resend: bool) -> None:
         self._seq += 1
@@ -500,6 +555,131 @@ class Soak:
         self.stats.signals[f"{name} {outcome}"] += 1
         if accepted is None and resend and not self.done.is_set():
             self.schedule(asyncio.get_running_loop().time() + 1.0, run_id, name, resend=True)
+
+    # -- cancels and retries --------------------------------------------------------------
+
+    async def cancel_later(
+        self, run_id: str, *, delay: float, in_flight: bool, twice: str | None
+    ) -> None:
+        """Cancel `run_id` after `delay` s, or (`in_flight`) as soon as after it a worker is
+        seen holding the run's node (for 5 s at most), once or `twice`."""
+        loop = asyncio.get_running_loop()
+        await self.pause(delay)
+        seen = False
+        if in_flight:
+            until = loop.time() + 5.0
+            while not self.done.is_set() and loop.time() < until:
+                held = await self.db(
+                    lambda c: c.fetchval(RUN_LOCK_HELD, run_id), once=True, timeout=1.0
+                )
+                if held:
+                    seen = True
+                    break
+                await asyncio.sleep(0.01)
+        if self.done.is_set():
+            return  # every run is terminal: a cancel would return False
+        if seen:
+            self.stats.cancels_in_flight += 1
+        if twice is not None:
+            self.stats.cancels_twice += 1
+        if twice == "at once":
+            await asyncio.gather(self.cancel(run_id, seen), self.cancel(run_id, False))
+            return
+        await self.cancel(run_id, seen)
+        if twice == "later":
+            await asyncio.sleep(self.rng.uniform(0.0, 1.0))
+            await self.cancel(run_id, False)
+
+    async def cancel(self, run_id: str, in_flight: bool) -> None:
+        """One `engine.cancel`, recorded in `sent_cancels` (called_at before the call)."""
+        assert self.engine is not None
+        call_id = await self.db(
+            lambda c: c.fetchval(
+                "INSERT INTO sent_cancels (run_id, in_flight) VALUES ($1, $2) RETURNING id",
+                run_id,
+                in_flight,
+            )
+        )
+        accepted: bool | None
+        error: str | None = None
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                accepted = await self.engine.cancel(run_id, reason=f"soak cancel {call_id}")
+        except Exception as exc:
+            accepted, error = None, repr(exc)[:300]
+            if not (is_connection_error(exc) or isinstance(exc, durable.DatabaseUnavailable)):
+                self.violations.add("cancel raised", f"{run_id}: {error}")
+        await self.db(
+            lambda c: c.execute(
+                "UPDATE sent_cancels SET accepted = $2, error = $3, "
+                "returned_at = clock_timestamp() WHERE id = $1",
+                call_id,
+                accepted,
+                error,
+            )
+        )
+        self.stats.cancels[{True: "accepted", False: "refused", None: "unknown"}[accepted]] += 1
+
+    async def healer(self) -> None:
+        """Retry every failed run whose input says `heal`, once, after healing it."""
+        assert self.engine is not None
+        while not self.done.is_set():
+            await self.pause(self.rng.uniform(0.2, 1.5))
+            if self.done.is_set():
+                return
+            rows = await self.db(
+                lambda c: c.fetch(
+                    "SELECT id FROM durable.runs WHERE workflow = 'soak' AND status = 'failed' "
+                    "AND epoch = 0 AND (input ->> 'heal')::boolean ORDER BY id"
+                ),
+                once=True,
+                timeout=5.0,
+            )
+            for row in rows or ():
+                await self.retry(row["id"])
+
+    async def retry(self, run_id: str) -> None:
+        assert self.engine is not None
+
+        async def heal(c: asyncpg.Connection) -> int:
+            async with c.transaction():
+                await c.execute(
+                    "INSERT INTO journal_before_retry "
+                    "SELECT run_id, key, status, result, finished_at, seq FROM durable.journal "
+                    "WHERE run_id = $1 ON CONFLICT DO NOTHING",
+                    run_id,
+                )
+                await c.execute(
+                    "INSERT INTO healed (run_id) VALUES ($1) ON CONFLICT DO NOTHING", run_id
+                )
+                call_id: int = await c.fetchval(
+                    "INSERT INTO sent_retries (run_id) VALUES ($1) RETURNING id", run_id
+                )
+                return call_id
+
+        call_id = await self.db(heal)
+        accepted: bool | None
+        error: str | None = None
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                accepted = await self.engine.retry(run_id)
+        except Exception as exc:
+            # Unknown outcome: still failed (the next scan retries it) or retried.
+            accepted, error = None, repr(exc)[:300]
+            if not (is_connection_error(exc) or isinstance(exc, durable.DatabaseUnavailable)):
+                self.violations.add("retry raised", f"{run_id}: {error}")
+        if accepted is False:
+            self.violations.add("retry refused a failed run", run_id)
+        await self.db(
+            lambda c: c.execute(
+                "UPDATE sent_retries SET accepted = $2, error = $3, "
+                "returned_at = clock_timestamp() WHERE id = $1",
+                call_id,
+                accepted,
+                error,
+            )
+        )
+        self.stats.retries[{True: "accepted", False: "refused", None: "unknown"}[accepted]] += 1
 
     def check_fleet(self) -> None:
         assert self.fleet is not None
@@ -572,6 +752,18 @@ class Soak:
             if n is not None:
                 self.stats.termination_rounds += 1
                 self.stats.backends_terminated += n
+            if self.rng.random() < 0.3:
+                # One of the driver engine's connections (a cancel, signal or retry may be in
+                # flight on it: its outcome is then unknown to the driver).
+                n = await self.db(
+                    lambda c: c.fetchval(
+                        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) AS t "
+                        "FROM pg_stat_activity WHERE application_name = 'soak-driver' "
+                        "ORDER BY random() LIMIT 1) AS s WHERE t"
+                    ),
+                    once=True,
+                )
+                self.stats.driver_backends_terminated += n or 0
 
     async def restart_postgres(self, terminal: int) -> None:
         """Restart PostgreSQL once; then every worker that lived through the outage must
@@ -633,7 +825,9 @@ class Soak:
                 lambda c: c.fetchrow(
                     "SELECT count(*) FILTER (WHERE status <> ALL($1::text[])) AS open, "
                     "count(*) FILTER (WHERE workflow = 'soak' AND status = ANY($1::text[])) "
-                    "AS terminal FROM durable.runs",
+                    "AS terminal, count(*) FILTER (WHERE workflow = 'soak' AND status = 'failed' "
+                    "AND epoch = 0 AND (input ->> 'heal')::boolean) AS to_heal "
+                    "FROM durable.runs",
                     list(TERMINAL),
                 ),
                 once=True,
@@ -659,6 +853,7 @@ class Soak:
             if (
                 len(self.run_ids) == cfg.runs
                 and row["open"] == 0
+                and row["to_heal"] == 0
                 and (self._restart is None or self._restart_done)
             ):
                 return
@@ -732,7 +927,7 @@ class Soak:
         pool_level = pool_log.level
         pool_log.setLevel(logging.CRITICAL)
         try:
-            await self.setup(workdir)
+            self.dsn = await self.setup(workdir)
             self.log(
                 f"soak: {cfg.runs} runs, {cfg.workers} workers x {cfg.concurrency} slots, "
                 f"seed {cfg.seed}, deadline {cfg.deadline:.0f} s, logs in {workdir}"
@@ -752,6 +947,8 @@ class Soak:
             )
             counts = await self.db(lambda c: check(c, cfg.runs, self.violations), timeout=300)
             assert counts is not None
+            for line in await invariant.violations(self.dsn):
+                self.violations.add("global invariant", line)
             self.stats.elapsed = time.monotonic() - t
             return Report(self.stats, self.violations, counts, workdir)
         finally:
@@ -765,6 +962,11 @@ async def soak(config: SoakConfig) -> Report:
 
 
 # -- the checker ---------------------------------------------------------------------------
+
+#: Journal keys whose compensator runs when the run fails or is cancelled after them.
+COMPENSABLE = frozenset({"a", "b", *(f"fan#{b}" for b in app.BRANCHES)})
+COMP = "@compensate"
+Journal = dict[str, asyncpg.Record]
 
 
 def _effect_key(key: str) -> bool:
@@ -783,7 +985,7 @@ def _expected_journal(inp: dict[str, Any], journal: dict[str, Any]) -> dict[str,
         committed = [f"fan#{b}" for b in ("f0", "f1") if f"fan#{b}" in journal]
         keys.update({k: done for k in committed})
         keys["fan"] = "failed"
-        keys.update({f"{k}@compensate": done for k in ("a", *committed)})
+        keys.update({f"{k}{COMP}": done for k in ("a", *committed)})
         return keys
     keys.update({f"fan#{b}": done for b in app.BRANCHES})
     keys.update({"fan": done, "pick@route": done, "pick": done, "lp": done})
@@ -792,36 +994,174 @@ def _expected_journal(inp: dict[str, Any], journal: dict[str, Any]) -> dict[str,
     if inp["doom"] == "late":
         keys["doom"] = "failed"
         compensated = ("a", *(f"fan#{b}" for b in app.BRANCHES), "b")
-        keys.update({f"{k}@compensate": done for k in compensated})
+        keys.update({f"{k}{COMP}": done for k in compensated})
     else:
         keys.update({"doom": done, "z": done})
     return keys
 
 
-async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> dict[str, int]:
-    """Check the soak's database; add violations to `v`, return what was counted."""
-    counts: Counter[str] = Counter()
-    runs = await conn.fetch(
-        "SELECT id, workflow, status, input::text AS input, result::text AS result, error, "
-        "parent_id, parent_node, idempotency_key, finished_at FROM durable.runs"
-    )
-    journal: dict[str, dict[str, asyncpg.Record]] = defaultdict(dict)
+def _cancelled_prefix(inp: dict[str, Any], got: set[str]) -> str | None:
+    """None when `got`, the completed node keys of a cancelled run, is what the run can have
+    committed before the cancel took effect: every node up to some node, part of that node
+    (some branches, the route's choice, the first iterations, the child's start), nothing
+    after it. Otherwise what is wrong."""
+    iterations = [f"lp#{i}" for i in range(inp["n"])]
+
+    def none(s: set[str]) -> bool:
+        return not s
+
+    groups: list[tuple[set[str], Callable[[set[str]], bool]]] = [
+        *(({k}, none) for k in ("a", "ext", "nap", "approval", "ping_wait")),
+        ({f"fan#{b}" for b in app.BRANCHES} | {"fan"}, lambda s: "fan" not in s),
+        ({"pick@route", "pick"}, lambda s: s <= {"pick@route"}),
+        ({*iterations, "lp"}, lambda s: s == set(iterations[: len(s)])),
+        ({"kid@child", "kid"}, lambda s: s <= {"kid@child"}),
+        *(({k}, none) for k in ("b", "doom", "z")),
+    ]
+    cut: str | None = None
+    for keys, partial in groups:
+        s = got & keys
+        if cut is None and s == keys:
+            continue
+        if cut is not None:
+            if s:
+                return f"{sorted(s)} committed although {cut} did not"
+            continue
+        if not partial(s):
+            return f"{sorted(s)} of {sorted(keys)}"
+        cut = "/".join(sorted(keys - s))
+    if cut is None:
+        return "every node committed"
+    unknown = got - set().union(*(keys for keys, _ in groups))
+    if unknown:
+        return f"unknown keys {sorted(unknown)}"
+    if inp["doom"] == "late" and "doom" in got:
+        return "the doomed step committed"
+    return None
+
+
+def _completed(j: Journal) -> set[str]:
+    return {k for k, r in j.items() if r["status"] == "completed"}
+
+
+def _check_epoch(
+    v: Violations,
+    counts: Counter[str],
+    rid: str,
+    epoch: int,
+    j: Journal,
+    expected: dict[str, str],
+    executed: set[str],
+    effects: Counter[str],
+    comps: Counter[str],
+) -> None:
+    """One epoch of a run: its journal `j` as that epoch left it against `expected`; the
+    effects and compensator effects written in that epoch against the keys it `executed`
+    (committed in it, not replayed); the compensations' order."""
+    where = f"{rid} epoch {epoch}"
+    got = {k: r["status"] for k, r in j.items()}
+    if got != expected:
+        extra = {k: s for k, s in got.items() if expected.get(k) != s}
+        lacking = {k: s for k, s in expected.items() if got.get(k) != s}
+        v.add("journal", f"{where}: extra {extra}, missing {lacking}")
+
+    # Effects: exactly one per key executed in this epoch, none of anything else.
+    committed = {k for k in executed if _effect_key(k)}
+    for key in committed | set(effects):
+        n = effects[key]
+        counts["effects"] += n
+        if key in committed and n == 0:
+            v.add("lost effect", f"{where} {key}")
+        elif key in committed and n > 1:
+            v.add("duplicated effect", f"{where} {key} x{n}")
+        elif key not in committed:
+            what = "replayed" if key in j else "uncommitted"
+            v.add(f"effect of an {what} node", f"{where} {key} x{n}")
+
+    # Compensations: exactly once each, in reverse order of completion, after every node.
+    undone = {k for k in executed if k.endswith(COMP)}
+    for key in undone | set(comps):
+        n = comps[key]
+        counts["compensator effects"] += n
+        if key in undone and n == 0:
+            v.add("lost compensation", f"{where} {key}")
+        elif key in undone and n > 1:
+            v.add("duplicated compensation", f"{where} {key} x{n}")
+        elif key not in undone:
+            v.add("unexpected compensation", f"{where} {key} x{n}")
+    rows = sorted((k for k in j if k.endswith(COMP)), key=lambda k: j[k]["seq"])
+    targets = [k.removesuffix(COMP) for k in rows]
+    if any(t not in j for t in targets):
+        v.add("compensation of an uncommitted node", f"{where}: {rows}")
+    elif rows:
+        want_order = [f"{k}{COMP}" for k in sorted(targets, key=lambda k: -j[k]["seq"])]
+        if rows != want_order:
+            v.add("compensation order", f"{where}: {rows}, expected {want_order}")
+        first = j[rows[0]]["seq"]
+        late = [k for k in _completed(j) if not k.endswith(COMP) and j[k]["seq"] > first]
+        if late:
+            v.add("node committed after compensation began", f"{where}: {sorted(late)}")
+
+
+def _want_failed(inp: dict[str, Any], j: Journal, executed: set[str]) -> Counter[str]:
+    """The failed attempts (outside `ext` and compensators) of one epoch: the flaky step's
+    first attempt and the doomed node's one (a kill, a terminated connection or the restart
+    rolls an attempt back unrecorded)."""
+    want: Counter[str] = Counter()
+    if inp["flaky"] and "b" in executed:
+        want["b"] = 1
+    if "doom" in j and j["doom"]["status"] == "failed":
+        want["doom"] = 1
+    if "fan" in j and j["fan"]["status"] == "failed":
+        want["fan#f2"] = 1
+    return want
+
+
+@dataclass
+class Data:
+    """What the checker read from the database, by run."""
+
+    journal: dict[str, Journal]
+    before_retry: dict[str, Journal]
+    attempts: dict[str, dict[int, Counter[str]]]
+    effects: dict[str, dict[int, Counter[str]]]
+    effect_info: dict[tuple[str, str], set[str | None]]
+    comps: dict[str, dict[int, Counter[str]]]
+    ext: dict[str, Counter[str]]
+    mailbox: dict[tuple[str, str], list[asyncpg.Record]]
+    sent: dict[tuple[str, str], list[asyncpg.Record]]
+    cancels: dict[str, list[asyncpg.Record]]
+    retries: dict[str, list[asyncpg.Record]]
+
+
+def _by_epoch() -> defaultdict[str, defaultdict[int, Counter[str]]]:
+    return defaultdict(lambda: defaultdict(Counter))
+
+
+async def _read(conn: asyncpg.Connection) -> Data:
+    journal: dict[str, Journal] = defaultdict(dict)
     for r in await conn.fetch(
         "SELECT run_id, key, status, result::text AS result, attempts, started_at, "
         "finished_at, seq FROM durable.journal ORDER BY seq"
     ):
         journal[r["run_id"]][r["key"]] = r
-    attempts: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in await conn.fetch("SELECT run_id, key FROM durable.attempts"):
-        attempts[r["run_id"]][r["key"]] += 1
-    effects: dict[str, Counter[str]] = defaultdict(Counter)
+    before_retry: dict[str, Journal] = defaultdict(dict)
+    for r in await conn.fetch(
+        "SELECT run_id, key, status, result::text AS result, finished_at, seq "
+        "FROM journal_before_retry ORDER BY seq"
+    ):
+        before_retry[r["run_id"]][r["key"]] = r
+    attempts = _by_epoch()
+    for r in await conn.fetch("SELECT run_id, key, epoch FROM durable.attempts"):
+        attempts[r["run_id"]][r["epoch"]][r["key"]] += 1
+    effects = _by_epoch()
     effect_info: dict[tuple[str, str], set[str | None]] = defaultdict(set)
-    for r in await conn.fetch("SELECT run_id, key, info FROM effects"):
-        effects[r["run_id"]][r["key"]] += 1
+    for r in await conn.fetch("SELECT run_id, key, epoch, info FROM effects"):
+        effects[r["run_id"]][r["epoch"]][r["key"]] += 1
         effect_info[(r["run_id"], r["key"])].add(r["info"])
-    comps: dict[str, Counter[str]] = defaultdict(Counter)
-    for r in await conn.fetch("SELECT run_id, key FROM comp_effects"):
-        comps[r["run_id"]][r["key"]] += 1
+    comps = _by_epoch()
+    for r in await conn.fetch("SELECT run_id, key, epoch FROM comp_effects"):
+        comps[r["run_id"]][r["epoch"]][r["key"]] += 1
     ext: dict[str, Counter[str]] = defaultdict(Counter)
     for r in await conn.fetch("SELECT run_id, token FROM ext_effects"):
         ext[r["run_id"]][r["token"]] += 1
@@ -836,6 +1176,35 @@ async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> 
         "SELECT run_id, name, payload::text AS payload, accepted, sent_at FROM sent_signals"
     ):
         sent[(r["run_id"], r["name"])].append(r)
+    cancels: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for r in await conn.fetch("SELECT * FROM sent_cancels ORDER BY id"):
+        cancels[r["run_id"]].append(r)
+    retries: dict[str, list[asyncpg.Record]] = defaultdict(list)
+    for r in await conn.fetch("SELECT * FROM sent_retries ORDER BY id"):
+        retries[r["run_id"]].append(r)
+    return Data(
+        journal,
+        before_retry,
+        attempts,
+        effects,
+        effect_info,
+        comps,
+        ext,
+        mailbox,
+        sent,
+        cancels,
+        retries,
+    )
+
+
+async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> dict[str, int]:
+    """Check the soak's database; add violations to `v`, return what was counted."""
+    counts: Counter[str] = Counter()
+    runs = await conn.fetch(
+        "SELECT id, workflow, status, input::text AS input, result::text AS result, error, "
+        "parent_id, parent_node, idempotency_key, finished_at, epoch FROM durable.runs"
+    )
+    d = await _read(conn)
 
     by_id = {r["id"]: r for r in runs}
     parents = [r for r in runs if r["workflow"] == "soak"]
@@ -860,140 +1229,15 @@ async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> 
             v.add("stuck runs", f"{r['workflow']} {r['id']} is {r['status']}")
 
     for p in parents:
-        rid = p["id"]
-        inp = json.loads(p["input"])
-        j = journal[rid]
-        doomed = bool(inp["doom"])
-        want_status = "failed" if doomed else "completed"
-        counts[f"parents {p['status']}"] += 1
-        if p["status"] != want_status:
-            v.add(
-                "wrong final status",
-                f"{rid} (doom={inp['doom']!r}) is {p['status']}, expected {want_status}: "
-                f"{p['error']}",
-            )
-            continue
-        if doomed and "doomed by the input" not in (p["error"] or ""):
-            v.add("wrong error", f"{rid}: {p['error']!r}")
-
-        # The journal is what the input predicts.
-        got = {k: r["status"] for k, r in j.items()}
-        expected = _expected_journal(inp, j)
-        if got != expected:
-            extra = {k: s for k, s in got.items() if expected.get(k) != s}
-            lacking = {k: s for k, s in expected.items() if got.get(k) != s}
-            v.add("journal", f"{rid} (doom={inp['doom']!r}): extra {extra}, missing {lacking}")
-
-        # Effects: exactly one per committed effectful key, none of anything else.
-        committed = {k for k, s in expected.items() if s == "completed" and _effect_key(k)}
-        for key in committed | set(effects[rid]):
-            n = effects[rid][key]
-            counts["effects"] += n
-            if key in committed and n == 0:
-                v.add("lost effect", f"{rid} {key}")
-            elif key in committed and n > 1:
-                v.add("duplicated effect", f"{rid} {key} x{n}")
-            elif key not in committed:
-                v.add("effect of an uncommitted node", f"{rid} {key} x{n}")
-        if "pick" in committed:
-            route = j["pick@route"]["result"] if "pick@route" in j else None
-            if route is None or json.loads(route) != inp["route"]:
-                v.add("route", f"{rid} chose {route}, input says {inp['route']!r}")
-            if effect_info[(rid, "pick")] != {inp["route"]}:
-                v.add("route", f"{rid} ran branch {effect_info[(rid, 'pick')]}")
-
-        # Compensations: exactly once each, in reverse order of completion.
-        undone = {k for k, s in expected.items() if k.endswith("@compensate")}
-        for key in undone | set(comps[rid]):
-            n = comps[rid][key]
-            counts["compensator effects"] += n
-            if key in undone and n == 0:
-                v.add("lost compensation", f"{rid} {key}")
-            elif key in undone and n > 1:
-                v.add("duplicated compensation", f"{rid} {key} x{n}")
-            elif key not in undone:
-                v.add("unexpected compensation", f"{rid} {key} x{n}")
-        if undone and undone <= set(j):
-            order = [k for k in sorted(j, key=lambda k: j[k]["seq"]) if k in undone]
-            targets = [k.removesuffix("@compensate") for k in undone]
-            want_order = [f"{k}@compensate" for k in sorted(targets, key=lambda k: -j[k]["seq"])]
-            if order != want_order:
-                v.add("compensation order", f"{rid}: {order}, expected {want_order}")
-
-        # Failed attempts: only the flaky step's first attempt and the doomed node's one
-        # (a kill, a terminated connection or the restart rolls an attempt back unrecorded).
-        want_failed: Counter[str] = Counter()
-        if inp["flaky"] and "b" in j:
-            want_failed["b"] = 1
-        if inp["doom"] == "late":
-            want_failed["doom"] = 1
-        elif inp["doom"] == "fan":
-            want_failed["fan#f2"] = 1
-        failed = Counter({k: n for k, n in attempts[rid].items() if k != "ext" and "@" not in k})
-        if failed != want_failed:
-            v.add(
-                "unexpected failed attempts", f"{rid}: {dict(failed)}, expected {dict(want_failed)}"
-            )
-        counts["flaky retries"] += attempts[rid]["b"]
-
-        # The non-transactional step: at least once, and its committed attempt's effect.
-        if "ext" in j:
-            token = json.loads(j["ext"]["result"])["token"]
-            if ext[rid][token] != 1:
-                v.add(
-                    "ext effect",
-                    f"{rid}: the committed attempt's token is in ext_effects "
-                    f"{ext[rid][token]} times",
-                )
-            counts["ext re-executions (at-least-once)"] += sum(ext[rid].values()) - 1
-            counts["ext attempts lost with a worker"] += attempts[rid]["ext"]
-
-        # The sleep never woke early (its wake time is computed after `ext` committed).
-        if "nap" in j and "ext" in j:
-            slept = j["nap"]["finished_at"] - j["ext"]["finished_at"]
-            if slept < timedelta(seconds=inp["nap"]):
-                v.add("sleep woke early", f"{rid}: {slept.total_seconds():.3f} s < {inp['nap']}")
-
-        # Signals.
-        for name, node in app.WAIT_NODES.items():
-            _check_signals(v, counts, p, name, node, j, mailbox[(rid, name)], sent[(rid, name)])
-        if "ping_wait" in j and json.loads(j["ping_wait"]["result"]) == app.PING_DEFAULT:
-            counts["ping waits timed out"] += 1
-            if j["ping_wait"]["finished_at"] - j["approval"]["finished_at"] < timedelta(
-                seconds=app.PING_TIMEOUT
-            ):
-                v.add("signal wait timed out early", rid)
-
-        # Exactly one child per child node, and its result is the node's.
-        kids = children.pop(rid, [])
-        if inp["doom"] == "fan":
-            if kids:
-                v.add("child", f"{rid} never reached 'kid' but has children {kids}")
-        elif len(kids) != 1:
-            v.add("child", f"{rid} has {len(kids)} children")
-        else:
-            kid = kids[0]
-            marker = json.loads(j["kid@child"]["result"]) if "kid@child" in j else None
-            if marker != {"run_id": kid["id"]} or kid["parent_node"] != "kid":
-                v.add("child", f"{rid}: marker {marker} for child {kid['id']}")
-            if kid["status"] != "completed":
-                v.add("child", f"child {kid['id']} is {kid['status']}")
-            elif "kid" in j and json.loads(j["kid"]["result"]) != json.loads(kid["result"]):
-                v.add("child", f"{rid}: 'kid' result differs from child {kid['id']}'s")
-            _check_child(v, counts, kid, journal[kid["id"]], effects, comps, attempts)
-
-        if p["status"] == "completed":
-            names = {n.name for n in app.soak.nodes}
-            if set(json.loads(p["result"] or "{}")) != names:
-                v.add("run result", f"{rid}: {p['result']}")
+        _check_parent(v, counts, p, d, children.pop(p["id"], []))
 
     for parent_id, kids in children.items():
         for kid in kids:
             v.add("orphan child", f"{kid['id']} of {parent_id} ({by_id.get(parent_id)})")
 
     # Signals to runs the driver never addressed, or addressed to no run.
-    addressed = {k[0] for k in sent}
-    for (rid, name), rows in mailbox.items():
+    addressed = {k[0] for k in d.sent}
+    for (rid, name), rows in d.mailbox.items():
         if rid not in addressed:
             v.add("phantom signal", f"{len(rows)} {name} signals in the mailbox of {rid}")
 
@@ -1001,7 +1245,7 @@ async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> 
     leases = await conn.fetchval("SELECT count(*) FROM durable.jobs WHERE lease_token IS NOT NULL")
     if jobs:
         sample = await conn.fetch(
-            "SELECT id, task, run_id, payload::text FROM durable.jobs LIMIT 5"
+            "SELECT id, task, branch, run_id, payload::text FROM durable.jobs LIMIT 5"
         )
         v.add("jobs left", f"{jobs} job rows, e.g. {[tuple(r) for r in sample]}")
     if leases:
@@ -1014,47 +1258,234 @@ async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> 
     return dict(counts)
 
 
-def _check_child(
-    v: Violations,
-    counts: Counter[str],
-    kid: asyncpg.Record,
-    j: dict[str, asyncpg.Record],
-    effects: dict[str, Counter[str]],
-    comps: dict[str, Counter[str]],
-    attempts: dict[str, Counter[str]],
+def _check_parent(
+    v: Violations, counts: Counter[str], p: asyncpg.Record, d: Data, kids: list[asyncpg.Record]
 ) -> None:
-    counts["children"] += 1
+    rid = p["id"]
+    inp = json.loads(p["input"])
+    j = d.journal[rid]
+    cancels = d.cancels[rid]
+    status = p["status"]
+
+    # The final status: the input's fate, unless a cancel took effect first.
+    fate = "failed" if inp["doom"] and not inp["heal"] else "completed"
+    outcomes = {c["accepted"] for c in cancels}
+    allowed = (
+        {"cancelled"} if True in outcomes else {fate, "cancelled"} if None in outcomes else {fate}
+    )
+    counts[f"parents {status}"] += 1
+    if status not in allowed:
+        v.add(
+            "wrong final status",
+            f"{rid} (doom={inp['doom']!r}, heal={inp['heal']}, cancels "
+            f"{[c['accepted'] for c in cancels]}) is {status}, expected {sorted(allowed)}: "
+            f"{p['error']}",
+        )
+        return
+    if cancels and not inp["cancel"]:
+        v.add("driver", f"{rid} was cancelled but its input does not say so")
+    if status == "failed" and "doomed by the input" not in (p["error"] or ""):
+        v.add("wrong error", f"{rid}: {p['error']!r}")
+    if status == "cancelled" and not (p["error"] or "").startswith("soak cancel"):
+        v.add("wrong error", f"{rid} (cancelled): {p['error']!r}")
+    retried = status == "completed" and bool(inp["heal"])
+    if p["epoch"] != int(retried):
+        v.add("epoch", f"{rid} ({status}, heal={inp['heal']}) is in epoch {p['epoch']}")
+        return
+    if not retried and d.retries[rid]:
+        v.add("driver", f"{rid} was retried but should not have been")
+
+    # The journal of each epoch, and what ran in it.
+    epochs: list[tuple[Journal, dict[str, str], set[str]]] = []
+    if retried:
+        counts["parents retried"] += 1
+        accepted = [r["accepted"] for r in d.retries[rid]]
+        if accepted.count(True) > 1 or accepted.count(False):
+            v.add("retry", f"{rid}: retry calls returned {accepted}")
+        j0 = d.before_retry.get(rid)
+        if not j0:
+            v.add("retry", f"{rid} is in epoch 1 without a journal copy from before its retry")
+            return
+        epochs.append((j0, _expected_journal(inp, j0), _completed(j0)))
+        # Re-run: the failed node and every step whose compensator ran; the rest replays
+        # (keeps its journal row). A parallel node re-runs with its undone branches.
+        executed = {k for k in _completed(j) if k not in j0 or j0[k]["seq"] != j[k]["seq"]}
+        kept = {k for k in _completed(j0) if f"{k}{COMP}" not in j0 and not k.endswith(COMP)}
+        must = {k for k in _completed(j) if not k.endswith(COMP)} - kept
+        if any(k.startswith("fan#") for k in must):
+            # The parallel node itself may be journaled again or kept: either is right.
+            must.discard("fan")
+            executed.discard("fan")
+        if executed != must:
+            v.add(
+                "retry re-ran the wrong nodes",
+                f"{rid}: re-ran {sorted(executed - must)} needlessly, replayed "
+                f"{sorted(must - executed)}",
+            )
+        epochs.append((j, _expected_journal({**inp, "doom": ""}, j), executed))
+    elif status == "cancelled":
+        got = {k for k in _completed(j) if not k.endswith(COMP)}
+        wrong = _cancelled_prefix(inp, got)
+        if wrong is not None:
+            v.add("cancelled run's journal is no prefix", f"{rid}: {wrong}")
+        expected = dict.fromkeys(got, "completed")
+        expected.update({f"{k}{COMP}": "completed" for k in got & COMPENSABLE})
+        epochs.append((j, expected, _completed(j)))
+        # Nothing ran after the cancel: every node committed before the (first accepted)
+        # cancel returned.
+        returned = [c["returned_at"] for c in cancels if c["accepted"] is True]
+        if returned:
+            late = sorted(k for k in got if j[k]["finished_at"] > min(returned))
+            if late:
+                v.add("node committed after the cancel returned", f"{rid}: {late}")
+    else:
+        epochs.append((j, _expected_journal(inp, j), _completed(j)))
+
+    for epoch, (je, expected, executed) in enumerate(epochs):
+        _check_epoch(
+            v,
+            counts,
+            rid,
+            epoch,
+            je,
+            expected,
+            executed,
+            d.effects[rid][epoch],
+            d.comps[rid][epoch],
+        )
+        failed = Counter(
+            {k: n for k, n in d.attempts[rid][epoch].items() if k != "ext" and "@" not in k}
+        )
+        want_failed = _want_failed(inp, je, executed)
+        if status == "cancelled" and inp["flaky"] and "b" not in je and failed["b"] <= 1:
+            failed.pop("b", None)  # its first attempt may have failed before the cancel
+        if failed != want_failed:
+            v.add(
+                "unexpected failed attempts",
+                f"{rid} epoch {epoch}: {dict(failed)}, expected {dict(want_failed)}",
+            )
+        counts["flaky retries"] += d.attempts[rid][epoch]["b"]
+        counts["ext attempts lost with a worker"] += d.attempts[rid][epoch]["ext"]
+    for table, by_epoch in (
+        ("attempts", d.attempts),
+        ("effects", d.effects),
+        ("comp_effects", d.comps),
+    ):
+        beyond = {e: dict(c) for e, c in by_epoch[rid].items() if e >= len(epochs) and c}
+        if beyond:
+            v.add("rows of an epoch the run never had", f"{rid} {table}: {beyond}")
+
+    if "pick" in j:
+        route = j["pick@route"]["result"] if "pick@route" in j else None
+        if route is None or json.loads(route) != inp["route"]:
+            v.add("route", f"{rid} chose {route}, input says {inp['route']!r}")
+        if d.effect_info[(rid, "pick")] != {inp["route"]}:
+            v.add("route", f"{rid} ran branch {d.effect_info[(rid, 'pick')]}")
+
+    # The non-transactional step: at least once, and its committed attempt's effect.
+    if "ext" in j:
+        token = json.loads(j["ext"]["result"])["token"]
+        if d.ext[rid][token] != 1:
+            v.add(
+                "ext effect",
+                f"{rid}: the committed attempt's token is in ext_effects {d.ext[rid][token]} times",
+            )
+        counts["ext re-executions (at-least-once)"] += sum(d.ext[rid].values()) - 1
+
+    # The sleep never woke early (its wake time is computed after `ext` committed).
+    if "nap" in j and "ext" in j:
+        slept = j["nap"]["finished_at"] - j["ext"]["finished_at"]
+        if slept < timedelta(seconds=inp["nap"]):
+            v.add("sleep woke early", f"{rid}: {slept.total_seconds():.3f} s < {inp['nap']}")
+
+    # Signals. A run refuses them from when it first ended, failed or was cancelled.
+    ends = [r["finished_at"] for je, _, _ in epochs for r in je.values() if r["status"] == "failed"]
+    ends += [c["called_at"] for c in cancels]
+    if status == "completed":
+        ends.append(p["finished_at"])
+    ended = min(ends, default=None)
+    for name, node in app.WAIT_NODES.items():
+        _check_signals(
+            v, counts, rid, ended, name, node, j, d.mailbox[(rid, name)], d.sent[(rid, name)]
+        )
+    if "ping_wait" in j and json.loads(j["ping_wait"]["result"]) == app.PING_DEFAULT:
+        counts["ping waits timed out"] += 1
+        if j["ping_wait"]["finished_at"] - j["approval"]["finished_at"] < timedelta(
+            seconds=app.PING_TIMEOUT
+        ):
+            v.add("signal wait timed out early", rid)
+
+    # Exactly one child per child node started, and its result is the node's.
+    if "kid@child" not in j:
+        if kids:
+            v.add("child", f"{rid} never started 'kid' but has children {kids}")
+    elif len(kids) != 1:
+        v.add("child", f"{rid} has {len(kids)} children")
+    else:
+        kid = kids[0]
+        marker = json.loads(j["kid@child"]["result"])
+        if marker != {"run_id": kid["id"]} or kid["parent_node"] != "kid":
+            v.add("child", f"{rid}: marker {marker} for child {kid['id']}")
+        # A child still running when its parent is cancelled is cancelled with it.
+        may_cancel = status == "cancelled" and "kid" not in j
+        if kid["status"] != "completed" and not (may_cancel and kid["status"] == "cancelled"):
+            v.add("child", f"child {kid['id']} is {kid['status']} (parent {status})")
+        elif "kid" in j and json.loads(j["kid"]["result"]) != json.loads(kid["result"]):
+            v.add("child", f"{rid}: 'kid' result differs from child {kid['id']}'s")
+        _check_child(v, counts, kid, d.journal[kid["id"]], d)
+
+    if status == "completed":
+        names = {n.name for n in app.soak.nodes}
+        if set(json.loads(p["result"] or "{}")) != names:
+            v.add("run result", f"{rid}: {p['result']}")
+
+
+def _check_child(
+    v: Violations, counts: Counter[str], kid: asyncpg.Record, j: Journal, d: Data
+) -> None:
+    counts[f"children {kid['status']}"] += 1
     kid_id = kid["id"]
     got = {k: r["status"] for k, r in j.items()}
-    if got != dict.fromkeys(app.CHILD_STEPS, "completed"):
-        v.add("journal", f"child {kid_id}: {got}")
-    for key in set(app.CHILD_STEPS) | set(effects[kid_id]):
-        n = effects[kid_id][key]
+    steps = list(app.CHILD_STEPS)
+    if kid["status"] == "completed":
+        ok = got == dict.fromkeys(steps, "completed")
+    else:  # cancelled with its parent: the first steps
+        ok = got == dict.fromkeys(steps[: len(got)], "completed") and len(got) < len(steps)
+        if "was cancelled" not in (kid["error"] or ""):
+            v.add("wrong error", f"child {kid_id} (cancelled): {kid['error']!r}")
+    if not ok:
+        v.add("journal", f"child {kid_id} ({kid['status']}): {got}")
+    effects = d.effects[kid_id]
+    for key in set(got) | set(effects[0]):
+        n = effects[0][key]
         counts["effects"] += n
-        if key not in app.CHILD_STEPS:
+        if key not in got:
             v.add("effect of an uncommitted node", f"child {kid_id} {key} x{n}")
         elif n == 0:
             v.add("lost effect", f"child {kid_id} {key}")
         elif n > 1:
             v.add("duplicated effect", f"child {kid_id} {key} x{n}")
-    if comps[kid_id]:
-        v.add("unexpected compensation", f"child {kid_id}: {dict(comps[kid_id])}")
-    if attempts[kid_id]:
-        v.add("unexpected failed attempts", f"child {kid_id}: {dict(attempts[kid_id])}")
+    if any(e != 0 and c for e, c in effects.items()):
+        v.add("rows of an epoch the run never had", f"child {kid_id}: {dict(effects)}")
+    if any(d.comps[kid_id].values()):
+        v.add("unexpected compensation", f"child {kid_id}: {dict(d.comps[kid_id])}")
+    if any(d.attempts[kid_id].values()):
+        v.add("unexpected failed attempts", f"child {kid_id}: {dict(d.attempts[kid_id])}")
 
 
 def _check_signals(
     v: Violations,
     counts: Counter[str],
-    run: asyncpg.Record,
+    rid: str,
+    ended: Any,
     name: str,
     node: str,
-    j: dict[str, asyncpg.Record],
+    j: Journal,
     box: list[asyncpg.Record],
     sent: list[asyncpg.Record],
 ) -> None:
-    """One run's signals of one name against what the driver sent and what its wait did."""
-    rid = run["id"]
+    """One run's signals of one name against what the driver sent and what its wait did;
+    `ended`: from when on the run may refuse signals (it finished, failed or was cancelled)."""
     by_payload = {json.loads(s["payload"])["seq"]: s for s in sent}
     n_true = sum(1 for s in sent if s["accepted"] is True)
     n_unknown = sum(1 for s in sent if s["accepted"] is None)
@@ -1070,14 +1501,9 @@ def _check_signals(
     for s in sent:
         if s["accepted"] is True and json.loads(s["payload"])["seq"] not in seqs:
             v.add("lost signal (accepted, not in the mailbox)", f"{rid} {name} {s['payload']}")
-        if s["accepted"] is False:
-            # Only a finished or compensating run refuses a signal.
-            failed = [r["finished_at"] for r in j.values() if r["status"] == "failed"]
-            ended = (
-                run["finished_at"] if run["status"] == "completed" else min(failed, default=None)
-            )
-            if ended is None or ended >= s["sent_at"]:
-                v.add("signal refused by an active run", f"{rid} {name} sent {s['sent_at']}")
+        # Only a finished or compensating run refuses a signal.
+        if s["accepted"] is False and (ended is None or ended >= s["sent_at"]):
+            v.add("signal refused by an active run", f"{rid} {name} sent {s['sent_at']}")
 
     consumed = [m for m in box if m["consumed_at"] is not None]
     counts[f"{name} signals consumed"] += len(consumed)
