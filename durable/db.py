@@ -115,6 +115,26 @@ async def create_pool(
     return pool
 
 
+def _key_clash(value: Any) -> str | None:
+    """A description of two keys of one object that JSON would write alike ({1: .., "1": ..}),
+    or None. Only objects with non-string keys can have one."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if not all(type(k) is str for k in item):
+                seen: dict[str, Any] = {}
+                for key in item:
+                    text = key if isinstance(key, str) else json.dumps(key)  # as JSON writes it
+                    if text in seen:
+                        return f"keys {seen[text]!r} and {key!r} would both be stored as {text!r}"
+                    seen[text] = key
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None
+
+
 def dumps(value: Any, what: str) -> str:
     """Serialize `value` to JSON text for a jsonb column, or raise `SerializationError`.
 
@@ -126,6 +146,9 @@ def dumps(value: Any, what: str) -> str:
         raise SerializationError(f"{what} is not JSON-serializable: {exc}") from None
     if "\x00" in text or _ESCAPED_NUL.search(text):
         raise SerializationError(f"{what} contains a NUL character, which PostgreSQL cannot store")
+    clash = _key_clash(value)
+    if clash is not None:
+        raise SerializationError(f"{what} is not storable as JSON without losing data: {clash}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -197,6 +197,16 @@ class Engine(Client):
         if not self._workflows:
             raise ConfigurationError("register at least one workflow before running a worker")
         own_pool = self.dsn is not None
+        if not own_pool:
+            # Slots hold a connection each; the listener, the poller and a claim count take
+            # one more each, and wait()'s listener one on an engine built on a pool.
+            needed = concurrency + 4
+            if self.pool.get_max_size() < needed:
+                raise ConfigurationError(
+                    f"the engine's pool holds {self.pool.get_max_size()} connections, but a "
+                    f"worker with concurrency={concurrency} needs {needed} (concurrency + 4); "
+                    "make the pool bigger or the concurrency smaller"
+                )
         pool = (
             await create_pool(
                 self.dsn,

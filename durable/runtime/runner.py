@@ -8,10 +8,10 @@ on the same slot), and `handle` decides and applies, all in the job's transactio
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import asyncpg
@@ -117,6 +117,29 @@ def _traced(t: Transition) -> Transition:
     return t
 
 
+class _Results(Mapping[str, Any]):
+    """`ctx.results`: read-only, and a list or dict is copied when read, so what a handler
+    does to a value it read changes nothing that a later node (or this worker) sees."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data[key]
+        return copy.deepcopy(value) if isinstance(value, list | dict) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"results({dict(self._data)!r})"
+
+
 class _Visit:
     """One job's look at its run: the `Visit` a node module decides with."""
 
@@ -146,7 +169,7 @@ class _Visit:
         return Context(
             # Parsed for each context: what one handler does to it no other sees.
             input=json.loads(s.input),
-            results=MappingProxyType(dict(s.results if results is None else results)),
+            results=_Results(s.results if results is None else results),
             run_id=s.run_id,
             workflow=s.workflow,
             node=node,

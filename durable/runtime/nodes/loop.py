@@ -24,8 +24,7 @@ async def visit(v: Visit, node: Loop) -> Transition:
     s = v.state
     i = s.iteration
     so_far = await v.iterations(node.name)
-    # A copy: what a handler does to the list no later iteration sees.
-    ctx = v.context(node.name, results={**s.results, node.name: list(so_far)})
+    ctx = v.context(node.name, results={**s.results, node.name: so_far})
     key = f"{node.name}#{i}"
 
     async def iteration() -> tuple[bool, Any]:
