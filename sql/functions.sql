@@ -64,20 +64,31 @@ DECLARE
     v_jobs integer;
     v_open text[];
 BEGIN
-    SELECT id, queue, status, current_node, wake_at, waiting_for, child_id, branches,
-           finished_at IS NOT NULL AS finished
-    INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    -- The run, whether a cancel is requested, and its jobs as they are (whoever holds
+    -- them), in one statement: this runs at the end of every transition.
+    SELECT x.id, x.queue, x.status, x.current_node, x.wake_at, x.waiting_for, x.child_id,
+           x.branches, x.finished_at IS NOT NULL AS finished,
+           EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = x.id)
+               AS cancel,
+           (SELECT array_agg(ROW(j.id, j.task, j.branch, j.run_at, j.lease_token IS NOT NULL)
+                             ::__SCHEMA__.job_v1)
+              FROM __SCHEMA__.jobs j WHERE j.run_id = x.id) AS jobs
+    INTO r FROM __SCHEMA__.runs x WHERE x.id = p_run;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     IF r.finished THEN
         v_task := NULL;
-        DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+        IF r.cancel THEN
+            DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+        END IF;
     ELSIF r.status = 'compensating' THEN
         v_task := 'compensate';
         v_due := coalesce(r.wake_at, v_now);
-        DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
-    ELSIF EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = p_run) THEN
+        IF r.cancel THEN
+            DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+        END IF;
+    ELSIF r.cancel THEN
         v_task := 'advance';  -- a worker applies the cancel
         v_due := v_now;
     ELSIF r.branches IS NOT NULL THEN
@@ -112,13 +123,12 @@ BEGIN
         v_due := coalesce(r.wake_at, v_now);
     END IF;
 
-    -- The run's jobs as they are (whoever holds them) against what the state needs.
-    SELECT count(*),
-           max(j.id) FILTER (WHERE j.task = v_task AND j.branch IS NULL),
-           max(j.run_at) FILTER (WHERE j.task = v_task AND j.branch IS NULL),
-           bool_or(j.lease_token IS NOT NULL) FILTER (WHERE j.task = v_task AND j.branch IS NULL)
-    INTO v_jobs, v_job, v_run_at, v_leased
-    FROM __SCHEMA__.jobs j WHERE j.run_id = p_run;
+    -- The run's jobs against what the state needs.
+    v_jobs := coalesce(cardinality(r.jobs), 0);
+    IF v_task IS NOT NULL AND v_jobs > 0 THEN
+        SELECT j.id, j.run_at, j.leased INTO v_job, v_run_at, v_leased
+        FROM unnest(r.jobs) AS j WHERE j.task = v_task AND j.branch IS NULL;
+    END IF;
     IF v_jobs > (CASE WHEN v_job IS NULL THEN 0 ELSE 1 END) THEN
         -- Something the state does not need: it goes, unless another transaction holds it.
         DELETE FROM __SCHEMA__.jobs WHERE id IN (
@@ -359,6 +369,25 @@ AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
 BEGIN
+    IF NOT p_replay AND p_next IS NOT NULL THEN
+        -- The common case, in one statement: journal the node, move the run on.
+        WITH entry AS (
+            INSERT INTO __SCHEMA__.journal
+                (run_id, key, node, status, result, attempts, started_at, finished_at)
+            VALUES (p_run, p_node, p_node, 'completed', p_result::jsonb, p_attempts,
+                    coalesce(p_started, v_now), v_now)
+        )
+        UPDATE __SCHEMA__.runs
+        SET cursor = p_cursor, current_node = p_next, status = 'running', iteration = 0,
+            attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
+            branches = NULL, updated_at = v_now
+        WHERE id = p_run;
+        IF p_consume IS NOT NULL THEN
+            UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = v_now
+            WHERE id = p_consume;
+        END IF;
+        RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+    END IF;
     IF NOT p_replay THEN
         INSERT INTO __SCHEMA__.journal
             (run_id, key, node, status, result, attempts, started_at, finished_at)

@@ -92,4 +92,9 @@ CREATE TABLE __SCHEMA__.shapes (
     recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
 );
 
+-- A job as ensure_jobs_v1 sees it.
+CREATE TYPE __SCHEMA__.job_v1 AS (
+    id bigint, task text, branch text, run_at timestamptz, leased boolean
+);
+
 -- include: functions.sql
