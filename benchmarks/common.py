@@ -33,6 +33,7 @@ class Sizes:
     baseline_tx_1: int  # transactions on one connection
     baseline_tx_8: int  # transactions in total over 8 connections
     chain_steps: int
+    loop_iterations: int
     fanout_runs: int
     fanout_steps: int
     drain_runs: int
@@ -51,6 +52,7 @@ FULL = Sizes(
     baseline_tx_1=4000,
     baseline_tx_8=16000,
     chain_steps=1000,
+    loop_iterations=3000,
     fanout_runs=500,
     fanout_steps=10,
     drain_runs=10_000,
@@ -69,6 +71,7 @@ QUICK = Sizes(
     baseline_tx_1=1000,
     baseline_tx_8=4000,
     chain_steps=1000,
+    loop_iterations=1000,
     fanout_runs=200,
     fanout_steps=10,
     drain_runs=2000,

@@ -33,6 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[dict[str, Any]]]] = {
     "chain": scenarios.chain,
+    "loop": scenarios.loop,
     "fan-out": scenarios.fanout,
     "drain": scenarios.drain,
     "start": scenarios.start,
@@ -170,6 +171,19 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
                 min_ratio=0.9,
             )
         )
+    if "loop" in results:
+        r = results["loop"]
+        row = Row("loop", "not run", target="last / first tenth <= 1.5x")
+        if isinstance(r, dict):
+            row.figure = (
+                f"{fmt_int(r['iterations_per_s'])} iterations/s; last / first tenth "
+                f"{r['value']:.2f}x ({r['iterations']:,} iterations)"
+            )
+            row.met = r["value"] <= 1.5
+            row.data = r
+        else:
+            row.figure, row.met = _error_text(r), False
+        rows.append(row)
     if "fan-out" in results:
         rows.append(
             _rate_row(

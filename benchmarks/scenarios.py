@@ -55,6 +55,28 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
     }
 
 
+# -- loop ----------------------------------------------------------------------------------
+
+
+async def loop(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """One run of a loop of `loop_iterations` no-op iterations: how much slower the last
+    tenth of the iterations runs than the first tenth (1.0: each iteration costs O(1))."""
+    marks: list[float] = []
+    n = sizes.loop_iterations
+    engine = durable.Engine(dsn, workflows=[workflows.loop(n, marks), workflows.one_step()])
+    async with engine, engine.worker(concurrency=sizes.concurrency):
+        await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
+        progress(f"loop: one run of {n} iterations")
+        t0 = time.perf_counter()
+        await engine.wait(await engine.start(workflows.LOOP), timeout=sizes.scenario_timeout)
+        elapsed = time.perf_counter() - t0
+    tenth = n // 10
+    first = marks[tenth] - marks[0]
+    last = marks[n] - marks[n - tenth]
+    progress(f"loop: {n / elapsed:,.0f} iterations/s; last / first tenth {last / first:.2f}")
+    return {"value": last / first, "iterations_per_s": n / elapsed, "iterations": n}
+
+
 # -- fan-out (also the measurement of the scale scenario) ----------------------------------
 
 

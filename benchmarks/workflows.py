@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import durable
@@ -11,6 +12,7 @@ CHAIN = "bench_chain"
 FANOUT = "bench_fanout"
 ONE_STEP = "bench_one"
 PARKED = "bench_parked"
+LOOP = "bench_loop"
 
 
 async def noop(ctx: durable.Context) -> Any:
@@ -41,3 +43,14 @@ def one_step() -> durable.Workflow:
 def parked() -> durable.Workflow:
     """A run that waits for a signal that never comes (memory)."""
     return durable.Workflow(PARKED).wait_for_signal("wait", "go")
+
+
+def loop(iterations: int, marks: list[float]) -> durable.Workflow:
+    """One run of a loop of `iterations` no-op iterations; `marks` gets the clock at the
+    start of each iteration (the condition runs first)."""
+
+    def more(ctx: durable.Context, i: int) -> bool:
+        marks.append(time.perf_counter())
+        return i < iterations
+
+    return durable.Workflow(LOOP).loop("spin", more, noop, max_iterations=iterations + 1)

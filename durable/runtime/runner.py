@@ -293,12 +293,15 @@ class Runner:
             memo = self._iterations.get((s.run_id, s.current_node or "", s.epoch))
             if memo is not None and len(memo) == t.index:
                 memo.append(json.loads(t.text))
-        if follow is None or not isinstance(t, Complete) or s.cursor + 1 >= len(wf.nodes):
+        if follow is None:
             return
         if len(self._results) > 10_000:  # runs handed on but never claimed by this worker
             self._results.clear()
-        results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
-        self._results[follow] = (s.run_id, s.epoch, s.cursor + 1, results)
+        cursor, results = s.cursor, s.results
+        if isinstance(t, Complete):
+            cursor = s.cursor + 1
+            results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
+        self._results[follow] = (s.run_id, s.epoch, cursor, dict(results))
 
     async def _lost(self, job: Job) -> bool | None:
         """None when the job's last locker committed (or nobody locked it). Otherwise its
