@@ -8,13 +8,9 @@ transaction. The row lock is the job's ownership: if the process dies, PostgreSQ
 transaction, the lock goes, and any worker may claim the job at once. Slots claim on their
 own connections at the same time, so a worker with N free slots claims N jobs in parallel.
 
-A slot whose claim finds nothing goes idle. Idle slots are woken one at a time: by a
-`NOTIFY` (sent, once per enqueuing transaction, only while some worker has an idle slot and
-has said so in the `listeners` table), by the poller when the next delayed job falls due on
-the database clock or the polling interval passes, and by a slot that just claimed a job
-(there may be more). `stop()` is graceful: no new claims, in-flight jobs get `grace_period`
-seconds to finish, then they are cancelled and their transactions rolled back, which
-releases them to other workers.
+A slot whose claim finds nothing goes idle until woken (`durable.wakeup`). `stop()` is
+graceful: no new claims, in-flight jobs get `grace_period` seconds to finish, then they are
+cancelled and their transactions rolled back, which releases them to other workers.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ from durable.db import Connection, is_connection_error
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
 from durable.stepconn import StepConnection, swallowed_error, undo
+from durable.wakeup import Health, Wakeups
 
 log = logging.getLogger("durable.worker")
 
@@ -62,42 +59,9 @@ ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
 FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
 
 
-# How soon an idle worker looks again while due jobs are held elsewhere (their worker may
-# die, which frees them silently).
-_HELD_RECHECK = 0.5
-
-
 def retry_delay(attempts: int) -> float:
     """Backoff for a job whose handler raised: 1, 2, 4 ... seconds, at most 60."""
     return float(min(2 ** max(attempts - 1, 0), 60))
-
-
-class _Health:
-    """Logs a database outage once when it starts and once when it ends."""
-
-    def __init__(self) -> None:
-        self.down_since: float | None = None
-        self.failures = 0
-
-    def failed(self, exc: BaseException) -> float:
-        self.failures += 1
-        if self.down_since is None:
-            self.down_since = asyncio.get_running_loop().time()
-            log.warning(
-                "database unavailable, retrying with backoff: %s", exc, extra={"error": repr(exc)}
-            )
-        return float(min(0.05 * 2 ** min(self.failures, 7), 5.0))
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            seconds = asyncio.get_running_loop().time() - self.down_since
-            log.warning(
-                "database reachable again after %.1f s",
-                seconds,
-                extra={"outage_seconds": round(seconds, 3)},
-            )
-        self.down_since = None
-        self.failures = 0
 
 
 class Worker:
@@ -140,21 +104,26 @@ class Worker:
         self.grace_period = grace_period
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._stopping = asyncio.Event()
-        self._idle: list[asyncio.Event] = []  # events of idle slots, oldest first
-        self._missed_wakeup = False
-        self._poke = asyncio.Event()
+        self._health = Health()
+        self._wakeups = Wakeups(
+            pool,
+            queries,
+            self.jobs,
+            queues=self.queues,
+            poll_interval=poll_interval,
+            name=self.name,
+            stopping=self._stopping,
+            health=self._health,
+        )
         self._inflight = 0
         self._no_inflight = asyncio.Event()
         self._no_inflight.set()
-        self._health = _Health()
         self.processed = 0
 
     def stop(self) -> None:
         """Stop claiming; in-flight jobs get `grace_period` seconds to finish."""
         self._stopping.set()
-        for event in self._idle:
-            event.set()
-        self._poke.set()
+        self._wakeups.wake_all()
 
     @property
     def stopping(self) -> bool:
@@ -176,8 +145,8 @@ class Worker:
         )
         try:
             async with anyio.create_task_group() as outer:
-                outer.start_soon(self._listen)
-                outer.start_soon(self._poll)
+                outer.start_soon(self._wakeups.listen)
+                outer.start_soon(self._wakeups.poll)
                 async with anyio.create_task_group() as slots:
                     for index in range(self.concurrency):
                         slots.start_soon(self._slot, index)
@@ -203,116 +172,6 @@ class Worker:
             self.processed,
             extra={"worker": self.name},
         )
-
-    # -- waking up -------------------------------------------------------------------------
-
-    def _wake_one(self) -> None:
-        """Wake the longest-idle slot; remember the wake-up if no slot is idle."""
-        if self._idle:
-            self._idle.pop(0).set()
-        else:
-            self._missed_wakeup = True
-
-    def _on_notify(self, *_: object) -> None:
-        self._wake_one()
-        self._poke.set()
-
-    async def _listen(self) -> None:
-        """Hold a LISTEN connection; reconnect when it drops (polling covers the gap)."""
-        health = self._health  # one outage, one log line: shared with the slots and poller
-        while True:
-            lost = asyncio.Event()
-            try:
-                async with self.pool.acquire() as conn:
-                    conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                    await conn.add_listener(self.channel, self._on_notify)
-                    health.ok()
-                    # A notification may have been missed while we were not listening.
-                    self._on_notify()
-                    try:
-                        while not lost.is_set():
-                            with anyio.move_on_after(self.poll_interval * 5):
-                                await lost.wait()
-                            if not lost.is_set():
-                                await conn.execute("SELECT 1")  # detect a silently dead link
-                    finally:
-                        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                            if not conn.is_closed():
-                                await conn.remove_listener(self.channel, self._on_notify)
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    log.exception("listener failed", extra={"worker": self.name})
-                await anyio.sleep(health.failed(exc))
-
-    async def _poll(self) -> None:
-        """Wake a slot when the next delayed job falls due, or every `poll_interval`.
-
-        While some slot is idle, the worker is registered in `listeners` so that enqueuing
-        transactions NOTIFY it; once registered, one idle slot claims again, which closes the
-        gap between its empty claim and the registration.
-        """
-        registered = False
-        busy_ticks = 0
-        while not self.stopping:
-            due: float | None = None
-            try:
-                async with self.pool.acquire() as conn:
-                    if self._idle and not registered:
-                        await conn.execute(self.queries["register_listener"], self.name)
-                        registered = True
-                        self._wake_one()
-                    elif registered and not self._idle:
-                        busy_ticks += 1
-                        if busy_ticks > 1:  # busy for a whole tick: stop asking for NOTIFYs
-                            await conn.execute(self.queries["unregister_listener"], self.name)
-                            registered = False
-                    if self._idle:
-                        busy_ticks = 0
-                        due, held = await self.jobs.due_state(conn, self.queues)
-                        if held:
-                            # Due jobs are held by other transactions. If their worker dies
-                            # the jobs come free with no NOTIFY: look again soon.
-                            due = min(due, _HELD_RECHECK) if due is not None else _HELD_RECHECK
-            except Exception as exc:
-                if not is_connection_error(exc):
-                    log.exception("poller failed", extra={"worker": self.name})
-                registered = False
-                await self._sleep_or_poke(self._health.failed(exc))
-                continue
-            if due is not None and due <= 0:
-                self._wake_one()
-                due = None
-            timeout = self.poll_interval if due is None else min(due, self.poll_interval)
-            if not await self._sleep_or_poke(timeout):
-                # A tick: refresh the registration and let a slot look, in case a NOTIFY was
-                # lost (a reconnect) or a job became due on another worker's schedule.
-                if registered:
-                    with contextlib.suppress(Exception):
-                        async with self.pool.acquire() as conn:
-                            await conn.execute(self.queries["register_listener"], self.name)
-                self._wake_one()
-
-    async def _sleep_or_poke(self, seconds: float) -> bool:
-        """Sleep up to `seconds`; True if poked (something changed), False on timeout."""
-        with anyio.move_on_after(seconds):
-            await self._poke.wait()
-            self._poke.clear()
-            return True
-        return False
-
-    async def _wait_idle(self) -> None:
-        """Park this slot until woken (or until the worker stops)."""
-        if self._missed_wakeup:
-            self._missed_wakeup = False
-            return
-        event = asyncio.Event()
-        self._idle.append(event)
-        self._poke.set()  # the poller registers us as a listener and computes the next due
-        try:
-            await event.wait()
-        finally:
-            if event in self._idle:
-                self._idle.remove(event)
 
     # -- a slot ----------------------------------------------------------------------------
 
@@ -355,10 +214,10 @@ class Worker:
                 rested = False
                 self._health.ok()
                 if job is None:
-                    await self._wait_idle()
+                    await self._wakeups.wait_idle()
                     rested = True
                     continue
-                self._wake_one()  # there may be more work: let an idle slot look too
+                self._wakeups.wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None
                 state, tx, after = await self._work(conn, tx, job)
                 if state == "broken":
@@ -420,7 +279,7 @@ class Worker:
             while True:
                 outcome = await self._run_one(conn, tx, job)
                 if outcome is None:  # rolled back and rescheduled
-                    self._poke.set()
+                    self._wakeups.poke()
                     if conn.is_closed():
                         return "broken", None, None
                     return "open", await self._begin(conn), None
@@ -444,7 +303,7 @@ class Worker:
                 self.processed += 1
                 # The job may have been rescheduled (a retry) without a NOTIFY: the poller
                 # looks at the next due time again.
-                self._poke.set()
+                self._wakeups.poke()
                 return "open", tx, None
         except Exception as exc:
             # The connection or the commit failed under us; the server rolls back and the job
@@ -480,7 +339,7 @@ class Worker:
             )
         finally:
             self._finished()
-        self._wake_one()  # the run's next job became due without a NOTIFY
+        self._wakeups.wake_one()  # the run's next job became due without a NOTIFY
 
     async def _begin(self, conn: Connection) -> asyncpg.transaction.Transaction:
         tx = conn.transaction()

@@ -3,225 +3,66 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-import math
-import random
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from durable.errors import DefinitionError
+from durable.nodes import (
+    DEFAULT_MAX_ATTEMPTS,
+    MAX_WAIT,
+    NO_DEFAULT,
+    Backoff,
+    ChildWorkflow,
+    Computed,
+    Handler,
+    Loop,
+    Node,
+    Parallel,
+    Route,
+    Sleep,
+    SleepUntil,
+    Step,
+    WaitForSignal,
+    check_attempts,
+    check_backoff,
+    check_branches,
+    check_callable,
+    check_handler,
+    check_seconds,
+    check_timeout,
+    check_when,
+    default_backoff,
+    exponential,
+    is_seconds,
+    resolve,
+    validate_name,
+)
 
 if TYPE_CHECKING:
     from durable.context import Context, LoopContext
 
-Handler = Callable[["Context"], Awaitable[Any]]
-Backoff = float | int | Callable[[int], float] | None
-H = TypeVar("H", bound=Handler)
-
-RESERVED = ("#", "@")
-MAX_NAME = 200
-DEFAULT_MAX_ATTEMPTS = 3
-MAX_BACKOFF = 60.0
-#: The longest sleep, signal timeout or retry delay durable accepts (about 100 years): any
-#: longer and a wake time could overflow a datetime.
-MAX_WAIT = 100 * 365 * 86400.0
-
-NodeKind = Literal[
-    "step",
-    "sleep",
-    "sleep_until",
-    "wait_for_signal",
-    "parallel",
-    "route",
-    "loop",
-    "child_workflow",
+# The node types and helpers the runtime reads through this module, beside the builder.
+__all__ = [
+    "MAX_WAIT",
+    "ChildWorkflow",
+    "Handler",
+    "Loop",
+    "Node",
+    "Parallel",
+    "Route",
+    "Sleep",
+    "SleepUntil",
+    "Step",
+    "WaitForSignal",
+    "Workflow",
+    "default_backoff",
+    "exponential",
+    "is_seconds",
+    "resolve",
 ]
-#: A value, or a sync or async function of the context that computes it.
-Computed = Any
-_NO_DEFAULT: Any = object()
 
-
-def default_backoff(failed_attempt: int) -> float:
-    """Seconds to wait after failed attempt `n` (1-based): `min(2 ** n, 60)`."""
-    return float(min(2**failed_attempt, MAX_BACKOFF))
-
-
-def exponential(
-    base: float = 1.0, factor: float = 2.0, cap: float = MAX_BACKOFF, jitter: bool = False
-) -> Callable[[int], float]:
-    """Build a backoff: `base * factor ** n` capped at `cap`; `jitter` draws from [0, delay]."""
-
-    def backoff(failed_attempt: int) -> float:
-        delay = min(base * factor**failed_attempt, cap)
-        return random.uniform(0, delay) if jitter else delay
-
-    return backoff
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
-    )
-
-
-def validate_name(name: object, what: str) -> str:
-    """Return `name` if it is a usable workflow or node name, else raise `DefinitionError`."""
-    if not isinstance(name, str) or not name.strip():
-        raise DefinitionError(f"{what} name must be a non-empty string, got {name!r}")
-    if len(name) > MAX_NAME:
-        raise DefinitionError(f"{what} name {name[:40]!r}... is longer than {MAX_NAME} characters")
-    if "\x00" in name:
-        raise DefinitionError(f"{what} name {name!r} contains a NUL character")
-    for ch in RESERVED:
-        if ch in name:
-            raise DefinitionError(
-                f"{what} name {name!r} contains {ch!r}, which is reserved for journal keys"
-            )
-    return name
-
-
-def _check_handler(fn: object, what: str) -> None:
-    if not callable(fn):
-        raise DefinitionError(f"{what} must be an async function, got {fn!r}")
-    if not _is_async(fn):
-        raise DefinitionError(f"{what} must be defined with 'async def'")
-
-
-def _check_backoff(backoff: object, what: str) -> Callable[[int], float]:
-    if backoff is None:
-        return default_backoff
-    if isinstance(backoff, bool):
-        raise DefinitionError(f"{what}: backoff must be seconds or a function, got {backoff!r}")
-    if isinstance(backoff, int | float):
-        if not math.isfinite(backoff) or backoff < 0:
-            raise DefinitionError(f"{what}: backoff must be >= 0 seconds, got {backoff!r}")
-        fixed = float(backoff)
-        return lambda _n: fixed
-    if callable(backoff):
-        return backoff
-    raise DefinitionError(f"{what}: backoff must be seconds or a function, got {backoff!r}")
-
-
-def _check_attempts(max_attempts: object, what: str) -> int:
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise DefinitionError(f"{what}: max_attempts must be an integer >= 1, got {max_attempts!r}")
-    return max_attempts
-
-
-@dataclass(frozen=True, eq=False)
-class Node:
-    """A declared node of a workflow; `name` is its journal key, `kind` what it does."""
-
-    name: str
-    kind: NodeKind
-
-
-@dataclass(frozen=True, eq=False)
-class Step(Node):
-    """A step: one async handler, retried, optionally compensated."""
-
-    fn: Handler
-    max_attempts: int
-    backoff: Callable[[int], float]
-    compensate: Handler | None
-    timeout: float | None
-    transactional: bool
-
-
-@dataclass(frozen=True, eq=False)
-class Sleep(Node):
-    """Park the run for `seconds` (a number, or a function of the context)."""
-
-    seconds: Computed
-
-
-@dataclass(frozen=True, eq=False)
-class SleepUntil(Node):
-    """Park the run until an aware datetime (or a function of the context returning one)."""
-
-    when: Computed
-
-
-@dataclass(frozen=True, eq=False)
-class WaitForSignal(Node):
-    """Park the run until a signal of that name arrives; its payload is the result."""
-
-    signal: Computed
-    timeout: float | None
-    default: Any = field(default=_NO_DEFAULT)
-
-    @property
-    def has_default(self) -> bool:
-        """True when a timeout completes the node with `default` instead of failing it."""
-        return self.default is not _NO_DEFAULT
-
-
-@dataclass(frozen=True, eq=False)
-class Parallel(Node):
-    """Run every branch as its own job; the result is `{branch: result}`."""
-
-    branches: Mapping[str, Handler]
-    max_attempts: int
-    backoff: Callable[[int], float]
-    compensate: Mapping[str, Handler]
-
-
-@dataclass(frozen=True, eq=False)
-class Route(Node):
-    """Run the one branch `select(ctx)` names; the choice is journaled once."""
-
-    select: Callable[[Context], Any]
-    branches: Mapping[str, Handler]
-    max_attempts: int
-    backoff: Callable[[int], float]
-
-
-@dataclass(frozen=True, eq=False)
-class Loop(Node):
-    """Run `body` while `condition(ctx, i)` holds; each iteration commits on its own."""
-
-    condition: Callable[[Context, int], Any]
-    body: Callable[[LoopContext], Awaitable[Any]]
-    max_iterations: int
-    max_attempts: int
-    backoff: Callable[[int], float]
-
-
-@dataclass(frozen=True, eq=False)
-class ChildWorkflow(Node):
-    """Start a child run (`start(ctx) -> (workflow, input)`) and wait for its result."""
-
-    start: Callable[[Context], Any]
-
-
-def _check_callable(fn: object, what: str) -> None:
-    if not callable(fn):
-        raise DefinitionError(f"{what} must be a function, got {fn!r}")
-
-
-def _check_branches(branches: object, what: str) -> dict[str, Handler]:
-    if not isinstance(branches, Mapping) or not branches:
-        raise DefinitionError(f"{what}: branches must be a non-empty mapping of name -> handler")
-    checked: dict[str, Handler] = {}
-    for key, fn in branches.items():
-        validate_name(key, f"{what}: branch")
-        _check_handler(fn, f"{what}: branch {key!r}")
-        checked[key] = fn
-    return checked
-
-
-def _check_timeout(timeout: object, what: str) -> float | None:
-    if timeout is None:
-        return None
-    if not is_seconds(timeout, positive=True):
-        raise DefinitionError(
-            f"{what}: timeout must be a number of seconds > 0 and <= {MAX_WAIT:.0f}, "
-            f"got {timeout!r}"
-        )
-    return float(timeout)  # type: ignore[arg-type]
+H = TypeVar("H", bound=Handler)
 
 
 class Workflow:
@@ -364,10 +205,10 @@ class Workflow:
     ) -> None:
         node_name = validate_name(name, "node")
         what = f"step {node_name!r} of workflow {self.name!r}"
-        _check_handler(fn, f"handler of {what}")
+        check_handler(fn, f"handler of {what}")
         if compensate is not None:
-            _check_handler(compensate, f"compensate of {what}")
-        timeout = _check_timeout(timeout, what)
+            check_handler(compensate, f"compensate of {what}")
+        timeout = check_timeout(timeout, what)
         if not isinstance(transactional, bool):
             raise DefinitionError(f"{what}: transactional must be True or False")
         self._add(
@@ -375,8 +216,8 @@ class Workflow:
                 name=node_name,
                 kind="step",
                 fn=fn,  # type: ignore[arg-type]
-                max_attempts=_check_attempts(max_attempts, what),
-                backoff=_check_backoff(backoff, what),
+                max_attempts=check_attempts(max_attempts, what),
+                backoff=check_backoff(backoff, what),
                 compensate=compensate,  # type: ignore[arg-type]
                 timeout=timeout,
                 transactional=transactional,
@@ -391,7 +232,7 @@ class Workflow:
         """
         node_name = validate_name(name, "node")
         if not callable(seconds):
-            _check_seconds(seconds, f"sleep {node_name!r} of workflow {self.name!r}")
+            check_seconds(seconds, f"sleep {node_name!r} of workflow {self.name!r}")
         self._add(Sleep(name=node_name, kind="sleep", seconds=seconds))
         return self
 
@@ -400,7 +241,7 @@ class Workflow:
         returning one."""
         node_name = validate_name(name, "node")
         if not callable(when):
-            _check_when(when, f"sleep_until {node_name!r} of workflow {self.name!r}")
+            check_when(when, f"sleep_until {node_name!r} of workflow {self.name!r}")
         self._add(SleepUntil(name=node_name, kind="sleep_until", when=when))
         return self
 
@@ -410,7 +251,7 @@ class Workflow:
         signal: Computed,
         *,
         timeout: float | None = None,
-        default: Any = _NO_DEFAULT,
+        default: Any = NO_DEFAULT,
     ) -> Workflow:
         """Park the run until a signal called `signal` (or `signal(ctx)`) arrives.
 
@@ -422,7 +263,7 @@ class Workflow:
         what = f"wait_for_signal {node_name!r} of workflow {self.name!r}"
         if not callable(signal) and (not isinstance(signal, str) or not signal):
             raise DefinitionError(f"{what}: signal must be a non-empty name or a function")
-        if default is not _NO_DEFAULT:
+        if default is not NO_DEFAULT:
             try:
                 json.dumps(default, allow_nan=False)
             except (TypeError, ValueError) as exc:
@@ -432,7 +273,7 @@ class Workflow:
                 name=node_name,
                 kind="wait_for_signal",
                 signal=signal,
-                timeout=_check_timeout(timeout, what),
+                timeout=check_timeout(timeout, what),
                 default=default,
             )
         )
@@ -455,20 +296,20 @@ class Workflow:
         """
         node_name = validate_name(name, "node")
         what = f"parallel {node_name!r} of workflow {self.name!r}"
-        checked = _check_branches(branches, what)
+        checked = check_branches(branches, what)
         compensators: dict[str, Handler] = {}
         for key, fn in (compensate or {}).items():
             if key not in checked:
                 raise DefinitionError(f"{what}: compensate names unknown branch {key!r}")
-            _check_handler(fn, f"{what}: compensate of branch {key!r}")
+            check_handler(fn, f"{what}: compensate of branch {key!r}")
             compensators[key] = fn
         self._add(
             Parallel(
                 name=node_name,
                 kind="parallel",
                 branches=checked,
-                max_attempts=_check_attempts(max_attempts, what),
-                backoff=_check_backoff(backoff, what),
+                max_attempts=check_attempts(max_attempts, what),
+                backoff=check_backoff(backoff, what),
                 compensate=compensators,
             )
         )
@@ -490,15 +331,15 @@ class Workflow:
         """
         node_name = validate_name(name, "node")
         what = f"route {node_name!r} of workflow {self.name!r}"
-        _check_callable(select, f"{what}: select")
+        check_callable(select, f"{what}: select")
         self._add(
             Route(
                 name=node_name,
                 kind="route",
                 select=select,
-                branches=_check_branches(branches, what),
-                max_attempts=_check_attempts(max_attempts, what),
-                backoff=_check_backoff(backoff, what),
+                branches=check_branches(branches, what),
+                max_attempts=check_attempts(max_attempts, what),
+                backoff=check_backoff(backoff, what),
             )
         )
         return self
@@ -521,8 +362,8 @@ class Workflow:
         """
         node_name = validate_name(name, "node")
         what = f"loop {node_name!r} of workflow {self.name!r}"
-        _check_callable(condition, f"{what}: condition")
-        _check_handler(body, f"{what}: body")
+        check_callable(condition, f"{what}: condition")
+        check_handler(body, f"{what}: body")
         if (
             isinstance(max_iterations, bool)
             or not isinstance(max_iterations, int)
@@ -538,8 +379,8 @@ class Workflow:
                 condition=condition,
                 body=body,
                 max_iterations=max_iterations,
-                max_attempts=_check_attempts(max_attempts, what),
-                backoff=_check_backoff(backoff, what),
+                max_attempts=check_attempts(max_attempts, what),
+                backoff=check_backoff(backoff, what),
             )
         )
         return self
@@ -553,42 +394,6 @@ class Workflow:
         node fails.
         """
         node_name = validate_name(name, "node")
-        _check_callable(start, f"child_workflow {node_name!r} of workflow {self.name!r}: start")
+        check_callable(start, f"child_workflow {node_name!r} of workflow {self.name!r}: start")
         self._add(ChildWorkflow(name=node_name, kind="child_workflow", start=start))
         return self
-
-
-def is_seconds(value: object, *, positive: bool = False) -> bool:
-    """True for a finite number of seconds up to `MAX_WAIT` (> 0 if `positive`, else >= 0);
-    bools are not."""
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-        and (value > 0 if positive else value >= 0)
-        and value <= MAX_WAIT
-    )
-
-
-def _check_seconds(seconds: object, what: str) -> float:
-    if not is_seconds(seconds):
-        raise DefinitionError(
-            f"{what}: seconds must be a number >= 0 and <= {MAX_WAIT:.0f}, got {seconds!r}"
-        )
-    return float(seconds)  # type: ignore[arg-type]
-
-
-def _check_when(when: object, what: str) -> datetime:
-    if not isinstance(when, datetime) or when.tzinfo is None:
-        raise DefinitionError(f"{what}: expected an aware datetime, got {when!r}")
-    return when
-
-
-async def resolve(value: Any, *args: Any) -> Any:
-    """Return `value`, or call it with `args` (awaiting the result if it is awaitable)."""
-    if not callable(value):
-        return value
-    out = value(*args)
-    if inspect.isawaitable(out):
-        out = await out
-    return out

@@ -8,7 +8,7 @@ import types
 import pytest
 
 import durable
-from durable.workflow import MAX_NAME, Step
+from durable.nodes import MAX_NAME, Step
 
 
 async def handler(ctx: durable.Context) -> int:

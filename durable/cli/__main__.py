@@ -1,0 +1,7 @@
+"""`python -m durable.cli`: the `durable` command."""
+
+import sys
+
+from durable.cli import main
+
+sys.exit(main())

@@ -1,0 +1,201 @@
+"""The `durable` command's arguments: the parser, its value types, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import timedelta
+from typing import NoReturn
+
+from durable import __version__
+from durable.model import RunStatus
+
+EXIT_OK = 0
+EXIT_NOT_DONE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERNAL = 4
+
+DSN_ENV = "DURABLE_DSN"
+APP_ENV = "DURABLE_APP"
+
+
+class UsageError(Exception):
+    """A mistake of the user's (bad argument, unknown run...): one line, exit 2."""
+
+
+_DURATION = re.compile(r"(\d+)([wdhms])")
+_UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse `30d`, `12h`, `90m`, `45s`, `2w` or combinations such as `1d12h`."""
+    compact = text.strip().lower().replace(" ", "")
+    if not compact or _DURATION.sub("", compact):
+        raise UsageError(
+            f"invalid duration {text!r}: use a number and a unit, e.g. 30d, 12h, 90m, 45s"
+        )
+    total = timedelta()
+    for amount, unit in _DURATION.findall(compact):
+        total += timedelta(**{_UNITS[unit]: int(amount)})
+    return total
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"durable: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `durable` command."""
+    # Global options are accepted before or after the subcommand; SUPPRESS keeps a
+    # subcommand's parser from overwriting a value given before it with its default.
+    common = _Parser(add_help=False)
+    common.add_argument("--dsn", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--schema", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    parser = _Parser(
+        prog="durable",
+        description="Crash-resumable asyncio workflows on PostgreSQL.",
+        epilog=(
+            "exit codes: 0 done, 1 not done (e.g. the run had already finished), "
+            "2 usage or configuration error (bad DSN, wrong password, missing database), "
+            "3 database unreachable, 4 internal error"
+        ),
+    )
+    parser.add_argument(
+        "--dsn", default=None, help=f"PostgreSQL connection string (default: ${DSN_ENV})"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"durable {__version__} (distribution durable-pg)"
+    )
+    parser.add_argument("--schema", default="durable", help="schema of durable's tables")
+    parser.add_argument("--json", action="store_true", default=False, help="machine output")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="log to stderr at this level (default: info for `worker`, else warning)",
+    )
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser, required=True
+    )
+
+    sub.add_parser("migrate", parents=[common], help="apply pending migrations")
+
+    worker = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="run a worker for an engine defined in your code",
+        description=(
+            "Import MODULE, take ENGINE from it (a durable.Engine, or a function without "
+            "parameters annotated `-> durable.Engine`), apply pending migrations and work "
+            "until SIGTERM or SIGINT, then stop gracefully. A second signal stops at once. "
+            "The engine's own DSN is used."
+        ),
+    )
+    worker.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
+    worker.add_argument("--concurrency", type=_positive_int, default=16)
+    worker.add_argument("--poll-interval", type=_positive_float, default=None)
+    worker.add_argument(
+        "--grace-period",
+        type=_positive_float,
+        default=10.0,
+        help="seconds in-flight jobs get to finish on shutdown",
+    )
+    worker.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not apply pending migrations on start (exit 2 if the schema is not migrated)",
+    )
+
+    start = sub.add_parser(
+        "start",
+        parents=[common],
+        help="start a run of a workflow your code registers",
+        description=(
+            "Start a run of WORKFLOW with the JSON object INPUT (default {}) and print its id. "
+            "The workflow definition comes from the engine --app MODULE:ENGINE (or "
+            f"${APP_ENV}) registers, and so does the DSN. With --wait, wait for a worker "
+            "to finish the run and print its result (exit 1 if it failed, was cancelled "
+            "or did not finish within --timeout)."
+        ),
+    )
+    start.add_argument("workflow", metavar="WORKFLOW")
+    start.add_argument("input", metavar="JSON", nargs="?", default=None, help="a JSON object")
+    start.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine that registers WORKFLOW (default: ${APP_ENV})",
+    )
+    start.add_argument("--idempotency-key", metavar="KEY", default=None)
+    start.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    start.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds --wait waits (default 60)",
+    )
+
+    runs = sub.add_parser("runs", parents=[common], help="list and inspect runs")
+    runs_sub = runs.add_subparsers(
+        dest="runs_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    runs_list = runs_sub.add_parser("list", parents=[common], help="runs, newest first")
+    runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
+    runs_list.add_argument("--workflow")
+    runs_list.add_argument("--limit", type=_positive_int, default=50)
+
+    runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
+    runs_show.add_argument("run_id", metavar="ID")
+
+    sig = sub.add_parser("signal", parents=[common], help="send a signal to a run")
+    sig.add_argument("run_id", metavar="ID")
+    sig.add_argument("name", metavar="NAME")
+    sig.add_argument("payload", metavar="JSON", nargs="?", default=None, help="a JSON value")
+
+    cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
+    cancel.add_argument("run_id", metavar="ID")
+    cancel.add_argument("--reason", default="cancelled", help="kept as the run's error")
+
+    retry = sub.add_parser("retry", parents=[common], help="re-run a failed run")
+    retry.add_argument("run_id", metavar="ID")
+
+    purge = sub.add_parser("purge", parents=[common], help="delete old finished runs")
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        metavar="DURATION",
+        help="e.g. 30d, 12h, 90m, 45s (finished longer ago than this)",
+    )
+
+    sub.add_parser("demo", parents=[common], help="run the order-saga demo")
+    return parser
