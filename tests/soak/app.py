@@ -114,10 +114,12 @@ CREATE TABLE sent_cancels (
     accepted boolean,
     error text
 );
--- Written on a connection of its own by the non-transactional step: at-least-once.
+-- Written on a connection of its own by the non-transactional step: at-least-once. The
+-- token is the attempt's: the handler's own retry (its connection dropped after the insert
+-- committed) must not count as a second execution.
 CREATE TABLE ext_effects (
     run_id text NOT NULL,
-    token text NOT NULL,
+    token text PRIMARY KEY,
     attempt integer NOT NULL,
     pid integer NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -221,7 +223,8 @@ async def _ext(ctx: durable.Context) -> dict[str, Any]:
             conn = await asyncpg.connect(os.environ[DSN_ENV], timeout=5)
             try:
                 await conn.execute(
-                    "INSERT INTO ext_effects (run_id, token, attempt, pid) VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO ext_effects (run_id, token, attempt, pid) VALUES ($1, $2, $3, $4) "
+                    "ON CONFLICT (token) DO NOTHING",
                     ctx.run_id,
                     token,
                     ctx.attempt,

@@ -12,10 +12,12 @@ workflow (`tests/soak/app.py`) over a ramp and, until every run is terminal:
   a timeout, at a random time (before, during or after that wait); every signal sent is
   recorded in `sent_signals` after `engine.signal` returned (or raised: outcome unknown,
   and an `approve` is then sent again);
-- cancels the runs whose input says so (`engine.cancel`), at a random time or as soon as a
-  worker holds the run's node (its advisory lock), some of them twice (at once or a moment
-  later); every call is recorded in `sent_cancels` (called_at before the call, the return
-  value or NULL when it raised a connection error: outcome unknown);
+- cancels the runs whose input says so (`engine.cancel`): a third at a random time after
+  their start, the others once they reach a node chosen at random (any of the workflow's);
+  half of them as soon as a worker is then seen holding the run's node (its advisory lock),
+  some of them twice (at once or a moment later); every call is recorded in `sent_cancels`
+  (called_at before the call, the return value or NULL when it raised a connection error:
+  outcome unknown);
 - retries (`engine.retry`) each run whose input says `heal` once it has failed, after
   inserting its `healed` row (its doomed node then succeeds) and a copy of its journal
   (`journal_before_retry`) in one transaction; calls are recorded in `sent_retries`;
@@ -80,8 +82,9 @@ STOP_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 30.0
 RESUME_TIMEOUT = 20.0
 CANCEL_TIMEOUT = 60.0
-#: Fractions of the runs marked `cancel`: cancelled as soon as a node is seen in flight
-#: (else at a random time), and cancelled twice.
+#: Fractions of the runs marked `cancel`: cancelled at a random time (else when they reach
+#: a node chosen at random), as soon as a node is seen in flight, and cancelled twice.
+CANCEL_AT_RANDOM = 1 / 3
 CANCEL_IN_FLIGHT = 0.5
 CANCEL_TWICE = 0.3
 #: Held by a worker on a run's node (claim_v1 takes it shared): pg_locks splits the key.
@@ -361,6 +364,8 @@ class Soak:
         self.fleet: Fleet | None = None
         self.dsn = ""
         self.tg: asyncio.TaskGroup | None = None
+        # Cancels waiting for their run to reach a node: run id -> (node position, plan).
+        self._cancel_at: dict[str, tuple[int, dict[str, Any]]] = {}
 
     def log(self, text: str) -> None:
         if self.config.progress:
@@ -454,6 +459,7 @@ class Soak:
             tg.create_task(self.starter())
             tg.create_task(self.signaller())
             tg.create_task(self.healer())
+            tg.create_task(self.cancel_watch())
             tg.create_task(self.killer())
             tg.create_task(self.terminator())
             await self.monitor(t0)
@@ -494,17 +500,18 @@ class Soak:
             if inp["ping"]:
                 self.schedule(now + self.rng.uniform(0.0, 5.0), run_id, "ping", resend=False)
             if inp["cancel"]:
-                assert self.tg is not None
-                self.tg.create_task(
-                    self.cancel_later(
-                        run_id,
-                        delay=self.rng.uniform(0.0, 6.0),
-                        in_flight=self.rng.random() < CANCEL_IN_FLIGHT,
-                        twice=self.rng.choice(("at once", "later"))
-                        if self.rng.random() < CANCEL_TWICE
-                        else None,
-                    )
-                )
+                plan = {
+                    "in_flight": self.rng.random() < CANCEL_IN_FLIGHT,
+                    "twice": self.rng.choice(("at once", "later"))
+                    if self.rng.random() < CANCEL_TWICE
+                    else None,
+                }
+                if self.rng.random() < CANCEL_AT_RANDOM:
+                    assert self.tg is not None
+                    delay = self.rng.uniform(0.0, 6.0)
+                    self.tg.create_task(self.cancel_later(run_id, delay=delay, **plan))
+                else:
+                    self._cancel_at[run_id] = (self.rng.randrange(len(app.soak.nodes)), plan)
 
     def schedule(self, due: float, run_id: str, name: str, *, resend: bool) -> None:
         self._seq += 1
@@ -557,6 +564,29 @@ class Soak:
             self.schedule(asyncio.get_running_loop().time() + 1.0, run_id, name, resend=True)
 
     # -- cancels and retries --------------------------------------------------------------
+
+    async def cancel_watch(self) -> None:
+        """Start the cancels of runs that reached (or passed) their chosen node."""
+        positions = {n.name: i for i, n in enumerate(app.soak.nodes)}
+        while not self.done.is_set():
+            await self.pause(0.1)
+            if not self._cancel_at or self.done.is_set():
+                continue
+            rows = await self.db(
+                lambda c: c.fetch(
+                    "SELECT id, status, current_node FROM durable.runs WHERE id = ANY($1)",
+                    list(self._cancel_at),
+                ),
+                once=True,
+                timeout=5.0,
+            )
+            for r in rows or ():
+                at, plan = self._cancel_at[r["id"]]
+                here = positions.get(r["current_node"], 0)
+                if here >= at or r["status"] not in ("pending", "running", "waiting"):
+                    del self._cancel_at[r["id"]]
+                    assert self.tg is not None
+                    self.tg.create_task(self.cancel_later(r["id"], delay=0.0, **plan))
 
     async def cancel_later(
         self, run_id: str, *, delay: float, in_flight: bool, twice: str | None
@@ -1000,11 +1030,11 @@ def _expected_journal(inp: dict[str, Any], journal: dict[str, Any]) -> dict[str,
     return keys
 
 
-def _cancelled_prefix(inp: dict[str, Any], got: set[str]) -> str | None:
-    """None when `got`, the completed node keys of a cancelled run, is what the run can have
-    committed before the cancel took effect: every node up to some node, part of that node
-    (some branches, the route's choice, the first iterations, the child's start), nothing
-    after it. Otherwise what is wrong."""
+def _cancelled_prefix(inp: dict[str, Any], got: set[str]) -> tuple[str | None, str]:
+    """(None, the node it stopped in) when `got`, the completed node keys of a cancelled
+    run, is what the run can have committed before the cancel took effect: every node up to
+    some node, part of that node (some branches, the route's choice, the first iterations,
+    the child's start), nothing after it. Otherwise (what is wrong, "")."""
     iterations = [f"lp#{i}" for i in range(inp["n"])]
 
     def none(s: set[str]) -> bool:
@@ -1025,19 +1055,20 @@ def _cancelled_prefix(inp: dict[str, Any], got: set[str]) -> str | None:
             continue
         if cut is not None:
             if s:
-                return f"{sorted(s)} committed although {cut} did not"
+                return f"{sorted(s)} committed although {cut} did not", ""
             continue
         if not partial(s):
-            return f"{sorted(s)} of {sorted(keys)}"
-        cut = "/".join(sorted(keys - s))
+            return f"{sorted(s)} of {sorted(keys)}", ""
+        cut = min(keys - s, key=lambda k: ("#" in k or "@" in k, k))
+        cut += " (partly)" if s else ""
     if cut is None:
-        return "every node committed"
+        return "every node committed", ""
     unknown = got - set().union(*(keys for keys, _ in groups))
     if unknown:
-        return f"unknown keys {sorted(unknown)}"
+        return f"unknown keys {sorted(unknown)}", ""
     if inp["doom"] == "late" and "doom" in got:
-        return "the doomed step committed"
-    return None
+        return "the doomed step committed", ""
+    return None, cut
 
 
 def _completed(j: Journal) -> set[str]:
@@ -1075,8 +1106,8 @@ def _check_epoch(
         elif key in committed and n > 1:
             v.add("duplicated effect", f"{where} {key} x{n}")
         elif key not in committed:
-            what = "replayed" if key in j else "uncommitted"
-            v.add(f"effect of an {what} node", f"{where} {key} x{n}")
+            what = "a replayed" if key in j else "an uncommitted"
+            v.add(f"effect of {what} node", f"{where} {key} x{n}")
 
     # Compensations: exactly once each, in reverse order of completion, after every node.
     undone = {k for k in executed if k.endswith(COMP)}
@@ -1325,9 +1356,11 @@ def _check_parent(
         epochs.append((j, _expected_journal({**inp, "doom": ""}, j), executed))
     elif status == "cancelled":
         got = {k for k in _completed(j) if not k.endswith(COMP)}
-        wrong = _cancelled_prefix(inp, got)
+        wrong, cut = _cancelled_prefix(inp, got)
         if wrong is not None:
             v.add("cancelled run's journal is no prefix", f"{rid}: {wrong}")
+        else:
+            counts[f"cancelled in {cut}"] += 1
         expected = dict.fromkeys(got, "completed")
         expected.update({f"{k}{COMP}": "completed" for k in got & COMPENSABLE})
         epochs.append((j, expected, _completed(j)))
