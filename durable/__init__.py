@@ -5,12 +5,15 @@ __version__ = "0.1.0"
 from durable.context import Context, LoopContext
 from durable.engine import Engine
 from durable.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     ChildFailed,
     ConfigurationError,
     DatabaseUnavailable,
     DefinitionChanged,
     DefinitionError,
     DurableError,
+    IdempotencyConflict,
     IllegalTransition,
     NonRetryable,
     RunCancelled,
@@ -26,6 +29,8 @@ from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
+    "ArgumentError",
+    "ArgumentTypeError",
     "Attempt",
     "ChildFailed",
     "ConfigurationError",
@@ -35,6 +40,7 @@ __all__ = [
     "DefinitionError",
     "DurableError",
     "Engine",
+    "IdempotencyConflict",
     "IllegalTransition",
     "JournalEntry",
     "LoopContext",

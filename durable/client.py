@@ -21,7 +21,10 @@ from ulid import ULID
 from durable.context import current_run
 from durable.db import Connection, dumps, loads
 from durable.errors import (
+    ArgumentError,
+    ArgumentTypeError,
     ConfigurationError,
+    IdempotencyConflict,
     RunCancelled,
     RunFailed,
     RunNotFound,
@@ -29,7 +32,7 @@ from durable.errors import (
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.sql import Queries
-from durable.workflow import Workflow
+from durable.workflow import WaitForSignal, Workflow
 
 log = logging.getLogger("durable.engine")
 
@@ -116,12 +119,14 @@ class Client:
         if input is None:
             input = {}
         if not isinstance(input, Mapping):
-            raise TypeError(f"input must be a mapping (a JSON object), got {type(input).__name__}")
+            raise ArgumentTypeError(
+                f"input must be a mapping (a JSON object), got {type(input).__name__}"
+            )
         text = dumps(dict(input), f"input of workflow {wf.name!r}")
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
         ):
-            raise ValueError("idempotency_key must be a non-empty string without NUL")
+            raise ArgumentError("idempotency_key must be a non-empty string without NUL")
         args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
         if conn is not None:
             return await self._start(conn, wf, args)
@@ -130,7 +135,16 @@ class Client:
 
     async def _start(self, conn: Connection, wf: Workflow, args: tuple[Any, ...]) -> str:
         await self._record_shapes(conn, [wf])
-        run_id: str = await conn.fetchval(self.queries["start_run"], *args)
+        try:
+            run_id: str = await conn.fetchval(self.queries["start_run"], *args)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == "DU003":
+                raise IdempotencyConflict(
+                    f"idempotency key {args[5]!r} of workflow {wf.name!r} already names run "
+                    f"{exc.detail}, started with another input; use a new key for a new "
+                    "request"
+                ) from None
+            raise
         if run_id == args[0]:
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
@@ -180,7 +194,7 @@ class Client:
         if status is not None:
             status = RunStatus(status).value
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise ArgumentError(f"limit must be >= 1, got {limit}")
         async with self._acquire() as conn:
             rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
         return [_run_from_record(r) for r in rows]
@@ -276,7 +290,7 @@ class Client:
         caller's transaction. A transaction in flight on the run (a node's) commits first.
         """
         if not isinstance(name, str) or not name or "\x00" in name:
-            raise ValueError(f"signal name must be a non-empty string without NUL, got {name!r}")
+            raise ArgumentError(f"signal name must be a non-empty string without NUL, got {name!r}")
         text = dumps(payload, f"payload of signal {name!r}")
         own = current_run.get() == run_id
         if conn is not None:
@@ -290,6 +304,12 @@ class Client:
             # its lock is held by the handler's own transaction.
             await conn.execute(self.queries["record_signal"], run_id, name, text)
             return True
+        run = await conn.fetchrow(self.queries["run_queue"], run_id)
+        if run is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        if run["finished"]:
+            return False
+        self._check_signal_name(run["queue"], name)
         accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
         if accepted is None:
             raise RunNotFound(f"no run with id {run_id!r}")
@@ -297,6 +317,25 @@ class Client:
             "signal %s sent to run %s", name, run_id, extra={"run_id": run_id, "signal": name}
         )
         return accepted
+
+    def _check_signal_name(self, queue: str, name: str) -> None:
+        """Refuse a signal no wait of the run's workflow can consume, when this engine knows
+        that workflow and every wait of it has a fixed name (a wait whose name is computed
+        could wait for any: then every name is accepted)."""
+        wf = next((w for w in self._workflows.values() if w.queue == queue), None)
+        if wf is None:
+            return
+        names: set[str] = set()
+        for node in wf.nodes:
+            if isinstance(node, WaitForSignal):
+                if not isinstance(node.signal, str):
+                    return
+                names.add(node.signal)
+        if name not in names:
+            known = ", ".join(repr(n) for n in sorted(names)) or "none"
+            raise ArgumentError(
+                f"no wait of workflow {wf.name!r} waits for signal {name!r} (it waits for: {known})"
+            )
 
     # -- cancelling ------------------------------------------------------------------------
 
@@ -311,7 +350,7 @@ class Client:
         commits. All of it commits in one transaction: an interrupted cancel leaves nothing.
         """
         if not isinstance(reason, str) or "\x00" in reason:
-            raise ValueError("reason must be a string without NUL")
+            raise ArgumentError("reason must be a string without NUL")
         async with self._acquire() as conn:
             if current_run.get() == run_id:
                 requested = await conn.fetchval(self.queries["request_cancel"], run_id, reason)
@@ -354,9 +393,9 @@ class Client:
         and mailbox, in batches of `batch_size`; return how many runs were deleted."""
         seconds = older_than.total_seconds()
         if seconds < 0:
-            raise ValueError("older_than must not be negative")
+            raise ArgumentError("older_than must not be negative")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
         total = 0
         while True:
             async with self._acquire() as conn:

@@ -36,7 +36,8 @@ class Engine(Client):
     `statement_cache_size`: asyncpg's prepared-statement cache; 0 for PgBouncer in transaction
     mode (for starting runs and sending signals; workers need session mode).
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
-    before its attempt is recorded as failed with `WorkerLost`.
+    before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
+    to wait for a server that accepts the connection but does not answer.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class Engine(Client):
         poll_interval: float = 1.0,
         statement_cache_size: int = 256,
         max_claims: int = 5,
+        connect_timeout: float = 10.0,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -73,6 +75,7 @@ class Engine(Client):
         self.lease_seconds = lease_seconds
         self.statement_cache_size = statement_cache_size
         self.max_claims = max_claims
+        self.connect_timeout = connect_timeout
         super().__init__()
 
     def __repr__(self) -> str:
@@ -120,6 +123,7 @@ class Engine(Client):
                 min_size=1,
                 max_size=self._pool_size,
                 statement_cache_size=self.statement_cache_size,
+                connect_timeout=self.connect_timeout,
             )
         if migrate:
             await self.migrate()
@@ -216,6 +220,7 @@ class Engine(Client):
                 max_size=concurrency + 3,
                 server_settings=self._worker_settings(),
                 statement_cache_size=self.statement_cache_size,
+                connect_timeout=self.connect_timeout,
             )
             if self.dsn is not None
             else self.pool

@@ -82,3 +82,18 @@ class SignalTimeout(DurableError):
 class SwallowedDatabaseError(DurableError):
     """Raised (as an attempt's failure) when a handler caught a database error on
     `ctx.conn` and returned as if nothing happened: the transaction was aborted."""
+
+
+class ArgumentError(DurableError, ValueError):
+    """Raised when an argument has the right type but a value durable cannot take (an empty
+    or NUL-bearing name or key, a negative duration, an unknown signal name)."""
+
+
+class ArgumentTypeError(DurableError, TypeError):
+    """Raised when an argument has a type durable cannot take (an input that is not a
+    mapping)."""
+
+
+class IdempotencyConflict(DurableError):
+    """Raised by `Engine.start` when its idempotency key already names a run started with
+    another input (Stripe-style: a key stands for one request)."""

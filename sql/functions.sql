@@ -295,7 +295,8 @@ END
 $$;
 
 -- Create a run and its first job; the id of the run that holds the idempotency key when
--- it is taken (the caller compares it with `p_id`).
+-- it is taken with the same input (the caller compares it with `p_id`); DU003 when that
+-- run was started with another input.
 CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
@@ -305,6 +306,7 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_id text;
+    v_same boolean;
 BEGIN
     INSERT INTO __SCHEMA__.runs
         (id, workflow, queue, input, current_node, idempotency_key, parent_id, parent_node)
@@ -312,8 +314,12 @@ BEGIN
     ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
-        SELECT id INTO v_id FROM __SCHEMA__.runs
+        SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
         WHERE workflow = p_workflow AND idempotency_key = p_key;
+        IF NOT v_same THEN
+            RAISE EXCEPTION 'durable: idempotency key % names a run with another input', p_key
+                USING ERRCODE = 'DU003', DETAIL = v_id;
+        END IF;
         RETURN v_id;
     END IF;
     PERFORM __SCHEMA__.ensure_jobs_v1(v_id);

@@ -343,3 +343,7 @@ ORDER BY workflow, queue;
 -- run_status --
 -- The status of a run (None when it does not exist).
 SELECT status FROM __SCHEMA__.runs WHERE id = $1;
+
+-- run_queue --
+-- The queue (workflow and shape) of a run and whether it finished, or nothing.
+SELECT queue, finished_at IS NOT NULL AS finished FROM __SCHEMA__.runs WHERE id = $1;

@@ -51,21 +51,21 @@ async def test_a_multibyte_result_under_the_character_cut_off_completes_while_wa
     """Defect 2: 2,800 Japanese characters are under 7,000 characters but over the 8,000
     bytes a notification holds. The run completes and `wait()` returns the result."""
     text = "日本語のテキスト" * 350
-    go = anyio.Event()
     wf = durable.Workflow("kanji")
 
     @wf.step
     async def big(ctx: durable.Context) -> str:
-        await go.wait()
         return text
 
-    async with running_engine(db, wf) as engine:
+    async with open_engine(db, wf) as engine:
         run_id = await engine.start(wf)
+        results: list[Any] = []
+        got = anyio.Event()
         async with anyio.create_task_group() as tg:
-            results: list[Any] = []
 
             async def waiter() -> None:
                 results.append(await engine.wait(run_id, timeout=10))
+                got.set()
 
             tg.start_soon(waiter)
 
@@ -74,8 +74,10 @@ async def test_a_multibyte_result_under_the_character_cut_off_completes_while_wa
                     await fetchval(engine, "SELECT watched FROM durable.runs WHERE id = $1", run_id)
                 )
 
-            await eventually(watched)  # someone is in wait() before the run completes
-            go.set()
+            await eventually(watched)  # someone is in wait() before the run even starts
+            async with engine.worker(concurrency=2, poll_interval=0.05):
+                with anyio.fail_after(10):
+                    await got.wait()
         assert results == [{"big": text}]
 
 
