@@ -51,7 +51,6 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
 LANGUAGE plpgsql
 -- Its statements are the same for every run: plan them once per session.
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     r record;
@@ -62,6 +61,7 @@ DECLARE
     v_run_at timestamptz;
     v_leased boolean;
     v_jobs integer;
+    v_one __SCHEMA__.job_v1;
     v_open text[];
 BEGIN
     -- The run, whether a cancel is requested, and its jobs as they are (whoever holds
@@ -126,8 +126,13 @@ BEGIN
     -- The run's jobs against what the state needs.
     v_jobs := coalesce(cardinality(r.jobs), 0);
     IF v_task IS NOT NULL AND v_jobs > 0 THEN
-        SELECT j.id, j.run_at, j.leased INTO v_job, v_run_at, v_leased
-        FROM unnest(r.jobs) AS j WHERE j.task = v_task AND j.branch IS NULL;
+        FOREACH v_one IN ARRAY r.jobs LOOP
+            IF v_one.task = v_task AND v_one.branch IS NULL THEN
+                v_job := v_one.id;
+                v_run_at := v_one.run_at;
+                v_leased := v_one.leased;
+            END IF;
+        END LOOP;
     END IF;
     IF v_jobs > (CASE WHEN v_job IS NULL THEN 0 ELSE 1 END) THEN
         -- Something the state does not need: it goes, unless another transaction holds it.
@@ -195,7 +200,6 @@ RETURNS TABLE (
     results text, replay text, cancel text, suspicious boolean
 )
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -302,7 +306,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_parent text, p_parent_node text
 ) RETURNS text
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_id text;
@@ -332,7 +335,6 @@ $$;
 -- riding along (a notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_parent text;
@@ -370,7 +372,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v1(
     p_replay boolean, p_cursor integer, p_next text, p_consume bigint
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -431,7 +432,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_delay float8, p_job bigint
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
@@ -463,7 +463,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -494,7 +493,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -511,7 +509,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -529,7 +526,6 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -547,7 +543,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_started timestamptz, p_job bigint
 ) RETURNS integer
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_left integer;
@@ -573,7 +568,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -614,7 +608,6 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql
-SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal

@@ -2,19 +2,14 @@
 -- Must equal every file of sql/migrations applied in order (tests/integration/test_migrations.py).
 -- __SCHEMA__ is replaced by the validated, quoted schema name before execution.
 
--- One clock for every statement: the database's, shifted by `clock.offset_seconds`
--- (zero in production; a test harness moves it to skip time).
-CREATE TABLE __SCHEMA__.clock (
-    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    offset_seconds float8 NOT NULL DEFAULT 0 CHECK (offset_seconds >= 0)
-);
--- PL/pgSQL, not SQL: a SQL function that reads a table is planned again on every call.
+-- One clock for every statement: the database's, shifted by the `durable.clock_offset`
+-- setting in seconds (unset in production; a test harness sets it, for a database or a
+-- session, to skip time). A SQL function without FROM, so the planner inlines it.
 CREATE FUNCTION __SCHEMA__.now_v1() RETURNS timestamptz
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    RETURN clock_timestamp()
-        + make_interval(secs => coalesce((SELECT offset_seconds FROM __SCHEMA__.clock), 0));
-END
+LANGUAGE sql VOLATILE AS $$
+    SELECT clock_timestamp() + make_interval(
+        secs => coalesce(nullif(current_setting('durable.clock_offset', true), ''), '0')::float8
+    )
 $$;
 
 CREATE TABLE __SCHEMA__.migrations (
