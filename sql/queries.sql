@@ -347,3 +347,7 @@ SELECT status FROM __SCHEMA__.runs WHERE id = $1;
 -- run_queue --
 -- The queue (workflow and shape) of a run and whether it finished, or nothing.
 SELECT queue, finished_at IS NOT NULL AS finished FROM __SCHEMA__.runs WHERE id = $1;
+
+-- note_journal --
+-- Say on a completed node's journal row how it completed (a wait that used its default).
+UPDATE __SCHEMA__.journal SET error = $3 WHERE run_id = $1 AND key = $2;

@@ -54,6 +54,8 @@ async def apply(
             following,
             t.consume,
         )
+        if t.note is not None:
+            await conn.execute(q["note_journal"], s.run_id, wf.nodes[s.cursor].name, t.note)
     elif isinstance(t, Retry):
         branch_job = s.job_id if s.task == "branch" else None
         follow = await conn.fetchval(

@@ -145,11 +145,13 @@ class Visit(Protocol):
 @dataclass(frozen=True, slots=True)
 class Complete:
     """The node completed with JSON `text`; `replay`: it was in the journal already;
-    `consume`: the signal it took."""
+    `consume`: the signal it took; `note`: what the journal row should say of how (a signal
+    wait that timed out and took its default)."""
 
     text: str
     replay: bool = False
     consume: int | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

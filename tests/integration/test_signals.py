@@ -16,6 +16,7 @@ import pytest
 from helpers import eventually, fetch, fetchval, open_engine, running_engine
 
 import durable
+from durable.cli import timeline_lines
 
 COMP_TABLE = "CREATE TABLE comp (key text NOT NULL)"
 
@@ -253,6 +254,9 @@ async def test_timeout_with_a_default_completes_with_the_default(db: Any) -> Non
         ("w", "completed"),
         ("w_none", "completed"),
     ]
+    # The journal says the wait timed out and took its default (`durable runs show` too).
+    assert [e.error for e in run.journal] == ["timed out (default used)"] * 2
+    assert any("w " in line and "timed out (default used)" in line for line in timeline_lines(run))
 
 
 async def test_timeout_without_a_default_fails_the_node_and_compensates(db: Any) -> None:

@@ -44,7 +44,10 @@ async def visit(v: Visit, node: WaitForSignal) -> Transition:
         return Park(wake_at, name)
     if s.wake_at is not None and s.wake_at <= s.now:
         if node.has_default:
-            return Complete(to_json(node.default, f"default of {node.name!r}"))
+            return Complete(
+                to_json(node.default, f"default of {node.name!r}"),
+                note="timed out (default used)",
+            )
         timeout = node.timeout or 0.0
         return after_failure(
             s,
