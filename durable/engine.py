@@ -244,6 +244,7 @@ class Engine(Client):
             claim=runner.claim,
             claim_follow=runner.claim_follow,
             isolate=False,
+            on_error=runner.on_error,
         )
         try:
             await self._announce(runner)

@@ -57,6 +57,9 @@ ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
 #: Commits the open transaction, opens the next one and claims a known job in it (a run
 #: continuing on the same slot); None if the job is not due and free.
 FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
+#: Records, in a new transaction, that a job's work failed outside its handler's own
+#: bookkeeping (the job's transaction was rolled back).
+ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]
 
 
 def retry_delay(attempts: int) -> float:
@@ -81,6 +84,7 @@ class Worker:
         claim: ClaimHook | None = None,
         claim_follow: FollowHook | None = None,
         isolate: bool = True,
+        on_error: ErrorHook | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -91,6 +95,7 @@ class Worker:
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
+        self._on_error = on_error
         # Handlers get a connection that sets a savepoint before their first statement, so
         # a failure rolls back their writes alone and the retry is recorded in the same
         # transaction, with the job still locked. The engine's handlers manage their own
@@ -404,4 +409,7 @@ class Worker:
     ) -> None:
         self._log_retry(job, exc, fields)
         async with conn.transaction():
-            await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
+            if self._on_error is not None:
+                await self._on_error(conn, job, exc)
+            else:
+                await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))

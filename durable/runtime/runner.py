@@ -19,6 +19,7 @@ import asyncpg
 from durable.context import Context
 from durable.db import Connection
 from durable.errors import DefinitionChanged, WorkerLost
+from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
 from durable.runtime import apply, compensation, lease
 from durable.runtime.attempt import run_attempt
@@ -41,12 +42,13 @@ from durable.runtime.transition import (
     StartChild,
     Transition,
     after_failure,
+    describe,
 )
 from durable.sql import Queries
 from durable.stepconn import StepConnection, undo
 from durable.tracing import node_span, record_failure
 from durable.worker import Outcome as JobOutcome
-from durable.workflow import Parallel, Step, Workflow
+from durable.workflow import Loop, Parallel, Step, Workflow, default_backoff
 
 log = logging.getLogger("durable.runner")
 
@@ -425,6 +427,42 @@ class Runner:
             log.info("run %s starts a child run of %s", s.run_id, t.workflow.name, extra=fields)
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("run %s: %r", s.run_id, t, extra=fields)
+
+    async def on_error(self, conn: Connection, job: Job, exc: Exception) -> None:
+        """Worker error hook: the job's work failed outside any user code (a database error
+        while applying a transition). Its transaction was rolled back; record the failure as
+        an attempt of the work the job was doing, in a new transaction, so that it counts
+        against that node's budget like any other failure (bounded failure everywhere)."""
+        again = _job(await conn.fetchrow(self.q["claim_by_id"], job.id, True))
+        if again is None:
+            return  # taken by another worker meanwhile, or gone: nothing to record
+        s: RunState = again.prefetched
+        wf = self.by_queue[again.queue]
+        if s.status in _FINISHED:
+            await apply.apply(conn, self.q, s, wf, Noop("finished"))
+            return
+        error = RuntimeError(f"durable could not record the outcome: {describe(exc)}")
+        t: Transition
+        if s.task == "compensate":
+            t = after_failure(s, "compensation", error, DEFAULT_MAX_ATTEMPTS, default_backoff)
+            if isinstance(t, Fail):
+                t = Finish(s.ending or "failed")
+        else:
+            node = wf.nodes[s.cursor] if s.cursor < len(wf.nodes) else None
+            key = s.current_node or f"#{s.cursor}"
+            if s.task == "branch" and s.branch is not None:
+                key = f"{key}#{s.branch}"
+            elif isinstance(node, Loop):
+                key = f"{key}#{s.iteration}"
+            t = after_failure(
+                s,
+                key,
+                error,
+                getattr(node, "max_attempts", 1),
+                getattr(node, "backoff", default_backoff),
+            )
+        self._log(s, wf, t)
+        await apply.apply(conn, self.q, s, wf, t)
 
     # -- non-transactional steps -----------------------------------------------------------
 

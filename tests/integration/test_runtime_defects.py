@@ -938,3 +938,37 @@ async def test_retry_with_an_old_branch_retry_job_runs_each_branch_once(db: Any)
         assert run.status.value == "completed", await describe(engine, run_id)
         assert run.results["p"] == {"x": "x", "y": "y"}
         assert await jobs_of(engine, run_id) == 0
+
+
+# -- bookkeeping failures outside user code ----------------------------------------------------
+
+
+async def test_a_database_error_while_recording_an_outcome_is_a_bounded_attempt(db: Any) -> None:
+    """Bounded failure everywhere: when recording a node's outcome fails in the database (here
+    a trigger refuses the journal row of `b`), the failure is an attempt of `b` that counts
+    against its budget; the run fails and compensates instead of retrying the job forever."""
+    setup = """
+        CREATE FUNCTION refuse_b() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.key = 'b' AND NEW.status = 'completed' THEN
+                RAISE EXCEPTION 'journal refuses b';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_b BEFORE INSERT ON durable.journal
+            FOR EACH ROW EXECUTE FUNCTION refuse_b();
+    """
+    calls: Counter[str] = Counter()
+    wf = durable.Workflow("refused")
+    wf.step("a", counting("a", calls))
+    wf.step("b", counting("b", calls), max_attempts=2, backoff=0)
+    async with running_engine(db, wf, setup=setup) as engine:
+        run_id = await engine.start(wf)
+        run = await until_finished(engine, run_id, timeout=15)
+        assert run.status.value == "failed", await describe(engine, run_id)
+        assert await attempt_rows(engine, run_id, "b") == 2
+    assert run.error is not None
+    assert "journal refuses b" in run.error
+    # Two recorded attempts; another slot may have taken the job up before a failure was
+    # recorded (then that run counts instead), but never more than a few times.
+    assert 2 <= calls["b"] <= 4
