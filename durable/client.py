@@ -7,14 +7,11 @@ exactly the jobs its state needs.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-import anyio
 import asyncpg
 from ulid import ULID
 
@@ -25,19 +22,14 @@ from durable.errors import (
     ArgumentTypeError,
     ConfigurationError,
     IdempotencyConflict,
-    RunCancelled,
-    RunFailed,
     RunNotFound,
     WorkflowNotFound,
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
-from durable.sql import Queries
+from durable.waiting import Waiting
 from durable.workflow import WaitForSignal, Workflow
 
 log = logging.getLogger("durable.engine")
-
-# How often `wait` re-reads a run in case a notification was missed (e.g. a reconnect).
-_WAIT_RECHECK = 5.0
 
 
 def _run_from_record(row: asyncpg.Record) -> Run:
@@ -58,30 +50,14 @@ def _run_from_record(row: asyncpg.Record) -> Run:
     )
 
 
-class Client:
+class Client(Waiting):
     """The run operations of an `Engine` (see there for how to build one)."""
 
-    queries: Queries
     _workflows: dict[str, Workflow]
 
     def __init__(self) -> None:
-        self._runs_channel = f"{self.queries.schema}_runs"
-        self._listener: Connection | None = None
-        self._listener_lock = asyncio.Lock()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._results: dict[str, str] = {}  # results that came with a run's final NOTIFY
+        super().__init__()
         self._recorded: set[str] = set()  # queues whose shape this engine recorded
-
-    def _acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
-        raise NotImplementedError
-
-    @property
-    def _listen_dsn(self) -> str | None:
-        raise NotImplementedError
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        raise NotImplementedError
 
     def _workflow(self, workflow: str | Workflow) -> Workflow:
         name = workflow.name if isinstance(workflow, Workflow) else workflow
@@ -198,78 +174,6 @@ class Client:
         async with self._acquire() as conn:
             rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
         return [_run_from_record(r) for r in rows]
-
-    # -- waiting ---------------------------------------------------------------------------
-
-    def _on_finished(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        run_id, _, result = str(payload).partition("\n")
-        waiters = self._waiters.get(run_id)
-        if not waiters:
-            return
-        if result:  # a completed run's result, when small enough to travel with the NOTIFY
-            self._results[run_id] = result
-        for event in waiters:
-            event.set()
-
-    async def _ensure_listener(self) -> None:
-        async with self._listener_lock:
-            if self._listener is not None and not self._listener.is_closed():
-                return
-            conn: Connection
-            if self._listen_dsn is not None:
-                conn = await asyncpg.connect(self._listen_dsn)
-            else:
-                conn = await self.pool.acquire()
-            await conn.add_listener(self._runs_channel, self._on_finished)
-            self._listener = conn
-
-    async def _close_listener(self, *, owned: bool) -> None:
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                if owned:
-                    await self._listener.close()
-                else:
-                    await self._listener.remove_listener(self._runs_channel, self._on_finished)
-                    await self.pool.release(self._listener)  # type: ignore[arg-type]
-            self._listener = None
-
-    async def wait(self, run_id: str, timeout: float | None = None) -> Any:
-        """Wait until the run finishes; return its result.
-
-        Raises `RunFailed` or `RunCancelled` (carrying the final `Run`), `RunNotFound`, or
-        `TimeoutError` after `timeout` seconds. Woken by the run's own final transaction.
-        """
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
-        try:
-            with anyio.fail_after(timeout):
-                with contextlib.suppress(Exception):
-                    await self._ensure_listener()
-                # Only watched runs NOTIFY when they finish (NOTIFY serialises commits).
-                async with self._acquire() as conn:
-                    await conn.execute(self.queries["watch_run"], run_id)
-                run = await self.get_run(run_id)
-                while True:
-                    if run.status is RunStatus.COMPLETED:
-                        return run.result
-                    if run.status is RunStatus.FAILED:
-                        raise RunFailed(run)
-                    if run.status is RunStatus.CANCELLED:
-                        raise RunCancelled(run)
-                    with anyio.move_on_after(_WAIT_RECHECK):
-                        await event.wait()
-                    event.clear()
-                    result = self._results.get(run_id)
-                    if result is not None:
-                        return loads(result)
-                    run = await self.get_run(run_id)
-        finally:
-            waiters = self._waiters.get(run_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[run_id]
-                    self._results.pop(run_id, None)
 
     # -- signals ---------------------------------------------------------------------------
 

@@ -376,25 +376,6 @@ AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
 BEGIN
-    IF NOT p_replay AND p_next IS NOT NULL THEN
-        -- The common case, in one statement: journal the node, move the run on.
-        WITH entry AS (
-            INSERT INTO __SCHEMA__.journal
-                (run_id, key, node, status, result, attempts, started_at, finished_at)
-            VALUES (p_run, p_node, p_node, 'completed', p_result::jsonb, p_attempts,
-                    coalesce(p_started, v_now), v_now)
-        )
-        UPDATE __SCHEMA__.runs
-        SET cursor = p_cursor, current_node = p_next, status = 'running', iteration = 0,
-            attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
-            branches = NULL, updated_at = v_now
-        WHERE id = p_run;
-        IF p_consume IS NOT NULL THEN
-            UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = v_now
-            WHERE id = p_consume;
-        END IF;
-        RETURN __SCHEMA__.ensure_jobs_v1(p_run);
-    END IF;
     IF NOT p_replay THEN
         INSERT INTO __SCHEMA__.journal
             (run_id, key, node, status, result, attempts, started_at, finished_at)
@@ -410,7 +391,7 @@ BEGIN
         SET status = 'completed', result = coalesce(__SCHEMA__.run_results_v1(p_run), '{}'),
             cursor = p_cursor, current_node = NULL, iteration = 0, attempt = 1,
             wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-            finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+            finished_at = v_now, updated_at = v_now
         WHERE id = p_run;
         PERFORM __SCHEMA__.finished_v1(p_run);
         RETURN NULL;
@@ -424,6 +405,16 @@ BEGIN
 END
 $$;
 
+-- Record failed attempt `p_attempt` of `p_key`, numbered in the run's current epoch.
+CREATE OR REPLACE FUNCTION __SCHEMA__.record_attempt_v1(
+    p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz
+) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
+    SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()), epoch
+    FROM __SCHEMA__.runs WHERE id = p_run
+$$;
+
 -- Record failed attempt `p_attempt` of `p_key` and make the next one due after `p_delay`
 -- seconds, counted from the failure. A branch (`p_job`: its job) keeps its own due time
 -- on its job; anything else on the run row.
@@ -434,9 +425,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
-    SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()), epoch
-    FROM __SCHEMA__.runs WHERE id = p_run;
+    PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
     IF p_job IS NOT NULL THEN
         UPDATE __SCHEMA__.jobs
         SET run_at = __SCHEMA__.now_v1() + make_interval(secs => p_delay), lease_token = NULL
@@ -466,10 +455,7 @@ LANGUAGE plpgsql
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
-        INSERT INTO __SCHEMA__.attempts (run_id, key, attempt, error, started_at, epoch)
-        SELECT p_run, p_key, p_attempt, p_error, coalesce(p_started, __SCHEMA__.now_v1()),
-               epoch
-        FROM __SCHEMA__.runs WHERE id = p_run;
+        PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
     END IF;
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, error, attempts, started_at)
     VALUES (p_run, p_node, p_node, 'failed', p_error, p_attempt,

@@ -8,17 +8,15 @@ on the same slot), and `handle` decides and applies, all in the job's transactio
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, cast
 
 import asyncpg
 
-from durable.context import Context
 from durable.db import Connection
-from durable.errors import DefinitionChanged, WorkerLost
+from durable.errors import DefinitionChanged
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
 from durable.runtime import apply, compensation, lease
@@ -27,9 +25,7 @@ from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, s
 from durable.runtime.transition import (
     BranchDone,
     Cancel,
-    Child,
     Complete,
-    Err,
     Fail,
     Finish,
     Iterate,
@@ -38,14 +34,14 @@ from durable.runtime.transition import (
     Outcome,
     Retry,
     RunState,
-    Signal,
     StartChild,
     Transition,
     after_failure,
     describe,
 )
+from durable.runtime.visit import JobVisit, Shared, job_from_row, state_from_row
 from durable.sql import Queries
-from durable.stepconn import StepConnection, undo
+from durable.stepconn import undo
 from durable.tracing import node_span, record_failure
 from durable.worker import Outcome as JobOutcome
 from durable.workflow import Loop, Parallel, Step, Workflow, default_backoff
@@ -66,177 +62,11 @@ _KINDS: dict[str, Callable[[Any, Any], Awaitable[Transition]]] = {
 }
 
 
-def _state(row: asyncpg.Record, results: Mapping[str, Any] | None = None) -> RunState:
-    branches = row["branches"]
-    return RunState(
-        job_id=row["id"],
-        task=row["task"],
-        branch=row["branch"],
-        run_id=row["run_id"],
-        lease_token=row["lease_token"],
-        workflow=row["workflow"],
-        status=row["status"],
-        input=row["input"],
-        cursor=row["cursor"],
-        current_node=row["current_node"],
-        iteration=row["iteration"],
-        attempt=row["attempt"],
-        epoch=row["epoch"],
-        wake_at=row["wake_at"],
-        waiting_for=row["waiting_for"],
-        child_id=row["child_id"],
-        branches=None if branches is None else tuple(branches),
-        error=row["error"],
-        parent_id=row["parent_id"],
-        ending=row["ending"],
-        now=row["now"],
-        results=results if results is not None else json.loads(row["results"] or "{}"),
-        replay=row["replay"],
-        cancel=row["cancel"],
-    )
-
-
-def _job(row: asyncpg.Record | None, results: Mapping[str, Any] | None = None) -> Job | None:
-    if row is None:
-        return None
-    return Job(
-        id=row["id"],
-        queue=row["queue"],
-        task=row["task"],
-        run_id=row["run_id"],
-        payload={"suspicious": row["suspicious"]},
-        priority=0,
-        attempts=0,
-        lease_token=row["lease_token"],
-        prefetched=_state(row, results),
-    )
-
-
 def _traced(t: Transition) -> Transition:
     """Mark the current node span with a failed attempt (no-op without OpenTelemetry)."""
     if isinstance(t, Retry | Fail):
         record_failure(t.cause or RuntimeError(t.error), final=isinstance(t, Fail))
     return t
-
-
-class _Results(Mapping[str, Any]):
-    """`ctx.results`: read-only, and a list or dict is copied when read, so what a handler
-    does to a value it read changes nothing that a later node (or this worker) sees."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = data
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._data[key]
-        return copy.deepcopy(value) if isinstance(value, list | dict) else value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __repr__(self) -> str:
-        return f"results({dict(self._data)!r})"
-
-
-class _Visit:
-    """One job's look at its run: the `Visit` a node module decides with."""
-
-    def __init__(
-        self, runner: Runner, conn: Connection, state: RunState, wf: Workflow, lost: bool
-    ) -> None:
-        self.runner = runner
-        self.conn = conn
-        self.state = state
-        self.wf = wf
-        self.lost = lost
-        self.conns: list[StepConnection] = []
-
-    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
-        conn = StepConnection(self.conn)
-        self.conns.append(conn)
-        return self._context(node, cast(Connection, conn), results)
-
-    def detached_context(self, node: str) -> Context:
-        """A context without a connection (a `transactional=False` step)."""
-        return self._context(node, None, None)
-
-    def _context(
-        self, node: str, conn: Connection | None, results: Mapping[str, Any] | None
-    ) -> Context:
-        s = self.state
-        return Context(
-            # Parsed for each context: what one handler does to it no other sees.
-            input=json.loads(s.input),
-            results=_Results(s.results if results is None else results),
-            run_id=s.run_id,
-            workflow=s.workflow,
-            node=node,
-            attempt=s.attempt,
-            conn=conn,
-        )
-
-    async def call(
-        self,
-        what: str,
-        ctx: Context,
-        call: Callable[[], Awaitable[Any]],
-        *,
-        timeout: float | None = None,
-        store: bool = True,
-    ) -> Outcome:
-        if self.lost:
-            return Err(
-                WorkerLost(
-                    f"workers died {self.runner.max_claims} times in a row running attempt "
-                    f"{ctx.attempt} of {what} (killed, out of memory, or crashed)"
-                )
-            )
-        return await run_attempt(
-            ctx,
-            what,
-            call,
-            timeout=timeout,
-            transaction_timeout=self.runner.transaction_timeout,
-            store=store,
-        )
-
-    async def journal(self, key: str) -> str | None:
-        text: str | None = await self.conn.fetchval(
-            self.runner.q["journal_value"], self.state.run_id, key
-        )
-        return text
-
-    async def sub_results(self, node: str) -> dict[str, str]:
-        rows = await self.conn.fetch(self.runner.q["sub_results"], self.state.run_id, node)
-        return {r["key"].split("#", 1)[1]: r["result"] for r in rows}
-
-    async def iterations(self, node: str) -> list[Any]:
-        s = self.state
-        key = (s.run_id, node, s.epoch)
-        memo = self.runner._iterations.get(key)
-        if memo is not None and len(memo) == s.iteration:
-            return memo  # committed iterations do not change within an epoch
-        done = await self.sub_results(node)
-        memo = [json.loads(done[str(k)]) for k in range(s.iteration) if str(k) in done]
-        if len(self.runner._iterations) > 1_000:
-            self.runner._iterations.clear()
-        self.runner._iterations[key] = memo
-        return memo
-
-    async def oldest_signal(self, name: str) -> Signal | None:
-        row = await self.conn.fetchrow(self.runner.q["oldest_signal"], self.state.run_id, name)
-        return None if row is None else Signal(row["id"], row["payload"])
-
-    async def child(self, run_id: str) -> Child | None:
-        row = await self.conn.fetchrow(self.runner.q["child_state"], run_id)
-        return None if row is None else Child(row["status"], row["result"], row["error"])
-
-    def workflow(self, name: str) -> Workflow | None:
-        return self.runner.by_name.get(name)
 
 
 class Runner:
@@ -263,15 +93,13 @@ class Runner:
         self.jobs = JobQueue(queries)
         # Follow job id -> (run, epoch, cursor, results) of a run this worker handed on.
         self._results: dict[int, tuple[str, int, int, dict[str, Any]]] = {}
-        # (run, loop node, epoch) -> results of its committed iterations, so that an
-        # iteration costs O(1), not a read of every earlier one.
-        self._iterations: dict[tuple[str, str, int], list[Any]] = {}
+        self.shared = Shared(queries, transaction_timeout, max_claims, self.by_name)
 
     # -- claiming --------------------------------------------------------------------------
 
     async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
         """Worker claim hook: the most urgent due job, with its run locked and read."""
-        return _job(await conn.fetchrow(self.q["claim"], list(queues)))
+        return job_from_row(await conn.fetchrow(self.q["claim"], list(queues)))
 
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
         """Worker follow hook: commit, then claim the job the last transition handed on.
@@ -284,15 +112,15 @@ class Runner:
         await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)
         if row is None or memo is None:
-            return _job(row)
+            return job_from_row(row)
         run_id, epoch, cursor, results = memo
         if (row["run_id"], row["epoch"], row["cursor"]) != (run_id, epoch, cursor):
             results = json.loads(await conn.fetchval(self.q["run_results"], run_id) or "{}")
-        return _job(row, results)
+        return job_from_row(row, results)
 
     def _remember(self, s: RunState, wf: Workflow, t: Transition, follow: int | None) -> None:
         if isinstance(t, Iterate):
-            memo = self._iterations.get((s.run_id, s.current_node or "", s.epoch))
+            memo = self.shared.iterations.get((s.run_id, s.current_node or "", s.epoch))
             if memo is not None and len(memo) == t.index:
                 memo.append(json.loads(t.text))
         if follow is None:
@@ -323,7 +151,7 @@ class Runner:
         s: RunState = job.prefetched
         wf = self.by_queue[job.queue]
         lost = await self._lost(job)
-        v = _Visit(self, conn, s, wf, bool(lost))
+        v = JobVisit(self.shared, conn, s, wf, bool(lost))
         try:
             if s.lease_token is not None:
                 await conn.execute(self.q["release_lease"], s.job_id)
@@ -339,7 +167,7 @@ class Runner:
                 c.expire()
         return JobOutcome(settled=True, follow=follow)
 
-    async def _decide(self, v: _Visit, wf: Workflow) -> Transition:
+    async def _decide(self, v: JobVisit, wf: Workflow) -> Transition:
         s = v.state
         if s.task == "compensate":
             if s.status != "compensating":
@@ -368,7 +196,7 @@ class Runner:
         with node_span(node.kind, node.name, run_id=s.run_id, workflow=wf.name, attempt=s.attempt):
             return _traced(await _KINDS[node.kind](v, node))
 
-    async def _apply(self, v: _Visit, wf: Workflow, t: Transition) -> int | None:
+    async def _apply(self, v: JobVisit, wf: Workflow, t: Transition) -> int | None:
         s = v.state
         self._log(s, wf, t)
         if s.task != "branch":
@@ -433,7 +261,7 @@ class Runner:
         while applying a transition). Its transaction was rolled back; record the failure as
         an attempt of the work the job was doing, in a new transaction, so that it counts
         against that node's budget like any other failure (bounded failure everywhere)."""
-        again = _job(await conn.fetchrow(self.q["claim_by_id"], job.id, True))
+        again = job_from_row(await conn.fetchrow(self.q["claim_by_id"], job.id, True))
         if again is None:
             return  # taken by another worker meanwhile, or gone: nothing to record
         s: RunState = again.prefetched
@@ -466,7 +294,7 @@ class Runner:
 
     # -- non-transactional steps -----------------------------------------------------------
 
-    async def _lease(self, v: _Visit, wf: Workflow) -> JobOutcome:
+    async def _lease(self, v: JobVisit, wf: Workflow) -> JobOutcome:
         s = v.state
         node = cast(Step, wf.nodes[s.cursor])
         token = lease.new_token()
@@ -490,12 +318,12 @@ class Runner:
                 row = await conn.fetchrow(self.q["claim_leased"], s.job_id, token)
                 if row is None:
                     return  # the lease lapsed and another worker took the job over
-                now = _state(row)
+                now = state_from_row(row)
                 await conn.execute(self.q["release_lease"], s.job_id)
                 if now.status != "running" or now.cursor != s.cursor or now.attempt != s.attempt:
                     await apply.apply(conn, self.q, now, wf, Noop("the run moved on"))
                     return
-                settled = _Visit(self, conn, now, wf, False)
+                settled = JobVisit(self.shared, conn, now, wf, False)
                 await self._apply(settled, wf, step.settle(settled, node, out))
 
         async def detached() -> None:

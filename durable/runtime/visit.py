@@ -1,0 +1,205 @@
+"""A job's look at its run: the run state read by a claim, and the `Visit` that node
+modules decide with (reads, and user code run through the attempt wrapper)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import asyncpg
+
+from durable.context import Context
+from durable.db import Connection
+from durable.errors import WorkerLost
+from durable.queue import Job
+from durable.runtime.attempt import run_attempt
+from durable.runtime.transition import Child, Err, Outcome, RunState, Signal
+from durable.sql import Queries
+from durable.stepconn import StepConnection
+from durable.workflow import Workflow
+
+
+@dataclass
+class Shared:
+    """What every visit of one worker's runner reads: its queries, limits and workflows,
+    and the memo of loops' committed iterations."""
+
+    q: Queries
+    transaction_timeout: float | None
+    max_claims: int
+    by_name: Mapping[str, Workflow]
+    # (run, loop node, epoch) -> results of its committed iterations, so that an
+    # iteration costs O(1), not a read of every earlier one.
+    iterations: dict[tuple[str, str, int], list[Any]] = field(default_factory=dict)
+
+
+def state_from_row(row: asyncpg.Record, results: Mapping[str, Any] | None = None) -> RunState:
+    """The run state a claim read; `results` when the worker already knows them."""
+    branches = row["branches"]
+    return RunState(
+        job_id=row["id"],
+        task=row["task"],
+        branch=row["branch"],
+        run_id=row["run_id"],
+        lease_token=row["lease_token"],
+        workflow=row["workflow"],
+        status=row["status"],
+        input=row["input"],
+        cursor=row["cursor"],
+        current_node=row["current_node"],
+        iteration=row["iteration"],
+        attempt=row["attempt"],
+        epoch=row["epoch"],
+        wake_at=row["wake_at"],
+        waiting_for=row["waiting_for"],
+        child_id=row["child_id"],
+        branches=None if branches is None else tuple(branches),
+        error=row["error"],
+        parent_id=row["parent_id"],
+        ending=row["ending"],
+        now=row["now"],
+        results=results if results is not None else json.loads(row["results"] or "{}"),
+        replay=row["replay"],
+        cancel=row["cancel"],
+    )
+
+
+def job_from_row(
+    row: asyncpg.Record | None, results: Mapping[str, Any] | None = None
+) -> Job | None:
+    if row is None:
+        return None
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        task=row["task"],
+        run_id=row["run_id"],
+        payload={"suspicious": row["suspicious"]},
+        priority=0,
+        attempts=0,
+        lease_token=row["lease_token"],
+        prefetched=state_from_row(row, results),
+    )
+
+
+class _Results(Mapping[str, Any]):
+    """`ctx.results`: read-only, and a list or dict is copied when read, so what a handler
+    does to a value it read changes nothing that a later node (or this worker) sees."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._data[key]
+        return copy.deepcopy(value) if isinstance(value, list | dict) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"results({dict(self._data)!r})"
+
+
+class JobVisit:
+    """One job's look at its run: the `Visit` a node module decides with."""
+
+    def __init__(
+        self, shared: Shared, conn: Connection, state: RunState, wf: Workflow, lost: bool
+    ) -> None:
+        self.runner = shared
+        self.conn = conn
+        self.state = state
+        self.wf = wf
+        self.lost = lost
+        self.conns: list[StepConnection] = []
+
+    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
+        conn = StepConnection(self.conn)
+        self.conns.append(conn)
+        return self._context(node, cast(Connection, conn), results)
+
+    def detached_context(self, node: str) -> Context:
+        """A context without a connection (a `transactional=False` step)."""
+        return self._context(node, None, None)
+
+    def _context(
+        self, node: str, conn: Connection | None, results: Mapping[str, Any] | None
+    ) -> Context:
+        s = self.state
+        return Context(
+            # Parsed for each context: what one handler does to it no other sees.
+            input=json.loads(s.input),
+            results=_Results(s.results if results is None else results),
+            run_id=s.run_id,
+            workflow=s.workflow,
+            node=node,
+            attempt=s.attempt,
+            conn=conn,
+        )
+
+    async def call(
+        self,
+        what: str,
+        ctx: Context,
+        call: Callable[[], Awaitable[Any]],
+        *,
+        timeout: float | None = None,
+        store: bool = True,
+    ) -> Outcome:
+        if self.lost:
+            return Err(
+                WorkerLost(
+                    f"workers died {self.runner.max_claims} times in a row running attempt "
+                    f"{ctx.attempt} of {what} (killed, out of memory, or crashed)"
+                )
+            )
+        return await run_attempt(
+            ctx,
+            what,
+            call,
+            timeout=timeout,
+            transaction_timeout=self.runner.transaction_timeout,
+            store=store,
+        )
+
+    async def journal(self, key: str) -> str | None:
+        text: str | None = await self.conn.fetchval(
+            self.runner.q["journal_value"], self.state.run_id, key
+        )
+        return text
+
+    async def sub_results(self, node: str) -> dict[str, str]:
+        rows = await self.conn.fetch(self.runner.q["sub_results"], self.state.run_id, node)
+        return {r["key"].split("#", 1)[1]: r["result"] for r in rows}
+
+    async def iterations(self, node: str) -> list[Any]:
+        s = self.state
+        key = (s.run_id, node, s.epoch)
+        memo = self.runner.iterations.get(key)
+        if memo is not None and len(memo) == s.iteration:
+            return memo  # committed iterations do not change within an epoch
+        done = await self.sub_results(node)
+        memo = [json.loads(done[str(k)]) for k in range(s.iteration) if str(k) in done]
+        if len(self.runner.iterations) > 1_000:
+            self.runner.iterations.clear()
+        self.runner.iterations[key] = memo
+        return memo
+
+    async def oldest_signal(self, name: str) -> Signal | None:
+        row = await self.conn.fetchrow(self.runner.q["oldest_signal"], self.state.run_id, name)
+        return None if row is None else Signal(row["id"], row["payload"])
+
+    async def child(self, run_id: str) -> Child | None:
+        row = await self.conn.fetchrow(self.runner.q["child_state"], run_id)
+        return None if row is None else Child(row["status"], row["result"], row["error"])
+
+    def workflow(self, name: str) -> Workflow | None:
+        return self.runner.by_name.get(name)
