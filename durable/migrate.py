@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from durable.db import Connection
-from durable.sql import Queries, migrations, render, schema_sql
+from durable.sql import Queries, functions_sql, migrations, render, schema_sql
 
 log = logging.getLogger("durable.migrate")
 
@@ -14,7 +14,7 @@ async def migrate(conn: Connection, schema: str) -> list[int]:
     """Bring `schema` up to date on `conn`; return the versions this call applied.
 
     A fresh database gets `schema.sql` whole and every migration recorded as applied; an
-    existing one gets the migrations it lacks, in order. The transaction-scoped advisory lock
+    existing one gets the migrations it lacks, in order, then the runtime's functions. The transaction-scoped advisory lock
     makes concurrent callers (several workers starting at once) queue up: the first applies,
     the others then find nothing to do.
     """
@@ -41,6 +41,12 @@ async def migrate(conn: Connection, schema: str) -> list[int]:
                 await conn.execute(render(m.sql, schema))
                 await conn.execute(queries["record_migration"], m.version, m.name)
                 applied.append(m.version)
+            if applied:
+                # Functions are not migrations: they come whole, in their newest form,
+                # with any migration (see sql/functions.sql). Only code that has a
+                # migration the database lacks ever rewrites them, so an older release
+                # starting during a rolling deploy never puts its functions back.
+                await conn.execute(render(functions_sql(), schema))
     if applied:
         log.info(
             "applied migrations %s to schema %s",

@@ -82,6 +82,11 @@ def migrations() -> tuple[Migration, ...]:
     return tuple(found)
 
 
+def functions_sql() -> str:
+    """The runtime's functions (`sql/functions.sql`), all `CREATE OR REPLACE`."""
+    return _read("functions.sql")
+
+
 def schema_sql() -> str:
     """The full DDL of a fresh database (`sql/schema.sql`)."""
     return _expand(_read("schema.sql"))

@@ -1,6 +1,9 @@
 -- The runtime's functions: how a run's state becomes jobs, how a worker claims one, and one
--- function per transition of a run. Included by sql/schema.sql and by the migration that
--- introduced them; a later migration that changes one includes this file again.
+-- function per transition of a run. Included by sql/schema.sql; an existing database gets
+-- this whole file again (CREATE OR REPLACE) after any migration is applied, so a release
+-- that changes a function ships a migration (empty if no table changes) to carry it. A
+-- function whose contract changes takes a new suffix (`_v2`) so that workers of the old
+-- release, still running during a rolling deploy, keep the `_v1` they call.
 --
 -- Theory of operation. The run row alone says where a run is: its node (`cursor`,
 -- `current_node`), the loop `iteration`, the `attempt` of the work at that position, and

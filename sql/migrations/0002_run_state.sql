@@ -91,5 +91,3 @@ CREATE TABLE __SCHEMA__.shapes (
 CREATE TYPE __SCHEMA__.job_v1 AS (
     id bigint, task text, branch text, run_at timestamptz, leased boolean
 );
-
--- include: functions.sql

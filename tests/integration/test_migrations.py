@@ -20,7 +20,7 @@ import pytest
 from durable.errors import ConfigurationError
 from durable.migrate import migrate
 from durable.queue import JobQueue
-from durable.sql import Queries, migrations, render, schema_sql, validate_schema
+from durable.sql import Queries, functions_sql, migrations, render, schema_sql, validate_schema
 from durable.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,6 +265,8 @@ async def test_fresh_schema_equals_all_migrations_applied(db: Any) -> None:
             await conn.execute(f"CREATE SCHEMA {migrated}")
             for m in migrations():
                 await conn.execute(render(m.sql, migrated))
+            # As migrate() does after applying any migration.
+            await conn.execute(render(functions_sql(), migrated))
 
         a = await describe(conn, fresh)
         b = await describe(conn, migrated)
