@@ -146,11 +146,11 @@ SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL, true);
 -- Claim a known job (a worker continuing a run) and read its run; the results only if $2.
 SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL, $2);
 
--- commit_relock --
--- Commit, begin the next transaction and re-lock a job and its run as this worker left
--- them (relock_v1), in one simple-protocol message: the two %d are the job id and the
--- transaction id that wrote the run.
-COMMIT; BEGIN; SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
+-- relock --
+-- Re-lock a job and its run as this worker left them (relock_v1). Sent after COMMIT and
+-- BEGIN in one simple-protocol message, so no parameters: the two %d are the job id and
+-- the transaction id that wrote the run.
+SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
 
 -- run_results --
 -- The results of a run's completed nodes, as one JSON object.
