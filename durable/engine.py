@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import anyio
 import asyncpg
 
-from durable.client import Client
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.migrate import migrate
+from durable.operations import Operations
 from durable.runtime.runner import Runner
 from durable.sql import Queries
 from durable.worker import Worker
@@ -22,7 +22,7 @@ from durable.workflow import Workflow
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Client):
+class Engine(Operations):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as

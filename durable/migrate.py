@@ -14,9 +14,9 @@ async def migrate(conn: Connection, schema: str) -> list[int]:
     """Bring `schema` up to date on `conn`; return the versions this call applied.
 
     A fresh database gets `schema.sql` whole and every migration recorded as applied; an
-    existing one gets the migrations it lacks, in order, then the runtime's functions. The transaction-scoped advisory lock
-    makes concurrent callers (several workers starting at once) queue up: the first applies,
-    the others then find nothing to do.
+    existing one gets the migrations it lacks, in order, then the runtime's functions. The
+    transaction-scoped advisory lock makes concurrent callers (several workers starting at
+    once) queue up: the first applies, the others then find nothing to do.
     """
     queries = Queries(schema)
     all_migrations = migrations()

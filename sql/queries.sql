@@ -93,18 +93,26 @@ SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS res
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
-           AS children
+           AS children,
+       r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
 FROM __SCHEMA__.runs r
 WHERE r.id = $1;
 
 -- list_runs --
--- Runs, newest first, optionally filtered by status and workflow.
+-- Runs, newest first (keyset: ids below $7), optionally filtered by status, workflow,
+-- creation time and an id or idempotency key ($6). Run with plan_cache_mode =
+-- force_custom_plan: a generic plan cannot know which filters are set, nor pick their index.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
-       ARRAY[]::text[] AS children
+       ARRAY[]::text[] AS children,
+       r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
 FROM __SCHEMA__.runs r
 WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
+  AND ($4::timestamptz IS NULL OR r.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR r.created_at < $5)
+  AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
+  AND ($7::text IS NULL OR r.id < $7)
 ORDER BY r.id DESC
 LIMIT $3;
 
@@ -351,3 +359,41 @@ SELECT queue, finished_at IS NOT NULL AS finished FROM __SCHEMA__.runs WHERE id 
 -- note_journal --
 -- Say on a completed node's journal row how it completed (a wait that used its default).
 UPDATE __SCHEMA__.journal SET error = $3 WHERE run_id = $1 AND key = $2;
+
+-- pause_run --
+-- Pause a run (NULL: no such run; false: finished or paused already).
+SELECT __SCHEMA__.pause_run_v1($1);
+
+-- resume_run --
+-- Resume a paused run (NULL: no such run; false: it was not paused).
+SELECT __SCHEMA__.resume_run_v1($1);
+
+-- fork_run --
+-- Fork a run from a node, with another input or its own; the new id (NULL: no such run).
+SELECT __SCHEMA__.fork_run_v1($1, $2, $3, $4);
+
+-- custom_plans --
+-- Plan the next statements of this transaction for their parameters (filters that are
+-- NULL or set choose different indexes).
+SET LOCAL plan_cache_mode = force_custom_plan;
+
+-- bulk_cancel --
+-- Cancel runs $1, each with its children; the ids of those cancelled.
+SELECT id FROM unnest($1::text[]) AS id WHERE __SCHEMA__.cancel_tree_v1(id, $2);
+
+-- bulk_retry --
+-- Retry failed runs $1; the ids of those retried.
+SELECT id FROM unnest($1::text[]) AS id WHERE __SCHEMA__.retry_run_v1(id);
+
+-- bulk_candidates --
+-- Up to $3 ids (descending, below $7) of runs with a status in $8 that match the filters of
+-- list_runs, for a bulk cancel or retry.
+SELECT r.id FROM __SCHEMA__.runs r
+WHERE r.status = ANY ($8::text[])
+  AND ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
+  AND ($4::timestamptz IS NULL OR r.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR r.created_at < $5)
+  AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
+  AND ($7::text IS NULL OR r.id < $7)
+ORDER BY r.id DESC
+LIMIT $3;

@@ -9,6 +9,11 @@
                                     start a run (and wait for its result)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
+    runs pause|resume ID            stop a run from being claimed / let it go on
+    runs fork ID [--from-node N] [--input JSON]
+                                    a new run from a node of ID, with another input
+    runs bulk cancel|retry --status S --workflow W ... [--dry-run]
+                                    cancel or retry every run a filter matches
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
@@ -51,7 +56,11 @@ from durable.cli.commands import (
     cmd_migrate,
     cmd_purge,
     cmd_retry,
+    cmd_runs_bulk,
+    cmd_runs_fork,
     cmd_runs_list,
+    cmd_runs_pause,
+    cmd_runs_resume,
     cmd_runs_show,
     cmd_signal,
 )
@@ -132,6 +141,10 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "migrate": cmd_migrate,
     "runs list": cmd_runs_list,
     "runs show": cmd_runs_show,
+    "runs pause": cmd_runs_pause,
+    "runs resume": cmd_runs_resume,
+    "runs fork": cmd_runs_fork,
+    "runs bulk": cmd_runs_bulk,
     "signal": cmd_signal,
     "cancel": cmd_cancel,
     "retry": cmd_retry,
