@@ -14,6 +14,7 @@ from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.migrate import migrate
 from durable.operations import Operations
+from durable.runtime import registry
 from durable.runtime.runner import Runner
 from durable.sql import Queries
 from durable.worker import Worker
@@ -250,6 +251,7 @@ class Engine(Operations):
             await self._announce(runner)
             async with anyio.create_task_group() as tg:
                 await tg.start(worker.run)
+                tg.start_soon(registry.heartbeat, pool, self.queries, worker, list(self._workflows))
                 task_status.started(worker)
         finally:
             if own_pool:

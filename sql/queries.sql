@@ -397,3 +397,27 @@ WHERE r.status = ANY ($8::text[])
   AND ($7::text IS NULL OR r.id < $7)
 ORDER BY r.id DESC
 LIMIT $3;
+
+-- worker_beat --
+-- A running worker says it is alive, with what it is doing (the workers registry).
+INSERT INTO __SCHEMA__.workers AS w
+    (name, host, pid, workflows, concurrency, in_flight, processed, interval_seconds)
+VALUES ($1, $2, $3, $4::text[], $5, $6, $7, $8)
+ON CONFLICT (name) DO UPDATE
+SET in_flight = EXCLUDED.in_flight, processed = EXCLUDED.processed,
+    heartbeat_at = __SCHEMA__.now_v1();
+
+-- worker_gone --
+-- A worker stopped; rows of workers dead for a day go too.
+DELETE FROM __SCHEMA__.workers
+WHERE name = $1 OR heartbeat_at < __SCHEMA__.now_v1() - interval '1 day';
+
+-- list_workers --
+-- Registered workers, with the age of their last heartbeat and whether it is recent
+-- (within three heartbeat intervals).
+SELECT name, host, pid, workflows, concurrency, in_flight, processed, started_at,
+       heartbeat_at, interval_seconds,
+       extract(epoch FROM __SCHEMA__.now_v1() - heartbeat_at)::float8 AS heartbeat_age,
+       heartbeat_at > __SCHEMA__.now_v1() - make_interval(secs => 3 * interval_seconds) AS alive
+FROM __SCHEMA__.workers
+ORDER BY started_at, name;
