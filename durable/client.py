@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 from ulid import ULID
 
+from durable import metrics
 from durable.context import current_run
 from durable.db import Connection, dumps, loads
 from durable.errors import (
@@ -124,6 +125,7 @@ class Client(Waiting):
                 ) from None
             raise
         if run_id == args[0]:
+            metrics.run_started(wf.name)
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
 

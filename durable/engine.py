@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import anyio
 import asyncpg
 
+from durable import metrics
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.migrate import migrate
@@ -237,7 +238,7 @@ class Engine(Operations):
         worker = Worker(
             pool,
             self.queries,
-            {task: runner.handle for task in ("advance", "branch", "compensate")},
+            dict.fromkeys(("advance", "branch", "compensate"), metrics.timed(runner.handle)),
             queues=runner.queues,
             concurrency=concurrency,
             poll_interval=poll_interval or self.poll_interval,

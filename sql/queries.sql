@@ -421,3 +421,59 @@ SELECT name, host, pid, workflows, concurrency, in_flight, processed, started_at
        heartbeat_at > __SCHEMA__.now_v1() - make_interval(secs => 3 * interval_seconds) AS alive
 FROM __SCHEMA__.workers
 ORDER BY started_at, name;
+
+-- run_mailbox --
+-- A run's signals, oldest first, with the node that consumed each.
+SELECT id, name, payload::text AS payload, created_at, consumed_by, consumed_at
+FROM __SCHEMA__.signals
+WHERE run_id = $1
+ORDER BY id;
+
+-- run_relatives --
+-- A run's parent and children, and the run it was forked from: id, workflow, status.
+SELECT 'parent' AS relation, p.id, p.workflow, p.status
+FROM __SCHEMA__.runs r JOIN __SCHEMA__.runs p ON p.id = r.parent_id
+WHERE r.id = $1
+UNION ALL
+SELECT 'forked_from', f.id, f.workflow, f.status
+FROM __SCHEMA__.runs r JOIN __SCHEMA__.runs f ON f.id = r.forked_from
+WHERE r.id = $1
+UNION ALL
+(SELECT 'child', c.id, c.workflow, c.status
+ FROM __SCHEMA__.runs c WHERE c.parent_id = $1 ORDER BY c.id LIMIT 500);
+
+-- workflow_counts --
+-- How many runs each workflow has in each status.
+SELECT workflow, status, count(*)::bigint AS runs
+FROM __SCHEMA__.runs
+GROUP BY workflow, status
+ORDER BY workflow, status;
+
+-- workflow_shapes --
+-- The shapes (queues) recorded for each workflow, first recorded first.
+SELECT workflow, queue, shape::text AS shape, recorded_at
+FROM __SCHEMA__.shapes
+ORDER BY workflow, recorded_at;
+
+-- throughput --
+-- Runs finished per minute over the last $1 minutes, by workflow and final status.
+SELECT date_trunc('minute', finished_at) AS minute, workflow, status, count(*)::bigint AS runs
+FROM __SCHEMA__.runs
+WHERE finished_at > __SCHEMA__.now_v1() - make_interval(mins => $1)
+GROUP BY 1, 2, 3
+ORDER BY 1;
+
+-- queue_stats --
+-- Due jobs by queue and the age of the oldest due job (not leased), in seconds.
+SELECT queue, count(*)::bigint AS due,
+       extract(epoch FROM __SCHEMA__.now_v1() - min(run_at))::float8 AS oldest_age
+FROM __SCHEMA__.jobs
+WHERE run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+GROUP BY queue
+ORDER BY queue;
+
+-- run_shape --
+-- The recorded shape of the queue a run is pinned to.
+SELECT s.shape::text FROM __SCHEMA__.shapes s
+JOIN __SCHEMA__.runs r ON r.queue = s.queue
+WHERE r.id = $1;

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ulid import ULID
 
+from durable import metrics
 from durable.db import Connection
 from durable.runtime.transition import (
     BranchDone,
@@ -101,7 +102,24 @@ async def apply(
         follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
     else:
         raise TypeError(f"no apply for {t!r}")
+    _count(s, wf, t)
     return follow
+
+
+def _count(s: RunState, wf: Workflow, t: Transition) -> None:
+    """Count the transition in this process's metrics (no-op without prometheus-client)."""
+    node = s.current_node or ""
+    if isinstance(t, Complete):
+        if not t.replay and s.task != "compensate":
+            metrics.attempt(wf.name, node)
+        if s.cursor + 1 >= len(wf.nodes):
+            metrics.run_finished(wf.name, "completed")
+    elif isinstance(t, Retry | Fail):
+        metrics.attempt(wf.name, t.key or node, failed=True, final=isinstance(t, Fail))
+    elif isinstance(t, Compensated):
+        metrics.attempt(wf.name, t.key, failed=t.status == "failed", final=True)
+    elif isinstance(t, Finish):
+        metrics.run_finished(wf.name, t.status)
 
 
 async def branch_done(conn: Connection, q: Queries, s: RunState, t: BranchDone) -> int:
