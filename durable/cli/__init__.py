@@ -18,6 +18,8 @@
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     purge --older-than 30d          delete finished runs older than a duration
+    dashboard [MODULE:ENGINE] [--host H] [--port P]
+                                    serve the web dashboard, admin API and /metrics
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
 `--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
@@ -64,6 +66,7 @@ from durable.cli.commands import (
     cmd_runs_show,
     cmd_signal,
 )
+from durable.cli.dashboard import cmd_dashboard
 from durable.cli.output import (
     DEFAULT_LOG_FORMAT,
     FieldFormatter,
@@ -163,6 +166,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         return await cmd_start(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
+    if command == "dashboard":
+        return await cmd_dashboard(args, out)
     handler = _NEEDS_DSN[command]
     if command == "purge":
         parse_duration(args.older_than)  # a bad duration is reported before any connection

@@ -246,5 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 30d, 12h, 90m, 45s (finished longer ago than this)",
     )
 
+    dash = sub.add_parser(
+        "dashboard",
+        parents=[common],
+        help="serve the web dashboard, the admin API and /metrics",
+        description=(
+            "Serve the admin app under uvicorn, for the database of --dsn (or $DURABLE_DSN) "
+            "or of the engine MODULE:ENGINE defines. The admin token comes from "
+            "$DURABLE_ADMIN_TOKEN, the read-only token from $DURABLE_READ_TOKEN; "
+            "--insecure-no-auth drops them, on a loopback address only."
+        ),
+    )
+    dash.add_argument("target", metavar="MODULE:ENGINE", nargs="?", default=None)
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=_positive_int, default=8484, help="port (default 8484)")
+    dash.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no token (only with a loopback --host)",
+    )
+
     sub.add_parser("demo", parents=[common], help="run the order-saga demo")
     return parser

@@ -97,7 +97,11 @@ def timeline(run: Run) -> list[dict[str, Any]]:
                 "error": e.error if e.status == "failed" else None,
             }
         )
+    # The final failed attempt of a node is both an attempt row and its failed journal row.
+    final = {(e.key, e.attempts) for e in run.journal if e.status == "failed"}
     for a in run.attempts:
+        if (a.key, a.attempt) in final:
+            continue
         events.append(
             {
                 "key": a.key,
