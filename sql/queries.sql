@@ -477,3 +477,103 @@ ORDER BY queue;
 SELECT s.shape::text FROM __SCHEMA__.shapes s
 JOIN __SCHEMA__.runs r ON r.queue = s.queue
 WHERE r.id = $1;
+
+-- doctor_stranded --
+-- Unfinished, unpaused runs that have no job and no recorded reason to wait for none (a
+-- signal without a timeout, an unfinished child, branches all committed): the invariant
+-- ensure_jobs_v1 keeps, checked from the outside. Up to $1 of them, and how many.
+WITH stranded AS (
+    SELECT r.id, r.workflow, r.status, r.current_node, r.updated_at
+    FROM __SCHEMA__.runs r
+    WHERE r.finished_at IS NULL AND r.paused_at IS NULL AND r.queue <> ''
+      AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id = r.id)
+      AND NOT (
+          r.status <> 'compensating'
+          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id)
+          AND (
+              (r.branches IS NOT NULL AND NOT EXISTS (
+                  SELECT 1 FROM unnest(r.branches) AS b
+                  WHERE NOT EXISTS (
+                      SELECT 1 FROM __SCHEMA__.journal e
+                      WHERE e.run_id = r.id AND e.key = r.current_node || '#' || b
+                        AND e.status = 'completed')))
+              OR (r.branches IS NULL AND r.child_id IS NOT NULL AND EXISTS (
+                  SELECT 1 FROM __SCHEMA__.runs c
+                  WHERE c.id = r.child_id AND c.finished_at IS NULL))
+              OR (r.branches IS NULL AND r.child_id IS NULL AND r.waiting_for IS NOT NULL
+                  AND r.wake_at IS NULL AND NOT EXISTS (
+                      SELECT 1 FROM __SCHEMA__.signals s
+                      WHERE s.run_id = r.id AND s.name = r.waiting_for
+                        AND s.consumed_at IS NULL))
+          )
+      )
+)
+SELECT id, workflow, status, current_node, updated_at, count(*) OVER () AS total
+FROM stranded
+ORDER BY updated_at
+LIMIT $1;
+
+-- doctor_oldest_due --
+-- The oldest job due now that no lease holds: its queue and age in seconds.
+SELECT queue, task, run_id,
+       extract(epoch FROM __SCHEMA__.now_v1() - run_at)::float8 AS age
+FROM __SCHEMA__.jobs
+WHERE run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+ORDER BY run_at
+LIMIT 1;
+
+-- doctor_transactions --
+-- Transactions of this database open longer than $1 seconds that hold back the xmin
+-- horizon (vacuum cannot remove rows they may still see), prepared ones included.
+SELECT pid::text AS who, state, application_name,
+       extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 80) AS query
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND xact_start < clock_timestamp() - make_interval(secs => $1)
+  AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+UNION ALL
+SELECT 'prepared ' || gid, 'prepared', owner::text,
+       extract(epoch FROM clock_timestamp() - prepared)::float8, ''
+FROM pg_prepared_xacts
+WHERE database = current_database()
+  AND prepared < clock_timestamp() - make_interval(secs => $1)
+ORDER BY 4 DESC;
+
+-- doctor_tables --
+-- Size, live and dead rows of durable's tables and the size of their indexes.
+SELECT c.relname AS name, s.n_live_tup AS live, s.n_dead_tup AS dead,
+       pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
+       s.last_autovacuum, s.last_vacuum
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE n.nspname = $1 AND c.relkind = 'r'
+ORDER BY c.relname;
+
+-- doctor_listeners --
+-- The notification queue's use (a listener that stopped reading fills it), the sessions
+-- that LISTEN, and idle workers whose listener registration is stale.
+SELECT pg_notification_queue_usage()::float8 AS queue_usage,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS listening,
+       (SELECT count(*) FROM __SCHEMA__.listeners
+        WHERE seen_at < __SCHEMA__.now_v1() - interval '5 minutes') AS stale_listeners;
+
+-- doctor_stale_workers --
+-- Registered workers whose heartbeat is older than three intervals.
+SELECT name, host, pid,
+       extract(epoch FROM __SCHEMA__.now_v1() - heartbeat_at)::float8 AS age
+FROM __SCHEMA__.workers
+WHERE heartbeat_at < __SCHEMA__.now_v1() - make_interval(secs => 3 * interval_seconds)
+ORDER BY heartbeat_at;
+
+-- doctor_queues --
+-- Every queue a job or a recorded shape names (what a worker could claim from).
+SELECT DISTINCT queue FROM __SCHEMA__.jobs
+UNION SELECT queue FROM __SCHEMA__.shapes
+ORDER BY 1;
+
+-- doctor_job_rows --
+-- The planner's estimate of the job table's rows.
+SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('__SCHEMA__.jobs');

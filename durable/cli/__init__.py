@@ -18,6 +18,7 @@
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     purge --older-than 30d          delete finished runs older than a duration
+    doctor [--json]                 check for stranded runs, old jobs, long transactions...
     dashboard [MODULE:ENGINE] [--host H] [--port P]
                                     serve the web dashboard, admin API and /metrics
     demo                            run the order-saga demo (starts its own PostgreSQL)
@@ -55,6 +56,7 @@ import asyncpg
 from durable.cli.app import cmd_start, cmd_worker
 from durable.cli.commands import (
     cmd_cancel,
+    cmd_doctor,
     cmd_migrate,
     cmd_purge,
     cmd_retry,
@@ -152,6 +154,7 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "cancel": cmd_cancel,
     "retry": cmd_retry,
     "purge": cmd_purge,
+    "doctor": cmd_doctor,
 }
 
 

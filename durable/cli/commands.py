@@ -1,5 +1,5 @@
 """The commands that work on a database given by DSN: migrate, runs (list, show, pause,
-resume, fork, bulk), signal, cancel, retry and purge."""
+resume, fork, bulk), signal, cancel, retry, purge and doctor."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from durable.cli.output import (
     table,
 )
 from durable.cli.parser import EXIT_NOT_DONE, EXIT_OK, UsageError, parse_duration
+from durable.doctor import Thresholds, diagnose
 from durable.engine import Engine
 from durable.model import RunStatus
 from durable.operations import RunFilter
@@ -267,3 +268,25 @@ async def cmd_runs_bulk(args: argparse.Namespace, dsn: str, out: Out) -> int:
     else:
         print(f"{len(ids)} run(s) {verb}", file=out)
     return EXIT_OK
+
+
+async def cmd_doctor(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    limits = Thresholds(job_age=args.max_job_age, transaction_age=args.max_transaction_age)
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        async with engine.pool.acquire() as conn:
+            report = await diagnose(conn, engine.queries, limits)
+    finally:
+        await engine.close()
+    if args.json:
+        emit_json(out, report.to_json())
+    else:
+        marks = {"ok": "ok     ", "warn": "WARN   ", "problem": "PROBLEM"}
+        for f in report.findings:
+            print(f"{marks[f.status]}  {f.check}: {f.summary}", file=out)
+            if f.status != "ok":
+                for detail in f.details[:20]:
+                    text = ", ".join(f"{k}={v}" for k, v in detail.items())
+                    print(f"           {text}", file=out)
+        print("healthy" if report.healthy else "something needs a look (see above)", file=out)
+    return EXIT_OK if report.healthy else EXIT_NOT_DONE

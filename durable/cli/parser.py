@@ -246,6 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 30d, 12h, 90m, 45s (finished longer ago than this)",
     )
 
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check for stranded runs, old jobs, long transactions, bloat, dead workers",
+        description=(
+            "Check what slows down or strands runs: stranded runs, the oldest due job, "
+            "transactions holding the xmin horizon, bloat of the hot tables, listener "
+            "health, workers with stale heartbeats, the claim's query plan. Exit 0 when "
+            "all is well, 1 when something needs a look."
+        ),
+    )
+    doctor.add_argument(
+        "--max-job-age",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a due job older than this is a problem (default 60)",
+    )
+    doctor.add_argument(
+        "--max-transaction-age",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a transaction open longer than this is a problem (default 300)",
+    )
+
     dash = sub.add_parser(
         "dashboard",
         parents=[common],
