@@ -240,13 +240,14 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         rows.append(row)
     if "dashboard" in results:
         r = results["dashboard"]
-        row = Row("dashboard", "not run", target=f"every page < {dashboard.TARGET_MS:g} ms")
+        target = f"runs and run pages < {dashboard.TARGET_MS:g} ms"
+        row = Row("dashboard", "not run", target=target)
         if isinstance(r, dict):
             pages = r["pages"]
             row.figure = (
                 f"runs page p50 {pages['runs page']['p50_ms']:.0f} ms, run page p50 "
                 f"{pages['run page']['p50_ms']:.0f} ms, slowest {r['value']:.0f} ms "
-                f"({r['runs']:,} runs)"
+                f"({r['runs']:,} runs; workflows page {pages['workflows page']['p50_ms']:.0f} ms)"
             )
             row.met = r["value"] < dashboard.TARGET_MS
             row.data = r
