@@ -50,3 +50,15 @@ async def test_pause_resume_fork_and_bulk_from_the_command_line(db: Any) -> None
         assert (await engine.get_run(fork.id)).status is durable.RunStatus.CANCELLED
         code, body = await cli(db, "runs", "bulk", "retry", "--workflow", "order")
         assert (code, body["runs"]) == (0, [])
+
+
+async def test_dashboard_refuses_to_serve_without_a_token_or_off_loopback(
+    db: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.delenv("DURABLE_ADMIN_TOKEN", raising=False)
+    code, body = await cli(db, "dashboard")
+    assert code == 2
+    assert "DURABLE_ADMIN_TOKEN" in body["error"]["message"]
+    code, body = await cli(db, "dashboard", "--insecure-no-auth", "--host", "0.0.0.0")
+    assert code == 2
+    assert "loopback" in body["error"]["message"]
