@@ -78,6 +78,7 @@ class Workflow:
         self._names: set[str] = set()
         self._frozen: tuple[Node, ...] | None = None
         self._positions: dict[str, int] | None = None
+        self._queue: tuple[tuple[Node, ...], str] | None = None
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, nodes={[n.name for n in self._nodes]})"
@@ -113,8 +114,11 @@ class Workflow:
         """The queue of this workflow's jobs: its name and a digest of its shape. Only a
         worker that registered this exact shape claims them, so an old worker never
         continues a run of newer code, nor a new worker a run of older code."""
-        digest = hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:12]
-        return f"{self.name}@{digest}"
+        nodes = self.nodes
+        if self._queue is None or self._queue[0] is not nodes:  # computed once per shape
+            digest = hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:12]
+            self._queue = (nodes, f"{self.name}@{digest}")
+        return self._queue[1]
 
     def _add(self, node: Node) -> None:
         if node.name in self._names:

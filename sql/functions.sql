@@ -376,15 +376,24 @@ $$;
 
 -- Journal node `p_node` as completed (unless it is replayed from the journal), consume
 -- the signal it took, and move the run to node `p_cursor` (`p_next`), or finish it.
-CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v1(
+-- Returns the run's job when it is due at once (`follow`), the transaction that wrote the
+-- run row (`written_by`: relock_v1 checks that nobody wrote it since) and the clock.
+-- `p_job` is the advance job this transaction claimed due (not as a lease holder, whose job
+-- is due when the lease lapses), if it did: a run moving to its next node then needs
+-- exactly that job (one advance job per run, due now, locked by us), so the jobs are not
+-- looked at again.
+CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     p_run text, p_node text, p_result text, p_attempts integer, p_started timestamptz,
-    p_replay boolean, p_cursor integer, p_next text, p_consume bigint
-) RETURNS bigint
+    p_replay boolean, p_cursor integer, p_next text, p_consume bigint, p_job bigint,
+    OUT follow bigint, OUT written_by xid, OUT clock timestamptz
+)
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
+    v_paused boolean;
 BEGIN
+    clock := v_now;
     IF NOT p_replay THEN
         INSERT INTO __SCHEMA__.journal
             (run_id, key, node, status, result, attempts, started_at, finished_at)
@@ -403,14 +412,52 @@ BEGIN
             finished_at = v_now, updated_at = v_now
         WHERE id = p_run;
         PERFORM __SCHEMA__.finished_v1(p_run);
-        RETURN NULL;
+        RETURN;
     END IF;
     UPDATE __SCHEMA__.runs
     SET cursor = p_cursor, current_node = p_next, status = 'running', iteration = 0,
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
         updated_at = v_now
-    WHERE id = p_run;
-    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+    WHERE id = p_run
+    RETURNING xmin, paused_at IS NOT NULL INTO written_by, v_paused;
+    IF v_paused THEN
+        -- An operator paused the run while this node ran: it stops here, without a job.
+        follow := __SCHEMA__.ensure_jobs_v1(p_run);
+        written_by := NULL;
+    ELSE
+        follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+    END IF;
+END
+$$;
+
+-- Re-lock job `p_job` and its run for the worker that just committed `p_written_by`, the
+-- transaction that moved the run to its next node: the worker goes on with the run as
+-- it wrote it, without reading it back. Sent in one message with that COMMIT and the next
+-- BEGIN. Raises DU040 when that is not safe: another worker took the job, a client holds
+-- the run, someone wrote the run row since, a cancel was requested, or the node there has
+-- a journal row to replay (a retried run); the worker then rolls back and claims afresh.
+CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_run text;
+    v_node text;
+BEGIN
+    SELECT run_id INTO v_run FROM __SCHEMA__.jobs
+    WHERE id = p_job AND task = 'advance' AND lease_token IS NULL
+      AND run_at <= __SCHEMA__.now_v1()
+    FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND OR NOT pg_try_advisory_xact_lock_shared(hashtextextended(v_run, 0)) THEN
+        RAISE EXCEPTION 'job % is not free to continue', p_job USING ERRCODE = 'DU040';
+    END IF;
+    -- Locked in a statement of its own, read in the next (see claim_v1).
+    PERFORM 1 FROM __SCHEMA__.runs WHERE id = v_run FOR NO KEY UPDATE;
+    SELECT current_node INTO v_node FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by;
+    IF NOT FOUND
+       OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
+       OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node) THEN
+        RAISE EXCEPTION 'run % moved since', v_run USING ERRCODE = 'DU040';
+    END IF;
 END
 $$;
 

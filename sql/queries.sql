@@ -154,6 +154,12 @@ SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL, true);
 -- Claim a known job (a worker continuing a run) and read its run; the results only if $2.
 SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL, $2);
 
+-- commit_relock --
+-- Commit, begin the next transaction and re-lock a job and its run as this worker left
+-- them (relock_v1), in one simple-protocol message: the two %d are the job id and the
+-- transaction id that wrote the run.
+COMMIT; BEGIN; SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
+
 -- run_results --
 -- The results of a run's completed nodes, as one JSON object.
 SELECT __SCHEMA__.run_results_v1($1)::text;
@@ -197,7 +203,7 @@ SELECT __SCHEMA__.ensure_jobs_v1($1);
 
 -- complete_node --
 -- Journal a completed node and move the run on (or finish it).
-SELECT __SCHEMA__.complete_node_v1($1, $2, $3, $4, $5, $6, $7, $8, $9);
+SELECT * FROM __SCHEMA__.complete_node_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- retry_node --
 -- Record a failed attempt and schedule the next.

@@ -1,11 +1,14 @@
 """The one writer of run state: turns a transition into the SQL call that journals it,
 moves the run and ensures its jobs (sql/functions.sql), in the job's transaction.
 
-Each function returns the id of the run's job when it is due at once, so that the worker
-may continue the run on the same slot.
+Each function returns the run's job when it is due at once (a `Follow`), so that the
+worker may continue the run on the same slot.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
 
 from ulid import ULID
 
@@ -32,32 +35,28 @@ from durable.sql import Queries
 from durable.workflow import Workflow
 
 
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """The run's job, due at once. `written_by` (the transaction id) and `clock` are set
+    when this transaction moved the run to its next node and left the job as it was: the
+    worker may then re-lock the job after the commit instead of claiming it afresh."""
+
+    job: int
+    written_by: int | None = None
+    clock: datetime | None = None
+
+
 async def apply(
     conn: Connection, q: Queries, s: RunState, wf: Workflow, t: Transition
-) -> int | None:
+) -> Follow | None:
     """Apply transition `t` of run `s` (a `Lease` or `BranchDone` has its own function)."""
     node = s.current_node
     started = s.now
     follow: int | None
+    _count(s, wf, t)
     if isinstance(t, Complete):
-        nxt = s.cursor + 1
-        name = wf.nodes[s.cursor].name
-        following = wf.nodes[nxt].name if nxt < len(wf.nodes) else None
-        follow = await conn.fetchval(
-            q["complete_node"],
-            s.run_id,
-            name,
-            t.text,
-            s.attempt,
-            started,
-            t.replay,
-            nxt,
-            following,
-            t.consume,
-        )
-        if t.note is not None:
-            await conn.execute(q["note_journal"], s.run_id, wf.nodes[s.cursor].name, t.note)
-    elif isinstance(t, Retry):
+        return await _complete(conn, q, s, wf, t)
+    if isinstance(t, Retry):
         branch_job = s.job_id if s.task == "branch" else None
         follow = await conn.fetchval(
             q["retry_node"], s.run_id, t.key, t.attempt, t.error, started, t.delay, branch_job
@@ -102,8 +101,33 @@ async def apply(
         follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
     else:
         raise TypeError(f"no apply for {t!r}")
-    _count(s, wf, t)
-    return follow
+    return None if follow is None else Follow(follow)
+
+
+async def _complete(
+    conn: Connection, q: Queries, s: RunState, wf: Workflow, t: Complete
+) -> Follow | None:
+    nxt = s.cursor + 1
+    name = wf.nodes[s.cursor].name
+    row = await conn.fetchrow(
+        q["complete_node"],
+        s.run_id,
+        name,
+        t.text,
+        s.attempt,
+        s.now,
+        t.replay,
+        nxt,
+        wf.nodes[nxt].name if nxt < len(wf.nodes) else None,
+        t.consume,
+        # The advance job a plain claim holds is due; a lease holder's is not (see below).
+        s.job_id if s.task == "advance" and s.lease_token is None else None,
+    )
+    if t.note is not None:
+        await conn.execute(q["note_journal"], s.run_id, name, t.note)
+    if row is None or row["follow"] is None:
+        return None
+    return Follow(row["follow"], row["written_by"], row["clock"])
 
 
 def _count(s: RunState, wf: Workflow, t: Transition) -> None:

@@ -8,10 +8,11 @@ on the same slot), and `handle` decides and applies, all in the job's transactio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import asyncpg
 
@@ -20,6 +21,7 @@ from durable.errors import DefinitionChanged
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
 from durable.runtime import apply, compensation, lease
+from durable.runtime.apply import Follow
 from durable.runtime.attempt import run_attempt
 from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, step
 from durable.runtime.transition import (
@@ -47,6 +49,21 @@ from durable.worker import Outcome as JobOutcome
 from durable.workflow import Loop, Parallel, Step, Workflow, default_backoff
 
 log = logging.getLogger("durable.runner")
+
+
+class _Memo(NamedTuple):
+    """What this worker knows of a run it handed on to itself: where it left it and the
+    results so far; and, when it moved the run on to a step, the state it wrote
+    (`moved`) and the transaction that wrote it, for a re-lock instead of a claim."""
+
+    run_id: str
+    queue: str
+    epoch: int
+    cursor: int
+    results: dict[str, Any]
+    moved: RunState | None = None
+    written_by: int | None = None
+
 
 _FINISHED = ("completed", "failed", "cancelled")
 
@@ -91,8 +108,8 @@ class Runner:
         self.transaction_timeout = transaction_timeout
         self.max_claims = max_claims
         self.jobs = JobQueue(queries)
-        # Follow job id -> (run, epoch, cursor, results) of a run this worker handed on.
-        self._results: dict[int, tuple[str, int, int, dict[str, Any]]] = {}
+        # Follow job id -> what this worker knows of the run it handed on to itself.
+        self._memos: dict[int, _Memo] = {}
         self.shared = Shared(queries, transaction_timeout, max_claims, self.by_name)
 
     # -- claiming --------------------------------------------------------------------------
@@ -107,31 +124,83 @@ class Runner:
         The results of the nodes before the run's position cannot change within an
         attempt epoch (only a retry, which starts a new epoch, forgets journal rows), so the
         results this worker just committed are reused when the run is where it left it.
+        When it moved the run on to a step, the commit, the next BEGIN and a re-lock of job
+        and run travel in one message, and the run is taken as written (relock_v1 raises
+        unless nobody else wrote it since); else, or if that raises, the job is claimed.
         """
-        memo = self._results.pop(job_id, None)
-        await conn.execute("COMMIT; BEGIN")
+        memo = self._memos.pop(job_id, None)
+        if memo is not None and memo.moved is not None:
+            try:
+                await conn.execute(self.q["commit_relock"] % (job_id, memo.written_by))
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != "DU040":
+                    raise
+                await conn.execute("ROLLBACK; BEGIN")
+            else:
+                return Job(
+                    id=job_id,
+                    queue=memo.queue,
+                    task="advance",
+                    run_id=memo.run_id,
+                    payload={},
+                    priority=0,
+                    attempts=0,
+                    lease_token=None,
+                    prefetched=memo.moved,
+                )
+        else:
+            await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)
         if row is None or memo is None:
             return job_from_row(row)
-        run_id, epoch, cursor, results = memo
-        if (row["run_id"], row["epoch"], row["cursor"]) != (run_id, epoch, cursor):
-            results = json.loads(await conn.fetchval(self.q["run_results"], run_id) or "{}")
+        results = memo.results
+        if (row["run_id"], row["epoch"], row["cursor"]) != (memo.run_id, memo.epoch, memo.cursor):
+            results = json.loads(await conn.fetchval(self.q["run_results"], memo.run_id) or "{}")
         return job_from_row(row, results)
 
-    def _remember(self, s: RunState, wf: Workflow, t: Transition, follow: int | None) -> None:
+    def _remember(
+        self, job: Job, s: RunState, wf: Workflow, t: Transition, follow: Follow | None
+    ) -> None:
         if isinstance(t, Iterate):
             memo = self.shared.iterations.get((s.run_id, s.current_node or "", s.epoch))
             if memo is not None and len(memo) == t.index:
                 memo.append(json.loads(t.text))
         if follow is None:
             return
-        if len(self._results) > 10_000:  # runs handed on but never claimed by this worker
-            self._results.clear()
-        cursor, results = s.cursor, s.results
-        if isinstance(t, Complete):
-            cursor = s.cursor + 1
-            results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
-        self._results[follow] = (s.run_id, s.epoch, cursor, dict(results))
+        if len(self._memos) > 10_000:  # runs handed on but never claimed by this worker
+            self._memos.clear()
+        if not isinstance(t, Complete):
+            self._memos[follow.job] = _Memo(s.run_id, job.queue, s.epoch, s.cursor, dict(s.results))
+            return
+        cursor = s.cursor + 1
+        results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
+        moved = None
+        if (
+            s.task == "advance"
+            and follow.written_by is not None
+            and follow.clock is not None
+            and isinstance(wf.nodes[cursor], Step)
+        ):
+            moved = dataclasses.replace(
+                s,
+                lease_token=None,
+                status="running",
+                cursor=cursor,
+                current_node=wf.nodes[cursor].name,
+                iteration=0,
+                attempt=1,
+                wake_at=None,
+                waiting_for=None,
+                child_id=None,
+                branches=None,
+                now=follow.clock,
+                results=results,
+                replay=None,
+                cancel=None,
+            )
+        self._memos[follow.job] = _Memo(
+            s.run_id, job.queue, s.epoch, cursor, results, moved, follow.written_by
+        )
 
     async def _lost(self, job: Job) -> bool | None:
         """None when the job's last locker committed (or nobody locked it). Otherwise its
@@ -159,13 +228,13 @@ class Runner:
             if isinstance(transition, Lease):
                 return await self._lease(v, wf)
             follow = await self._apply(v, wf, transition)
-            self._remember(s, wf, transition, follow)
+            self._remember(job, s, wf, transition, follow)
             if lost is not None:  # committed with the work: the count is of deaths in a row
                 await conn.execute(self.q["forget_claims"], job.id)
         finally:
             for c in v.conns:
                 c.expire()
-        return JobOutcome(settled=True, follow=follow)
+        return JobOutcome(settled=True, follow=None if follow is None else follow.job)
 
     async def _decide(self, v: JobVisit, wf: Workflow) -> Transition:
         s = v.state
@@ -196,7 +265,7 @@ class Runner:
         with node_span(node.kind, node.name, run_id=s.run_id, workflow=wf.name, attempt=s.attempt):
             return _traced(await _KINDS[node.kind](v, node))
 
-    async def _apply(self, v: JobVisit, wf: Workflow, t: Transition) -> int | None:
+    async def _apply(self, v: JobVisit, wf: Workflow, t: Transition) -> Follow | None:
         s = v.state
         self._log(s, wf, t)
         if s.task != "branch":

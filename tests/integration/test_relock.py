@@ -1,0 +1,154 @@
+"""The re-lock of a run a worker continues (relock_v1, sql/functions.sql): the worker takes
+the run as it wrote it only when nobody else touched it since; otherwise DU040."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+import durable
+from durable.sql import Queries
+
+Q = Queries("durable")
+
+
+async def noop(ctx: durable.Context) -> None:
+    return None
+
+
+WF = durable.Workflow("relocked").step("first", noop).step("second", noop)
+
+
+@pytest.fixture
+async def moved(db: Any) -> AsyncIterator[dict[str, Any]]:
+    """A run whose first step a worker connection completed and committed, as the worker
+    does before it re-locks: the job id, the run id and the transaction that moved it."""
+    async with durable.Engine(db.dsn, workflows=[WF]) as engine:
+        run_id = await engine.start(WF)
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        async with conn.transaction():
+            job = await conn.fetchrow(Q["claim"], [WF.queue])
+            assert job is not None
+            assert job["run_id"] == run_id
+            done = await conn.fetchrow(
+                Q["complete_node"],
+                run_id,
+                "first",
+                "null",
+                1,
+                None,
+                False,
+                1,
+                "second",
+                None,
+                job["id"],
+            )
+        assert done["follow"] == job["id"]
+        yield {
+            "conn": conn,
+            "dsn": db.dsn,
+            "job": job["id"],
+            "run": run_id,
+            "xid": done["written_by"],
+        }
+    finally:
+        await conn.close()
+
+
+async def relock(m: dict[str, Any]) -> None:
+    conn: asyncpg.Connection = m["conn"]
+    async with conn.transaction():
+        await conn.execute("SELECT durable.relock_v1($1, $2::text::xid)", m["job"], str(m["xid"]))
+        # Job and run are locked by this transaction now.
+        other = await asyncpg.connect(m["dsn"])
+        try:
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.execute(
+                    "SELECT 1 FROM durable.jobs WHERE id = $1 FOR UPDATE NOWAIT", m["job"]
+                )
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await other.execute(
+                    "SELECT 1 FROM durable.runs WHERE id = $1 FOR UPDATE NOWAIT", m["run"]
+                )
+        finally:
+            await other.close()
+
+
+async def test_relock_takes_the_run_nobody_touched(moved: dict[str, Any]) -> None:
+    await relock(moved)
+
+
+async def _refused(m: dict[str, Any]) -> None:
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        await relock(m)
+    assert caught.value.sqlstate == "DU040"
+
+
+async def _in_other(m: dict[str, Any], fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> None:
+    other = await asyncpg.connect(m["dsn"])
+    try:
+        await fn(other)
+    finally:
+        await other.close()
+
+
+async def test_relock_refuses_a_run_written_since(moved: dict[str, Any]) -> None:
+    async def touch(c: asyncpg.Connection) -> None:
+        await c.execute("UPDATE durable.runs SET updated_at = now() WHERE id = $1", moved["run"])
+
+    await _in_other(moved, touch)
+    await _refused(moved)
+
+
+async def test_relock_refuses_a_job_another_worker_holds(moved: dict[str, Any]) -> None:
+    other = await asyncpg.connect(moved["dsn"])
+    try:
+        async with other.transaction():
+            await other.execute("SELECT 1 FROM durable.jobs WHERE id = $1 FOR UPDATE", moved["job"])
+            await _refused(moved)
+    finally:
+        await other.close()
+
+
+async def test_relock_refuses_a_run_a_client_holds(moved: dict[str, Any]) -> None:
+    other = await asyncpg.connect(moved["dsn"])
+    try:
+        async with other.transaction():
+            # What cancel_tree_v1 and signal_v1 take first.
+            await other.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", moved["run"]
+            )
+            await _refused(moved)
+    finally:
+        await other.close()
+
+
+async def test_relock_refuses_a_run_with_a_cancel_requested(moved: dict[str, Any]) -> None:
+    async def request(c: asyncpg.Connection) -> None:
+        await c.execute(
+            "INSERT INTO durable.cancel_requests (run_id, reason) VALUES ($1, 'stop')",
+            moved["run"],
+        )
+
+    await _in_other(moved, request)
+    await _refused(moved)
+    await _in_other(
+        moved,
+        lambda c: c.execute("DELETE FROM durable.cancel_requests WHERE run_id = $1", moved["run"]),
+    )
+
+
+async def test_relock_refuses_a_node_with_a_journal_row_to_replay(moved: dict[str, Any]) -> None:
+    async def journal(c: asyncpg.Connection) -> None:
+        await c.execute(
+            "INSERT INTO durable.journal (run_id, key, node, status, result)"
+            " VALUES ($1, 'second', 'second', 'completed', 'null')",
+            moved["run"],
+        )
+
+    await _in_other(moved, journal)
+    await _refused(moved)
