@@ -26,6 +26,7 @@ from durable.errors import (
     WorkflowNotFound,
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.operations import RunFilter
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Run",
     "RunCancelled",
     "RunFailed",
+    "RunFilter",
     "RunNotFound",
     "RunStatus",
     "SerializationError",

@@ -49,7 +49,8 @@ BEGIN
 END
 $$;
 
--- Give run `p_run` exactly the jobs its state needs: none when it is finished, one
+-- Give run `p_run` exactly the jobs its state needs: none when it is finished or paused
+-- (a lease in flight is its holder's to settle), one
 -- `compensate` job while it compensates, one `branch` job per uncommitted branch while a
 -- parallel node fans out, else one `advance` job, due when the run's state says (its wake
 -- time or retry backoff, now when an awaited signal or child is there or a cancel was
@@ -77,6 +78,7 @@ BEGIN
     -- them), in one statement: this runs at the end of every transition.
     SELECT x.id, x.queue, x.status, x.current_node, x.wake_at, x.waiting_for, x.child_id,
            x.branches, x.finished_at IS NOT NULL AS finished,
+           x.paused_at IS NOT NULL AS paused,
            EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = x.id)
                AS cancel,
            (SELECT array_agg(ROW(j.id, j.task, j.branch, j.run_at, j.lease_token IS NOT NULL)
@@ -91,6 +93,8 @@ BEGIN
         IF r.cancel THEN
             DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
         END IF;
+    ELSIF r.paused THEN
+        v_task := NULL;  -- an operator paused it: no job until resume_run_v1
     ELSIF r.status = 'compensating' THEN
         v_task := 'compensate';
         v_due := coalesce(r.wake_at, v_now);
@@ -150,6 +154,7 @@ BEGIN
             WHERE j.run_id = p_run
               AND j.id IS DISTINCT FROM v_job
               AND NOT (j.task = 'branch' AND j.branch = ANY (coalesce(v_open, '{}')))
+              AND NOT (r.paused AND j.lease_token IS NOT NULL)
             FOR UPDATE SKIP LOCKED
         );
     END IF;
@@ -354,7 +359,8 @@ BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     SELECT p.id, p.queue INTO v_parent, v_queue
     FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
-    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL;
+    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL
+      AND p.paused_at IS NULL;
     IF v_parent IS NOT NULL THEN
         -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
         INSERT INTO __SCHEMA__.jobs (queue, task, run_id) VALUES (v_queue, 'advance', v_parent)
@@ -391,6 +397,7 @@ LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
+    v_paused boolean;
 BEGIN
     clock := v_now;
     IF NOT p_replay THEN
@@ -418,8 +425,14 @@ BEGIN
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
         updated_at = v_now
     WHERE id = p_run
-    RETURNING xmin INTO written_by;
-    follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+    RETURNING xmin, paused_at IS NOT NULL INTO written_by, v_paused;
+    IF v_paused THEN
+        -- An operator paused the run while this node ran: it stops here, without a job.
+        follow := __SCHEMA__.ensure_jobs_v1(p_run);
+        written_by := NULL;
+    ELSE
+        follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+    END IF;
 END
 $$;
 
@@ -690,13 +703,13 @@ BEGIN
         UPDATE __SCHEMA__.runs
         SET status = 'compensating', ending = 'cancelled', error = p_reason, attempt = 1,
             wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-            updated_at = __SCHEMA__.now_v1()
+            paused_at = NULL, updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     ELSE
         UPDATE __SCHEMA__.runs
         SET status = 'cancelled', error = p_reason, current_node = NULL, wake_at = NULL,
-            waiting_for = NULL, child_id = NULL, branches = NULL,
+            waiting_for = NULL, child_id = NULL, branches = NULL, paused_at = NULL,
             finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.finished_v1(p_run);
@@ -863,7 +876,7 @@ BEGIN
     SET status = 'running', error = NULL, finished_at = NULL, ending = NULL,
         cursor = v_position, current_node = v_node, iteration = v_iteration, attempt = 1,
         epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
-        branches = NULL, result = NULL, updated_at = __SCHEMA__.now_v1()
+        branches = NULL, result = NULL, paused_at = NULL, updated_at = __SCHEMA__.now_v1()
     WHERE id = p_run;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     RETURN true;
@@ -876,4 +889,131 @@ RETURNS void
 LANGUAGE sql AS $$
     INSERT INTO __SCHEMA__.shapes (queue, workflow, shape) VALUES (p_queue, p_workflow, p_shape::jsonb)
     ON CONFLICT (queue) DO NOTHING
+$$;
+
+
+-- Pause run `p_run`: it keeps its state and gets no job until resume_run_v1. The run's
+-- advisory lock waits for a worker transaction in flight on it (claims of its next node
+-- leave it alone), and its jobs' locks for claims that hold them (a branch in flight
+-- commits first), so that no job of the run is left for a worker to claim. NULL for an
+-- unknown run, false when it has finished or is paused already.
+CREATE OR REPLACE FUNCTION __SCHEMA__.pause_run_v1(p_run text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM 1 FROM __SCHEMA__.jobs WHERE run_id = p_run AND lease_token IS NULL FOR UPDATE;
+    UPDATE __SCHEMA__.runs SET paused_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND finished_at IS NULL AND paused_at IS NULL;
+    v_done := FOUND;
+    IF NOT v_done AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = p_run) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN v_done;
+END
+$$;
+
+-- Resume paused run `p_run`: it gets the jobs its state needs (a signal that arrived
+-- meanwhile wakes it now). NULL for an unknown run, false when it was not paused.
+CREATE OR REPLACE FUNCTION __SCHEMA__.resume_run_v1(p_run text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    UPDATE __SCHEMA__.runs SET paused_at = NULL, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND paused_at IS NOT NULL AND finished_at IS NULL;
+    v_done := FOUND;
+    IF NOT v_done AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = p_run) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN v_done;
+END
+$$;
+
+-- Fork run `p_run` as new run `p_id` of the same workflow and shape, with input `p_input`
+-- (NULL: the original's): the original's journal before node `p_from` (NULL: the node
+-- that failed, else the node an unfinished run is at) is copied, compensations and
+-- failures aside, and the fork runs from `p_from`. NULL for an unknown run. DU002: the
+-- shape is not recorded; DU020: no top-level node `p_from`; DU021: the original has not
+-- completed every node before it (or, without `p_from`, neither failed nor is unfinished).
+CREATE OR REPLACE FUNCTION __SCHEMA__.fork_run_v1(
+    p_run text, p_id text, p_from text, p_input text
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    r __SCHEMA__.runs%ROWTYPE;
+    v_shape jsonb;
+    v_from text := p_from;
+    v_position integer;
+    v_before text[];
+    v_missing text;
+BEGIN
+    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT shape INTO v_shape FROM __SCHEMA__.shapes WHERE queue = r.queue;
+    IF v_shape IS NULL THEN
+        RAISE EXCEPTION 'durable: the shape of run %''s workflow % is not recorded', p_run, r.queue
+            USING ERRCODE = 'DU002',
+                  HINT = 'open an Engine that registers this workflow once, then fork';
+    END IF;
+    IF v_from IS NULL THEN
+        SELECT e.node INTO v_from FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.status = 'failed'
+          AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
+        ORDER BY e.seq DESC LIMIT 1;
+        IF v_from IS NULL AND r.finished_at IS NULL THEN
+            v_from := r.current_node;
+        END IF;
+        IF v_from IS NULL THEN
+            RAISE EXCEPTION 'durable: run % is % and no node of it failed: name the node to fork from',
+                p_run, r.status USING ERRCODE = 'DU021';
+        END IF;
+    END IF;
+    SELECT n.ord - 1 INTO v_position
+    FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    WHERE n.value ->> 0 = v_from;
+    IF v_position IS NULL THEN
+        RAISE EXCEPTION 'durable: workflow % has no node %', quote_literal(r.workflow),
+            quote_literal(v_from)
+            USING ERRCODE = 'DU020',
+                  DETAIL = (SELECT string_agg(n.value ->> 0, ', ' ORDER BY n.ord)
+                            FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord));
+    END IF;
+    SELECT coalesce(array_agg(n.value ->> 0), '{}') INTO v_before
+    FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    WHERE n.ord - 1 < v_position;
+    SELECT b INTO v_missing FROM unnest(v_before) WITH ORDINALITY AS u (b, ord)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.key = u.b AND e.status = 'completed'
+    )
+    ORDER BY u.ord
+    LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'durable: run % has not completed node % (before %): fork from a node it reached',
+            p_run, quote_literal(v_missing), quote_literal(v_from) USING ERRCODE = 'DU021';
+    END IF;
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, queue, input, cursor, current_node, forked_from)
+    VALUES (p_id, r.workflow, r.queue, coalesce(p_input::jsonb, r.input), v_position, v_from,
+            p_run);
+    -- Completed work of the earlier nodes (their branches, iterations, choices and child
+    -- markers too) replays; what compensation undid in the original is not part of it.
+    INSERT INTO __SCHEMA__.journal
+        (run_id, key, node, status, result, error, attempts, started_at, finished_at)
+    SELECT p_id, e.key, e.node, e.status, e.result, e.error, e.attempts, e.started_at,
+           e.finished_at
+    FROM __SCHEMA__.journal e
+    WHERE e.run_id = p_run AND e.node = ANY (v_before) AND e.status = 'completed'
+      AND e.key NOT LIKE '%@compensate'
+    ORDER BY e.seq;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+    RETURN p_id;
+END
 $$;
