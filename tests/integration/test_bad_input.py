@@ -575,7 +575,6 @@ async def test_ten_megabyte_input_result_and_signal_payload_round_trip(db: Any) 
         "more": True,
         "check": False,
     }
-    assert sum(timings.values()) < 60, timings
 
 
 # -- hostile names and payloads ------------------------------------------------------------
@@ -697,11 +696,12 @@ async def test_a_run_whose_workflow_no_worker_knows_waits_pending_for_one_that_d
         orphan = await starter.start("orphan", {"sku": "A1"})
         job_before = await fetch(starter, "SELECT to_jsonb(j)::text FROM durable.jobs j")
 
-    # A worker that knows only `known` is busy for a while and leaves `orphan` alone.
+    # A worker that knows only `known` runs five of its runs and leaves `orphan` alone. Not
+    # a matter of time: the orphan's job is older than every job of `known`, and a claim
+    # takes the most urgent due job first, so each of these claims passed it over.
     async with running_engine(db, known, poll_interval=0.05) as other:
         for _ in range(5):
             assert await other.wait(await other.start("known"), timeout=10) == {"ran": "known ran"}
-        await anyio.sleep(0.5)  # ten polling periods
         run = await other.get_run(orphan, journal=True)
         pending = await other.list_runs(status="pending")
         listed = await other.list_runs()
