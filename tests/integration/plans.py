@@ -38,6 +38,8 @@ _START = re.compile(
     r"\b(?P<kw>OPEN\s+\w+\s+FOR|RETURN\s+QUERY|PERFORM|SELECT|INSERT|UPDATE|DELETE|WITH)\b",
     re.IGNORECASE,
 )
+# A subquery inside an expression: its SELECT, right after an opening parenthesis.
+_SUBQUERY = re.compile(r"(?<=\()\s*SELECT\b", re.IGNORECASE)
 _SELECT_INTO = re.compile(
     r"^(SELECT\b.*?)\bINTO\s+\w+(?:\s*,\s*\w+)*\s+(FROM\b)", re.IGNORECASE | re.DOTALL
 )
@@ -123,23 +125,31 @@ async def function_statements(
         if start is None:
             continue
         keyword = start["kw"].upper()
-        if keyword.startswith(("OPEN", "RETURN")):
-            sql = chunk[start.end() :]
+        texts: list[str]
+        if chunk[: start.start()].rstrip().endswith("("):
+            # Subqueries of an expression (IF EXISTS (SELECT ...) OR ..., RETURN (SELECT ...)):
+            # each is planned on its own.
+            texts = [_balanced(chunk[m.start() :]) for m in _SUBQUERY.finditer(chunk)]
+        elif keyword.startswith(("OPEN", "RETURN")):
+            texts = [_balanced(chunk[start.end() :])]
         elif keyword == "PERFORM":
-            sql = "SELECT " + chunk[start.end() :]
+            texts = ["SELECT " + _balanced(chunk[start.end() :])]
         else:
-            sql = chunk[start.start() :]
-        sql = _balanced(sql).strip()
-        if not re.search(rf'(?<!\w)"?{schema}"?\.\w+', sql):
-            continue  # an expression, not a read of a table
-        sql = _SELECT_INTO.sub(r"\1\2", sql)
-        params: list[str] = []
-        for name in sorted(fields, key=len, reverse=True):
-            rec, field = name.split(".")
-            sql = re.sub(rf"(?<![\w.]){rec}\.{field}\b", _placeholder(params, name, fields), sql)
-        for name in sorted(types, key=len, reverse=True):
-            sql = re.sub(rf"(?<![\w.$]){name}\b", _placeholder(params, name, types), sql)
-        found.append(Statement(sql, tuple(params), keyword.startswith("OPEN")))
+            texts = [_balanced(chunk[start.start() :])]
+        for text in texts:
+            sql = text.strip()
+            if not re.search(rf'(?<!\w)"?{schema}"?\.\w+', sql):
+                continue  # an expression, not a read of a table
+            sql = _SELECT_INTO.sub(r"\1\2", sql)
+            params: list[str] = []
+            for name in sorted(fields, key=len, reverse=True):
+                rec, field = name.split(".")
+                sql = re.sub(
+                    rf"(?<![\w.]){rec}\.{field}\b", _placeholder(params, name, fields), sql
+                )
+            for name in sorted(types, key=len, reverse=True):
+                sql = re.sub(rf"(?<![\w.$]){name}\b", _placeholder(params, name, types), sql)
+            found.append(Statement(sql, tuple(params), keyword.startswith("OPEN")))
     return found
 
 

@@ -1,8 +1,9 @@
 """The hot queries stay on their indexes when the tables are big (issue 6, scale scenario;
 issue 11: the real claim).
 
-The workflow engine claims with `claim_v1` (sql/functions.sql), a PL/pgSQL function whose
-statements EXPLAIN of the call does not show: tests/integration/plans.py takes them out of
+The workflow engine claims with `claim_v1` (sql/functions.sql), and re-locks a run it
+continues with `relock_v1`: PL/pgSQL functions whose statements EXPLAIN of the call does
+not show: tests/integration/plans.py takes them out of
 the function as the database holds it and explains each, with the values of a real claim
 (custom plan) and as the generic plan PL/pgSQL settles on after five calls. Independently of
 how the function is written, a claim's buffer count (nested statements included) must stay
@@ -282,9 +283,10 @@ async def values_of(conn: asyncpg.Connection, job: asyncpg.Record) -> dict[str, 
 async def test_every_statement_of_the_engine_claim_stays_on_indexes(
     engine_db: asyncpg.Connection, mode: str, task: str
 ) -> None:
-    """Issue 11: the plan of each statement of `claim_v1` and of `run_results_v1` (which
-    it calls), custom and generic: the due-job cursor walks `jobs_ready_idx`; nothing reads
-    jobs, runs, journal or attempts sequentially."""
+    """Issue 11: the plan of each statement of `claim_v1`, of `run_results_v1` (which it
+    calls) and of `relock_v1` (the claim of a run continued on its worker), custom and
+    generic: the due-job cursor walks `jobs_ready_idx`; nothing reads jobs, runs, journal
+    or attempts sequentially."""
     conn = engine_db
     if mode == "generic" and await conn.fetchval("SHOW server_version_num") < "160000":
         pytest.skip("EXPLAIN (GENERIC_PLAN) needs PostgreSQL 16")
@@ -305,6 +307,15 @@ async def test_every_statement_of_the_engine_claim_stays_on_indexes(
     assert len(statements) >= 5, [s.sql for s in statements]
     statements += await function_statements(conn, "durable", "run_results_v1", {})
     values["p_run"] = job["run_id"]
+    if task == "advance":  # a worker continuing the run on its slot re-locks it instead
+        statements += await function_statements(conn, "durable", "relock_v1", {})
+        values.update(
+            p_written_by=await conn.fetchval(
+                "SELECT xmin FROM durable.runs WHERE id = $1", job["run_id"]
+            ),
+            v_run=job["run_id"],
+            v_node=job["current_node"],
+        )
     for statement in statements:
         nodes = await explain(conn, statement, mode, values)
         assert not seq_scans(nodes, TABLES), (statement.sql, [n["Node Type"] for n in nodes])
@@ -314,6 +325,10 @@ async def test_every_statement_of_the_engine_claim_stays_on_indexes(
 
 CLAIMS = {
     "due": (Q["claim"], lambda ids: (SERVED,)),
+    "relock": (
+        "SELECT durable.relock_v1($1, $2::text::xid)",
+        lambda ids: (ids["advance"], ids["written_by"]),
+    ),
     "follow": (Q["claim_by_id"], lambda ids: (ids["advance"], False)),
     "branch": (Q["claim_by_id"], lambda ids: (ids["branch"], True)),
     "leased": (Q["claim_leased"], lambda ids: (ids["leased"], ids["token"])),
@@ -334,6 +349,9 @@ async def test_a_claim_touches_a_few_pages_not_a_table(
             """
             SELECT (SELECT id FROM durable.jobs WHERE task = 'advance' AND run_id LIKE 'r%'
                       ORDER BY id LIMIT 1) AS advance,
+                   (SELECT r.xmin::text FROM durable.jobs j JOIN durable.runs r
+                      ON r.id = j.run_id WHERE j.task = 'advance' AND j.run_id LIKE 'r%'
+                      ORDER BY j.id LIMIT 1) AS written_by,
                    (SELECT id FROM durable.jobs WHERE task = 'branch' ORDER BY id LIMIT 1)
                        AS branch,
                    (SELECT id FROM durable.jobs WHERE lease_token IS NOT NULL ORDER BY id
