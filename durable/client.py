@@ -16,13 +16,12 @@ import asyncpg
 from ulid import ULID
 
 from durable import metrics
+from durable.arguments import count_arg, run_id_arg, text_arg
 from durable.context import current_run
-from durable.db import Connection, dumps, loads
+from durable.db import Connection, dumps, loads, storable, translated
 from durable.errors import (
     ArgumentError,
     ArgumentTypeError,
-    ConfigurationError,
-    IdempotencyConflict,
     RunNotFound,
     WorkflowNotFound,
 )
@@ -102,10 +101,8 @@ class Client(Waiting):
                 f"input must be a mapping (a JSON object), got {type(input).__name__}"
             )
         text = dumps(dict(input), f"input of workflow {wf.name!r}")
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
-        ):
-            raise ArgumentError("idempotency_key must be a non-empty string without NUL")
+        if idempotency_key is not None:
+            text_arg(idempotency_key, "idempotency_key", empty=False)
         args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
         if conn is not None:
             return await self._start(conn, wf, args)
@@ -113,17 +110,9 @@ class Client(Waiting):
             return await self._start(c, wf, args)
 
     async def _start(self, conn: Connection, wf: Workflow, args: tuple[Any, ...]) -> str:
-        await self._record_shapes(conn, [wf])
-        try:
+        with translated():  # a reused idempotency key: IdempotencyConflict
+            await self._record_shapes(conn, [wf])
             run_id: str = await conn.fetchval(self.queries["start_run"], *args)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == "DU003":
-                raise IdempotencyConflict(
-                    f"idempotency key {args[5]!r} of workflow {wf.name!r} already names run "
-                    f"{exc.detail}, started with another input; use a new key for a new "
-                    "request"
-                ) from None
-            raise
         if run_id == args[0]:
             metrics.run_started(wf.name)
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
@@ -131,6 +120,7 @@ class Client(Waiting):
 
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
         """The run `run_id`; with `journal=True` also its journal and failed attempts."""
+        run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
             if row is None:
@@ -178,9 +168,19 @@ class Client(Waiting):
         [`created_after`, `created_before`), whose id or idempotency key is `search`. Pages
         go by keyset: `before` is the id of the last run of the previous page."""
         if status is not None:
-            status = RunStatus(status).value
-        if limit < 1:
-            raise ArgumentError(f"limit must be >= 1, got {limit}")
+            try:
+                status = RunStatus(status).value
+            except ValueError:
+                known = ", ".join(s.value for s in RunStatus)
+                raise ArgumentError(f"status must be one of {known}; got {status!r}") from None
+        if workflow is not None:
+            if not isinstance(workflow, str):
+                raise ArgumentTypeError(
+                    f"workflow must be a workflow name (str), got {type(workflow).__name__}"
+                )
+            if not storable(workflow):
+                return []  # no workflow can have that name
+        count_arg(limit, "limit")
         args = (status, workflow, limit, created_after, created_before, search, before)
         async with self._acquire() as conn, conn.transaction():
             await conn.execute(self.queries["custom_plans"])
@@ -205,8 +205,8 @@ class Client(Waiting):
         ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
         caller's transaction. A transaction in flight on the run (a node's) commits first.
         """
-        if not isinstance(name, str) or not name or "\x00" in name:
-            raise ArgumentError(f"signal name must be a non-empty string without NUL, got {name!r}")
+        run_id = run_id_arg(run_id)
+        text_arg(name, "signal name", empty=False)
         text = dumps(payload, f"payload of signal {name!r}")
         own = current_run.get() == run_id
         if conn is not None:
@@ -215,18 +215,19 @@ class Client(Waiting):
             return await self._signal(c, run_id, name, text, own)
 
     async def _signal(self, conn: Connection, run_id: str, name: str, text: str, own: bool) -> bool:
-        if own:
-            # A handler signalling its own run: the run is in this handler, not waiting, and
-            # its lock is held by the handler's own transaction.
-            await conn.execute(self.queries["record_signal"], run_id, name, text)
-            return True
-        run = await conn.fetchrow(self.queries["run_queue"], run_id)
-        if run is None:
-            raise RunNotFound(f"no run with id {run_id!r}")
-        if run["finished"]:
-            return False
-        self._check_signal_name(run["queue"], name)
-        accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
+        with translated():
+            if own:
+                # A handler signalling its own run: the run is in this handler, not waiting,
+                # and its lock is held by the handler's own transaction.
+                await conn.execute(self.queries["record_signal"], run_id, name, text)
+                return True
+            run = await conn.fetchrow(self.queries["run_queue"], run_id)
+            if run is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            if run["finished"]:
+                return False
+            self._check_signal_name(run["queue"], name)
+            accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
         if accepted is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         log.debug(
@@ -265,8 +266,8 @@ class Client(Waiting):
         records the request and returns at once: the cancel takes effect when the node
         commits. All of it commits in one transaction: an interrupted cancel leaves nothing.
         """
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise ArgumentError("reason must be a string without NUL")
+        run_id = run_id_arg(run_id)
+        text_arg(reason, "reason")
         async with self._acquire() as conn:
             if current_run.get() == run_id:
                 requested = await conn.fetchval(self.queries["request_cancel"], run_id, reason)
@@ -290,14 +291,11 @@ class Client(Waiting):
         ran (a fresh attempt budget for each); every other completed node is replayed from
         its journal. Returns False if the run is not `failed`; raises `RunNotFound`.
         """
+        run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
             await self._record_shapes(conn, list(self._workflows.values()))
-            try:
-                done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate == "DU002":
-                    raise ConfigurationError(str(exc)) from None
-                raise
+            # A run whose shape no engine recorded: ConfigurationError (durable.db.translate).
+            done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
         if done is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         if done:
@@ -307,11 +305,14 @@ class Client(Waiting):
     async def purge(self, *, older_than: timedelta, batch_size: int = 1000) -> int:
         """Delete runs that finished more than `older_than` ago, with their journal, attempts
         and mailbox, in batches of `batch_size`; return how many runs were deleted."""
+        if not isinstance(older_than, timedelta):
+            raise ArgumentTypeError(
+                f"older_than must be a datetime.timedelta, got {type(older_than).__name__}"
+            )
         seconds = older_than.total_seconds()
         if seconds < 0:
             raise ArgumentError("older_than must not be negative")
-        if batch_size < 1:
-            raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+        count_arg(batch_size, "batch_size")
         total = 0
         while True:
             async with self._acquire() as conn:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from durable.arguments import run_id_arg
 from durable.db import Connection, loads
 from durable.errors import RunCancelled, RunFailed
 from durable.model import Run, RunStatus
@@ -83,6 +84,7 @@ class Waiting:
         Raises `RunFailed` or `RunCancelled` (carrying the final `Run`), `RunNotFound`, or
         `TimeoutError` after `timeout` seconds. Woken by the run's own final transaction.
         """
+        run_id = run_id_arg(run_id)
         event = asyncio.Event()
         self._waiters.setdefault(run_id, set()).add(event)
         try:

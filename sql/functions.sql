@@ -314,7 +314,7 @@ $$;
 
 -- Create a run and its first job; the id of the run that holds the idempotency key when
 -- it is taken with the same input (the caller compares it with `p_id`); DU003 when that
--- run was started with another input.
+-- run was started with another input (durable.db.translate makes it IdempotencyConflict).
 CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
@@ -334,7 +334,9 @@ BEGIN
         SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
         WHERE workflow = p_workflow AND idempotency_key = p_key;
         IF NOT v_same THEN
-            RAISE EXCEPTION 'durable: idempotency key % names a run with another input', p_key
+            RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
+                'started with another input; use a new key for a new request',
+                quote_literal(p_key), quote_literal(p_workflow), v_id
                 USING ERRCODE = 'DU003', DETAIL = v_id;
         END IF;
         RETURN v_id;

@@ -33,6 +33,7 @@ UNREACHABLE = "postgresql://u:secret@127.0.0.1:1/x"
 class Database(Protocol):
     """The `db` fixture of tests/conftest.py: a fresh, migrated database."""
 
+    name: str
     dsn: str
 
 
@@ -578,8 +579,23 @@ async def test_worker_runs_jobs_and_stops_gracefully(
                 while "durable worker ready" not in log_path.read_text():  # noqa: ASYNC110
                     await anyio.sleep(0.05)
             # A job in flight when the signal comes finishes before the worker exits.
-            slow = await engine.start("cli_app", {"echo": "slow", "nap": 1.5})
-            await anyio.sleep(0.6)
+            slow = await engine.start("cli_app", {"echo": "slow", "nap": 3})
+
+            async def in_flight() -> bool:  # the worker holds the slow run's job
+                async with engine.pool.acquire() as c, c.transaction():
+                    free = await c.fetchval(
+                        "SELECT count(*) FROM (SELECT 1 FROM durable.jobs WHERE run_id = $1 "
+                        "FOR UPDATE SKIP LOCKED) j",
+                        slow,
+                    )
+                    held = await c.fetchval(
+                        "SELECT count(*) FROM durable.jobs WHERE run_id = $1", slow
+                    )
+                return bool(held and not free)
+
+            with anyio.fail_after(10):
+                while not await in_flight():  # noqa: ASYNC110 - polling the database
+                    await anyio.sleep(0.02)
             proc.send_signal(stop_with)
             assert (await engine.wait(slow, timeout=30))["record"]["echo"] == "slow"
         with anyio.fail_after(30):
@@ -719,7 +735,10 @@ async def test_purge_deletes_old_finished_runs(engine: durable.Engine, db: Datab
     kept = await cli("--dsn", db.dsn, "--json", "purge", "--older-than", "30d")
     assert kept.code == 0, kept
     assert kept.json()["purged"] == 0
-    await anyio.sleep(1.2)
+    # Skip time instead of sleeping: new sessions of this database (the CLI's) see the
+    # database clock five seconds ahead (durable.now_v1).
+    async with engine.pool.acquire() as c:
+        await c.execute(f"ALTER DATABASE \"{db.name}\" SET durable.clock_offset = '5'")
     purged = await cli("--dsn", db.dsn, "purge", "--older-than", "1s")
     assert purged.code == 0, purged
     assert "purged 1" in purged.out

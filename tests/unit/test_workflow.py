@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import pickle
 import types
 
 import pytest
 
 import durable
+import durable.errors
 from durable.nodes import MAX_NAME, Step
 
 
@@ -380,17 +382,36 @@ def test_engine_repr_hides_the_password() -> None:
 
 
 def test_errors_are_durable_errors() -> None:
-    for name in (
-        "DefinitionError",
-        "WorkflowNotFound",
-        "RunNotFound",
-        "SerializationError",
-        "RunFailed",
-        "RunCancelled",
-        "NonRetryable",
-        "ConfigurationError",
-    ):
-        assert issubclass(getattr(durable, name), durable.DurableError), name
+    """Every exception class of durable.errors, not a list that could miss a new one: a
+    DurableError, exported, with a docstring saying when it is raised."""
+    classes = [
+        value
+        for value in vars(durable.errors).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == "durable.errors"
+    ]
+    assert len(classes) >= 19, classes
+    for cls in classes:
+        assert issubclass(cls, durable.DurableError), cls
+        assert getattr(durable, cls.__name__) is cls, cls
+        assert (cls.__doc__ or "").startswith("Raise"), cls
+
+
+def test_illegal_transition_carries_the_run_and_both_statuses() -> None:
+    error = durable.IllegalTransition("01RUN", "completed", "running")
+    assert (error.run_id, error.from_status, error.to_status) == ("01RUN", "completed", "running")
+    assert str(error) == (
+        "run 01RUN cannot move from 'completed' to 'running' (the database refuses that "
+        "status change)"
+    )
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.run_id, again.from_status, again.to_status, str(again)) == (
+        "01RUN",
+        "completed",
+        "running",
+        str(error),
+    )
 
 
 def test_run_status_values() -> None:
