@@ -18,7 +18,9 @@
 -- plans are cached per session, and a plan made while a table looked empty (a fresh
 -- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
 -- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
--- index is always right. (tests/integration/test_claim_plan.py, the drain after VACUUM.)
+-- index is always right (tests/integration/test_stale_plans.py). And `SET jit = off`: a
+-- scan with no index to use (the tiny listeners table) then looks so costly to the planner
+-- that it would JIT-compile the statement, 150 ms for a sub-millisecond query.
 
 -- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
 CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
@@ -38,7 +40,7 @@ $$;
 -- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
 -- PL/pgSQL keeps its plan for the session instead of planning on every call.
 CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql SET enable_seqscan = off STABLE AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off STABLE AS $$
 BEGIN
     RETURN (
         SELECT jsonb_object_agg(e.key, e.result)
@@ -59,7 +61,7 @@ $$;
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 -- Its statements are the same for every run: plan them once per session.
 AS $$
 DECLARE
@@ -213,7 +215,7 @@ RETURNS TABLE (
     branches text[], error text, parent_id text, ending text, now timestamptz,
     results text, replay text, cancel text, suspicious boolean
 )
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -319,7 +321,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
 ) RETURNS text
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_id text;
@@ -350,7 +352,7 @@ $$;
 -- gets its job, and whoever waits for it (Engine.wait) hears of it, with a small result
 -- riding along (a notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_parent text;
@@ -395,7 +397,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     p_replay boolean, p_cursor integer, p_next text, p_consume bigint, p_job bigint,
     OUT follow bigint, OUT written_by xid, OUT clock timestamptz
 )
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -445,7 +447,7 @@ $$;
 -- the run, someone wrote the run row since, a cancel was requested, or the node there has
 -- a journal row to replay (a retried run); the worker then rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_run text;
@@ -486,7 +488,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz,
     p_delay float8, p_job bigint
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
@@ -515,7 +517,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_run text, p_key text, p_node text, p_attempt integer, p_error text,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -542,7 +544,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -558,7 +560,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_run text, p_node text, p_index integer, p_result text, p_attempts integer,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -575,7 +577,7 @@ $$;
 -- A parallel node fans out: its branches `p_branches` each get a job.
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -592,7 +594,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_run text, p_node text, p_branch text, p_result text, p_attempts integer,
     p_started timestamptz, p_job bigint
 ) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_left integer;
@@ -617,7 +619,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -636,7 +638,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v1(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
     p_queue text, p_input text, p_first text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     PERFORM __SCHEMA__.start_run_v1(
         p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node
@@ -657,7 +659,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_run text, p_key text, p_node text, p_status text, p_result text, p_error text,
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
@@ -674,7 +676,7 @@ $$;
 -- End a run as failed or cancelled (its compensation is done).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
@@ -689,7 +691,7 @@ $$;
 -- `cancelled` at once when it did nothing. False when it had finished or was compensating.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
 BEGIN
@@ -726,7 +728,7 @@ $$;
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_child text;
     v_done boolean;
@@ -752,7 +754,7 @@ $$;
 -- unknown run, false when no wait can ever consume it (finished or compensating).
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -774,7 +776,7 @@ $$;
 -- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_run text;
     v_count integer := 0;
@@ -814,7 +816,7 @@ $$;
 -- resume after their committed iterations. False when the run is not failed, NULL when
 -- there is no such run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
     v_shape jsonb;
