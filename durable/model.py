@@ -53,7 +53,8 @@ class Attempt:
 @dataclass(frozen=True)
 class Run:
     """A snapshot of a run. `results` maps each completed node to its result; `result` is
-    set when the run completed (the mapping of every node's result)."""
+    set when the run completed (the mapping of every node's result); `version` is the
+    version of its workflow the run is pinned to."""
 
     id: str
     workflow: str
@@ -68,5 +69,7 @@ class Run:
     updated_at: datetime
     finished_at: datetime | None = None
     children: tuple[str, ...] = ()
+    # The version of its workflow the run is pinned to (with that version's shape).
+    version: int = 1
     journal: tuple[JournalEntry, ...] = field(default=(), repr=False)
     attempts: tuple[Attempt, ...] = field(default=(), repr=False)

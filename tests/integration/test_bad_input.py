@@ -707,7 +707,8 @@ async def test_a_changed_definition_never_touches_runs_pinned_to_the_old_shape(
     assert [e.key for e in run.journal] == ["a"]
     assert not any(entry.startswith(run_id[-6:]) for entry in log), log
     assert any(
-        "1 unfinished run(s) of workflow 'change' are pinned to a shape" in r.getMessage()
+        "workflow 'change' version 1 changed shape" in r.getMessage()
+        and "while 1 unfinished run(s) use the old one" in r.getMessage()
         for r in caplog.records
     )
     async with running_engine(db, old) as engine:
