@@ -138,6 +138,19 @@ async def test_versions_of_one_workflow_run_side_by_side_each_on_its_own_code(db
     assert v2.queue.startswith("order@v2@")
 
 
+async def test_the_database_reads_the_version_from_the_queue_as_python_writes_it(
+    db: Any,
+) -> None:
+    queues = [build(v, "a").queue for v in (1, 2, 10, 123)]
+    async with open_engine(db) as engine:
+        versions = [
+            await fetchval(engine, "SELECT durable.queue_version_v1($1)", q) for q in queues
+        ]
+        legacy = await fetchval(engine, "SELECT durable.queue_version_v1('order')")
+    assert versions == [1, 2, 10, 123]
+    assert legacy == 1
+
+
 async def test_start_refuses_a_version_that_is_not_registered_and_writes_nothing(db: Any) -> None:
     v1, v3 = build(1, "a"), build(3, "a")
     async with open_engine(db, v1, v3) as engine:
