@@ -126,3 +126,22 @@ async def test_purge_does_not_scan_the_whole_runs_table(big: asyncpg.Connection)
     # cost O(N^2 / batch_size).
     nodes = await explain(big, Q["purge_candidates"], 29 * 86400.0, 1000)
     assert ("Seq Scan", None) not in scans_of(nodes, "runs"), scans_of(nodes, "runs")
+
+
+@pytest.mark.parametrize(
+    ("query", "args"),
+    [
+        ("check_runs", (["order@a710b1f16c22"],)),
+        ("unserved_runs", (["order"], ["order@a710b1f16c22"])),
+        ("upgrade_candidates", ("order", 1, "order@v2@f76e5ef02475")),
+    ],
+)
+async def test_check_upgrade_and_the_worker_start_read_only_unfinished_runs(
+    big: asyncpg.Connection, query: str, args: tuple[Any, ...]
+) -> None:
+    # 100,000 finished runs and none unfinished: the status index finds the unfinished
+    # ones without reading the finished (a deploy gate must not scan the run history).
+    nodes = await explain(big, Q[query], *args)
+    scans = scans_of(nodes, "runs")
+    assert scans, nodes
+    assert ("Seq Scan", None) not in scans, scans
