@@ -65,7 +65,12 @@ class Result:
 
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DURABLE_DSN"}
-    env.update(extra or {})
+    extra = dict(extra or {})
+    if "PYTHONPATH" in extra and os.environ.get("PYTHONPATH"):
+        # The app's directory first, then the caller's path: the command must run the
+        # checkout under test (PYTHONPATH=... pytest), not whichever one is installed.
+        extra["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    env.update(extra)
     return env
 
 
@@ -857,8 +862,7 @@ async def test_check_and_runs_upgrade_gate_and_move_a_deploy(db: Database, tmp_p
     cause, when not; `durable runs upgrade` moves what fits (exit 0), refuses what does not
     (exit 1, with reasons), and changes nothing with --dry-run."""
     (tmp_path / "versions_app.py").write_text(VERSIONS_APP)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": path}
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(tmp_path)}
     v1 = _order(1, "a", "wait", "c")
     async with durable.Engine(db.dsn, workflows=[v1]) as engine, engine.worker():
         ids = sorted([await engine.start(v1, {}) for _ in range(2)])
