@@ -608,7 +608,7 @@ async def test_a_run_whose_workflow_no_worker_knows_waits_pending_for_one_that_d
     code, out, err = await cli("--dsn", db.dsn, "runs", "list")
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if ln.startswith(orphan))
-    assert line.split()[:4] == [orphan, "orphan", "pending", "work"]
+    assert line.split()[:5] == [orphan, "orphan", "1", "pending", "work"]
     code, out, err = await cli("--dsn", db.dsn, "--json", "runs", "list", "--status", "pending")
     assert code == 0, err
     assert [(r["id"], r["workflow"], r["status"]) for r in json.loads(out)] == [
