@@ -101,10 +101,14 @@ class Client(Waiting):
             )
         return found
 
-    async def _record_shapes(self, conn: Connection, workflows: list[Workflow]) -> None:
-        """Remember the shape of each workflow's queue in the database (retry reads it)."""
+    async def _record_shapes(
+        self, conn: Connection, workflows: list[Workflow], *, force: bool = False
+    ) -> None:
+        """Remember the shape of each workflow's queue in the database (retry, check and
+        upgrade read it); `force` even when this engine believes it did (a start with the
+        caller's `conn` may have rolled back)."""
         for wf in workflows:
-            if wf.queue not in self._recorded:
+            if force or wf.queue not in self._recorded:
                 shape = dumps([list(map(_plain, n)) for n in wf.shape], "workflow shape")
                 await conn.execute(self.queries["record_shape"], wf.queue, wf.name, shape)
                 self._recorded.add(wf.queue)
@@ -386,13 +390,14 @@ class Client(Waiting):
         a route that chose keeps the chosen branch). The others are refused, each with its
         reason. Each run moves in a transaction of its own, under the locks a cancel takes,
         so workers may run meanwhile: a node in flight commits first. With `dry_run`,
-        nothing is written and the report says what would move.
+        nothing is written and the report says what would move. A `Workflow` passed as
+        `workflow` is the target itself.
         """
         target = self._workflow(workflow, to_version)
         if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
             raise ArgumentError(f"from_version must be an integer >= 1, got {from_version!r}")
         async with self._acquire() as conn:
-            await self._record_shapes(conn, [target])
+            await self._record_shapes(conn, [target], force=True)
             return await upgrade_runs(conn, self.queries, from_version, target, dry_run)
 
 
