@@ -143,6 +143,16 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             ],
         ),
         ("The admin app", [("durable.web.admin_app", _admin_app())]),
+        (
+            "Versions and deploys",
+            [
+                ("durable.CheckReport", durable.CheckReport),
+                ("durable.StrandedRuns", durable.StrandedRuns),
+                ("durable.ShapeDiff", durable.ShapeDiff),
+                ("durable.UpgradeReport", durable.UpgradeReport),
+                ("durable.UpgradeRefusal", durable.UpgradeRefusal),
+            ],
+        ),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
         (
             "A throwaway PostgreSQL",

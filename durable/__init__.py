@@ -27,12 +27,14 @@ from durable.errors import (
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
+from durable.versions import CheckReport, ShapeDiff, StrandedRuns, UpgradeRefusal, UpgradeReport
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "Attempt",
+    "CheckReport",
     "ChildFailed",
     "ConfigurationError",
     "Context",
@@ -54,9 +56,13 @@ __all__ = [
     "RunNotFound",
     "RunStatus",
     "SerializationError",
+    "ShapeDiff",
     "SignalTimeout",
     "Step",
+    "StrandedRuns",
     "SwallowedDatabaseError",
+    "UpgradeRefusal",
+    "UpgradeReport",
     "WorkerLost",
     "Workflow",
     "WorkflowNotFound",

@@ -1,4 +1,5 @@
-"""The client side: start, inspect, wait for, signal, cancel, retry and purge runs.
+"""The client side: start, inspect, wait for, signal, cancel, retry, purge, check and
+upgrade runs.
 
 It shares the SQL functions with the runtime, not Python state: every operation that
 moves a run is one call of a function of sql/functions.sql, which ends by giving the run
@@ -26,6 +27,9 @@ from durable.errors import (
     WorkflowNotFound,
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.versions import CheckReport, UpgradeReport
+from durable.versions import check as check_runs
+from durable.versions import upgrade as upgrade_runs
 from durable.waiting import Waiting
 from durable.workflow import WaitForSignal, Workflow
 
@@ -36,6 +40,7 @@ def _run_from_record(row: asyncpg.Record) -> Run:
     return Run(
         id=row["id"],
         workflow=row["workflow"],
+        version=row["version"],
         status=RunStatus(row["status"]),
         input=loads(row["input"]),
         results=loads(row["results"]) or {},
@@ -55,24 +60,57 @@ def _run_from_record(row: asyncpg.Record) -> Run:
 class Client(Waiting):
     """The run operations of an `Engine` (see there for how to build one)."""
 
-    _workflows: dict[str, Workflow]
+    # name -> version -> definition; every version registered is served side by side.
+    _versions: dict[str, dict[int, Workflow]]
 
     def __init__(self) -> None:
         super().__init__()
         self._recorded: set[str] = set()  # queues whose shape this engine recorded
 
-    def _workflow(self, workflow: str | Workflow) -> Workflow:
-        name = workflow.name if isinstance(workflow, Workflow) else workflow
-        found = self._workflows.get(name)
-        if found is None:
-            known = ", ".join(sorted(self._workflows)) or "none"
+    def _registered(self) -> list[Workflow]:
+        """Every registered workflow, each version, by name then version."""
+        return [
+            wf for name in sorted(self._versions) for _, wf in sorted(self._versions[name].items())
+        ]
+
+    def _workflow(self, workflow: str | Workflow, version: int | None = None) -> Workflow:
+        """The registered definition of `workflow` at `version` (default: the highest
+        registered; a `Workflow` stands for its own version)."""
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise ArgumentError(f"version must be an integer >= 1, got {version!r}")
+        if isinstance(workflow, Workflow):
+            if version is not None and version != workflow.version:
+                raise ArgumentError(
+                    f"version={version} contradicts the version of {workflow!r}: pass one"
+                )
+            name, version = workflow.name, workflow.version
+        else:
+            name = workflow
+        versions = self._versions.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._versions)) or "none"
             raise WorkflowNotFound(f"workflow {name!r} is not registered (registered: {known})")
+        if version is None:
+            return versions[max(versions)]
+        found = versions.get(version)
+        if found is None:
+            known = ", ".join(str(v) for v in sorted(versions))
+            raise WorkflowNotFound(
+                f"workflow {name!r} version {version} is not registered (registered "
+                f"versions: {known})"
+            )
         return found
 
-    async def _record_shapes(self, conn: Connection, workflows: list[Workflow]) -> None:
-        """Remember the shape of each workflow's queue in the database (retry reads it)."""
+    async def _record_shapes(
+        self, conn: Connection, workflows: list[Workflow], *, force: bool = False
+    ) -> None:
+        """Remember the shape of each workflow's queue in the database (retry, check and
+        upgrade read it); `force` even when this engine believes it did (a start with the
+        caller's `conn` may have rolled back)."""
         for wf in workflows:
-            if wf.queue not in self._recorded:
+            if force or wf.queue not in self._recorded:
                 shape = dumps([list(map(_plain, n)) for n in wf.shape], "workflow shape")
                 await conn.execute(self.queries["record_shape"], wf.queue, wf.name, shape)
                 self._recorded.add(wf.queue)
@@ -86,14 +124,18 @@ class Client(Waiting):
         *,
         idempotency_key: str | None = None,
         conn: Connection | None = None,
+        version: int | None = None,
     ) -> str:
         """Create a run and its first job in one transaction; return the run id (a ULID).
 
-        Nothing is written unless the workflow is registered and `input` serializes to JSON.
-        With `conn`, the run commits (or rolls back) with the caller's transaction. With an
+        The run is pinned to `version` of the workflow (default: the highest this engine
+        registers; a `Workflow` passed as `workflow` stands for its own version) and to its
+        shape: only workers that register that exact definition continue it. Nothing is
+        written unless that version is registered and `input` serializes to JSON. With
+        `conn`, the run commits (or rolls back) with the caller's transaction. With an
         `idempotency_key`, a second start with the same key returns the first run's id.
         """
-        wf = self._workflow(workflow)
+        wf = self._workflow(workflow, version)
         if input is None:
             input = {}
         if not isinstance(input, Mapping):
@@ -163,10 +205,11 @@ class Client(Waiting):
         created_before: datetime | None = None,
         search: str | None = None,
         before: str | None = None,
+        version: int | None = None,
     ) -> list[Run]:
-        """Runs, newest first, optionally of one status and/or workflow, created in
-        [`created_after`, `created_before`), whose id or idempotency key is `search`. Pages
-        go by keyset: `before` is the id of the last run of the previous page."""
+        """Runs, newest first, optionally of one status, workflow and/or version, created
+        in [`created_after`, `created_before`), whose id or idempotency key is `search`.
+        Pages go by keyset: `before` is the id of the last run of the previous page."""
         if status is not None:
             try:
                 status = RunStatus(status).value
@@ -181,7 +224,9 @@ class Client(Waiting):
             if not storable(workflow):
                 return []  # no workflow can have that name
         count_arg(limit, "limit")
-        args = (status, workflow, limit, created_after, created_before, search, before)
+        if version is not None:
+            count_arg(version, "version")
+        args = (status, workflow, limit, created_after, created_before, search, before, version)
         async with self._acquire() as conn, conn.transaction():
             await conn.execute(self.queries["custom_plans"])
             rows = await conn.fetch(self.queries["list_runs"], *args)
@@ -239,7 +284,7 @@ class Client(Waiting):
         """Refuse a signal no wait of the run's workflow can consume, when this engine knows
         that workflow and every wait of it has a fixed name (a wait whose name is computed
         could wait for any: then every name is accepted)."""
-        wf = next((w for w in self._workflows.values() if w.queue == queue), None)
+        wf = next((w for w in self._registered() if w.queue == queue), None)
         if wf is None:
             return
         names: set[str] = set()
@@ -293,7 +338,7 @@ class Client(Waiting):
         """
         run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
+            await self._record_shapes(conn, self._registered())
             # A run whose shape no engine recorded: ConfigurationError (durable.db.translate).
             done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
         if done is None:
@@ -326,6 +371,49 @@ class Client(Waiting):
             "purged %d runs finished more than %s ago", total, older_than, extra={"purged": total}
         )
         return total
+
+    # -- versions --------------------------------------------------------------------------
+
+    async def check(self) -> CheckReport:
+        """For every unfinished run in the database, can this engine's code continue it?
+
+        A run is continuable when its workflow, version and shape are registered here. The
+        report lists every other run, grouped by cause: its workflow is not registered, its
+        version is not, or that version is registered with another shape (a node list
+        changed without a version bump). Nothing is written. `durable check` prints it
+        and exits 1 unless `report.ok`, to gate a deploy.
+        """
+        async with self._acquire() as conn:
+            return await check_runs(conn, self.queries, self._registered())
+
+    async def upgrade(
+        self,
+        workflow: str | Workflow,
+        *,
+        from_version: int,
+        to_version: int | None = None,
+        dry_run: bool = False,
+    ) -> UpgradeReport:
+        """Move the unfinished runs of `workflow` at `from_version` to `to_version` as
+        registered here (default: the highest), with its current shape; `from_version` may
+        equal `to_version`, to move runs of an older shape of that version (a node list
+        changed without a bump).
+
+        A run moves when, and only when, every node its journal names is declared by the
+        target before the run's position with the same kind, and the node at its position
+        has the same name and kind (a parallel node that fanned out keeps its branch keys,
+        a route that chose keeps the chosen branch). The others are refused, each with its
+        reason. Each run moves in a transaction of its own, under the locks a cancel takes,
+        so workers may run meanwhile: a node in flight commits first. With `dry_run`,
+        nothing is written and the report says what would move. A `Workflow` passed as
+        `workflow` is the target itself.
+        """
+        target = self._workflow(workflow, to_version)
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
+            raise ArgumentError(f"from_version must be an integer >= 1, got {from_version!r}")
+        async with self._acquire() as conn:
+            await self._record_shapes(conn, [target], force=True)
+            return await upgrade_runs(conn, self.queries, from_version, target, dry_run)
 
 
 def _plain(value: Any) -> Any:

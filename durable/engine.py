@@ -18,6 +18,7 @@ from durable.operations import Operations
 from durable.runtime import registry
 from durable.runtime.runner import Runner
 from durable.sql import Queries
+from durable.versions import announce
 from durable.worker import Worker
 from durable.workflow import Workflow
 
@@ -66,7 +67,7 @@ class Engine(Operations):
         self.dsn = dsn
         self.queries = Queries(schema)
         self.schema = schema
-        self._workflows = {}
+        self._versions = {}
         for wf in workflows:
             self.register(wf)
         self._pool = pool
@@ -82,25 +83,35 @@ class Engine(Operations):
 
     def __repr__(self) -> str:
         where = redact(self.dsn) if self.dsn else "pool"
-        return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._workflows)})"
+        return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._versions)})"
 
     # -- set-up ----------------------------------------------------------------------------
 
     def register(self, workflow: Workflow) -> None:
-        """Make `workflow` known to this engine (names are unique per engine)."""
+        """Make `workflow` known to this engine. Several versions of one name may be
+        registered, and are served side by side; a (name, version) pair is unique."""
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"expected a durable.Workflow, got {workflow!r}")
         if not workflow.nodes:
             raise DefinitionError(f"workflow {workflow.name!r} has no nodes")
-        existing = self._workflows.get(workflow.name)
+        versions = self._versions.setdefault(workflow.name, {})
+        existing = versions.get(workflow.version)
         if existing is not None and existing is not workflow:
-            raise DefinitionError(f"a workflow named {workflow.name!r} is already registered")
-        self._workflows[workflow.name] = workflow
+            raise DefinitionError(
+                f"workflow {workflow.name!r} version {workflow.version} is already registered"
+            )
+        versions[workflow.version] = workflow
 
     @property
     def workflows(self) -> Mapping[str, Workflow]:
-        """The registered workflows by name."""
-        return dict(self._workflows)
+        """The registered workflows by name: the highest version of each (what `start`
+        and child workflows use unless told otherwise)."""
+        return {name: v[max(v)] for name, v in sorted(self._versions.items())}
+
+    @property
+    def versions(self) -> Mapping[str, Mapping[int, Workflow]]:
+        """Every registered workflow by name, then version."""
+        return {name: dict(sorted(v.items())) for name, v in sorted(self._versions.items())}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -167,25 +178,12 @@ class Engine(Operations):
             )
         return settings
 
-    async def _announce(self, runner: Runner) -> None:
-        """Record the served shapes; warn of unfinished runs pinned to shapes not served."""
-        workflows = list(self._workflows.values())
+    async def _announce(self) -> None:
+        """Record the served shapes; say which unfinished runs this worker leaves waiting."""
+        workflows = self._registered()
         async with self._acquire() as conn:
             await self._record_shapes(conn, workflows)
-            rows = await conn.fetch(
-                self.queries["other_shapes"], [wf.name for wf in workflows], runner.queues
-            )
-        for row in rows:
-            log.warning(
-                "%d unfinished run(s) of workflow %r are pinned to a shape this worker does not "
-                "serve (%s; this worker serves %s): they wait for a worker with that definition. "
-                "Keep the old code running until they finish, or bump the version",
-                row["runs"],
-                row["workflow"],
-                row["queue"],
-                self._workflows[row["workflow"]].queue,
-                extra={"workflow": row["workflow"], "queue": row["queue"], "runs": row["runs"]},
-            )
+            await announce(conn, self.queries, workflows)
 
     async def run_worker(
         self,
@@ -200,7 +198,7 @@ class Engine(Operations):
         With a DSN the worker has its own pool (`concurrency` + 3 connections), so web
         requests using the engine's pool are never starved by jobs.
         """
-        if not self._workflows:
+        if not self._versions:
             raise ConfigurationError("register at least one workflow before running a worker")
         own_pool = self.dsn is not None
         if not own_pool:
@@ -229,7 +227,7 @@ class Engine(Operations):
         )
         runner = Runner(
             self.queries,
-            self._workflows.values(),
+            self._registered(),
             pool,
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
@@ -249,10 +247,12 @@ class Engine(Operations):
             on_error=runner.on_error,
         )
         try:
-            await self._announce(runner)
+            await self._announce()
             async with anyio.create_task_group() as tg:
                 await tg.start(worker.run)
-                tg.start_soon(registry.heartbeat, pool, self.queries, worker, list(self._workflows))
+                tg.start_soon(
+                    registry.heartbeat, pool, self.queries, worker, sorted(self._versions)
+                )
                 task_status.started(worker)
         finally:
             if own_pool:

@@ -103,7 +103,7 @@ class Operations(Client):
             text = dumps(dict(input), f"input of the fork of run {run_id}")
         new_id = str(ULID())
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
+            await self._record_shapes(conn, self._registered())
             try:
                 forked = await conn.fetchval(
                     self.queries["fork_run"], run_id, new_id, from_node, text
@@ -139,7 +139,7 @@ class Operations(Client):
         """Retry every failed run that `where` matches (as `retry` does), `batch_size` runs
         per transaction; return the ids of the runs retried, newest first."""
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
+            await self._record_shapes(conn, self._registered())
         return await self._bulk(where, ("failed",), "bulk_retry", (), batch_size)
 
     async def matching_runs(

@@ -69,11 +69,19 @@ class Workflow:
     """A named, ordered list of nodes. Build it with `step` and friends; register it with an
     `Engine`.
 
-    Node names are unique within the workflow and may not contain `#` or `@`.
+    Node names are unique within the workflow and may not contain `#` or `@`. `version`
+    (an integer >= 1, default 1) lets several definitions of one name be served side by
+    side: a run is pinned at start to its workflow's name, version and shape, and only a
+    worker that registered that exact triple continues it.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, version: int = 1) -> None:
         self.name = validate_name(name, "workflow")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise DefinitionError(
+                f"workflow {self.name!r}: version must be an integer >= 1, got {version!r}"
+            )
+        self.version = version
         self._nodes: list[Node] = []
         self._names: set[str] = set()
         self._frozen: tuple[Node, ...] | None = None
@@ -81,7 +89,10 @@ class Workflow:
         self._queue: tuple[tuple[Node, ...], str] | None = None
 
     def __repr__(self) -> str:
-        return f"Workflow({self.name!r}, nodes={[n.name for n in self._nodes]})"
+        return (
+            f"Workflow({self.name!r}, version={self.version}, "
+            f"nodes={[n.name for n in self._nodes]})"
+        )
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -111,13 +122,17 @@ class Workflow:
 
     @property
     def queue(self) -> str:
-        """The queue of this workflow's jobs: its name and a digest of its shape. Only a
-        worker that registered this exact shape claims them, so an old worker never
-        continues a run of newer code, nor a new worker a run of older code."""
+        """The queue of this workflow's jobs: its name, version and a digest of its shape
+        (`order@3f2a...` for version 1, `order@v2@9c41...` for later ones, so that runs of
+        version 1 keep the queue they had before versions existed). Only a worker that
+        registered this exact triple claims them, so an old worker never continues a run of
+        newer code, nor a new worker a run of older code. The claim filters on this one
+        column; `queue_version_v1` in sql/functions.sql reads the version back."""
         nodes = self.nodes
         if self._queue is None or self._queue[0] is not nodes:  # computed once per shape
             digest = hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:12]
-            self._queue = (nodes, f"{self.name}@{digest}")
+            version = "" if self.version == 1 else f"v{self.version}@"
+            self._queue = (nodes, f"{self.name}@{version}{digest}")
         return self._queue[1]
 
     def _add(self, node: Node) -> None:

@@ -314,6 +314,14 @@ BEGIN
 END
 $$;
 
+-- The version a queue pins its runs to: `order@v2@<digest>` is version 2, and a queue
+-- without a version (`order@<digest>`, as queues were before versions) is version 1.
+-- Workflow names cannot hold '@', so the name never reads as a version.
+CREATE OR REPLACE FUNCTION __SCHEMA__.queue_version_v1(p_queue text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce((regexp_match(p_queue, '@v([0-9]+)@[^@]*$'))[1]::integer, 1)
+$$;
+
 -- Create a run and its first job; the id of the run that holds the idempotency key when
 -- it is taken with the same input (the caller compares it with `p_id`); DU003 when that
 -- run was started with another input (durable.db.translate makes it IdempotencyConflict).
@@ -327,9 +335,12 @@ DECLARE
     v_id text;
     v_same boolean;
 BEGIN
-    INSERT INTO __SCHEMA__.runs
-        (id, workflow, queue, input, current_node, idempotency_key, parent_id, parent_node)
-    VALUES (p_id, p_workflow, p_queue, p_input::jsonb, p_node, p_key, p_parent, p_parent_node)
+    INSERT INTO __SCHEMA__.runs (
+        id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
+        parent_node
+    )
+    VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue), p_input::jsonb,
+            p_node, p_key, p_parent, p_parent_node)
     ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id INTO v_id;
     IF v_id IS NULL THEN
@@ -891,7 +902,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.record_shape_v1(p_queue text, p_workflow text, p_shape text)
 RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO __SCHEMA__.shapes (queue, workflow, shape) VALUES (p_queue, p_workflow, p_shape::jsonb)
+    INSERT INTO __SCHEMA__.shapes (queue, workflow, version, shape)
+    VALUES (p_queue, p_workflow, __SCHEMA__.queue_version_v1(p_queue), p_shape::jsonb)
     ON CONFLICT (queue) DO NOTHING
 $$;
 
@@ -1004,9 +1016,9 @@ BEGIN
             p_run, quote_literal(v_missing), quote_literal(v_from) USING ERRCODE = 'DU021';
     END IF;
     INSERT INTO __SCHEMA__.runs
-        (id, workflow, queue, input, cursor, current_node, forked_from)
-    VALUES (p_id, r.workflow, r.queue, coalesce(p_input::jsonb, r.input), v_position, v_from,
-            p_run);
+        (id, workflow, queue, version, input, cursor, current_node, forked_from)
+    VALUES (p_id, r.workflow, r.queue, r.version, coalesce(p_input::jsonb, r.input), v_position,
+            v_from, p_run);
     -- Completed work of the earlier nodes (their branches, iterations, choices and child
     -- markers too) replays; what compensation undid in the original is not part of it.
     INSERT INTO __SCHEMA__.journal
@@ -1019,5 +1031,79 @@ BEGIN
     ORDER BY e.seq;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
     RETURN p_id;
+END
+$$;
+
+-- Lock run `p_run` for an upgrade and say where it is: the run's advisory lock (which waits
+-- for the worker transaction in flight on it; claims of its jobs then leave it alone), its
+-- jobs (waiting for branches in flight), its row, and the row of the child it waits for
+-- (whose final transaction gives the parent a job without locking the parent: it commits
+-- first, or after the upgrade, and reads the new queue). Returns the run's position, its
+-- recorded shape, the nodes its journal names (first journaled first) and a route choice
+-- at its position; no row for an unknown run. The caller decides, then calls
+-- upgrade_run_v1 in the same transaction.
+CREATE OR REPLACE FUNCTION __SCHEMA__.lock_for_upgrade_v1(p_run text)
+RETURNS TABLE (
+    status text, queue text, version integer, "cursor" integer, current_node text,
+    branches text[], leased boolean, finished boolean, shape text, journaled text[],
+    chosen text
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_child text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM 1 FROM __SCHEMA__.jobs j WHERE j.run_id = p_run ORDER BY j.id FOR UPDATE;
+    SELECT r.child_id INTO v_child FROM __SCHEMA__.runs r WHERE r.id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_child IS NOT NULL THEN
+        PERFORM 1 FROM __SCHEMA__.runs c WHERE c.id = v_child FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+    SELECT r.status, r.queue, r.version, r.cursor, r.current_node, r.branches,
+           EXISTS (SELECT 1 FROM __SCHEMA__.jobs j
+                   WHERE j.run_id = r.id AND j.lease_token IS NOT NULL),
+           r.finished_at IS NOT NULL,
+           (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue),
+           ARRAY(SELECT e.node FROM __SCHEMA__.journal e WHERE e.run_id = r.id
+                 GROUP BY e.node ORDER BY min(e.seq)),
+           (SELECT e.result #>> '{}' FROM __SCHEMA__.journal e
+             WHERE e.run_id = r.id AND e.key = r.current_node || '@route'
+               AND e.status = 'completed')
+    FROM __SCHEMA__.runs r
+    WHERE r.id = p_run;
+END
+$$;
+
+-- Move unfinished run `p_run`, locked by lock_for_upgrade_v1 in this transaction and found
+-- compatible by the caller, from queue `p_from` to queue `p_to` (another version or shape
+-- of its workflow) with its position at index `p_cursor` of the new shape. Its jobs move
+-- with it; workers of the new queue hear of those that are due. DU010 when the run is no
+-- longer where the caller saw it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.upgrade_run_v1(
+    p_run text, p_from text, p_to text, p_cursor integer
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    UPDATE __SCHEMA__.runs
+    SET queue = p_to, version = __SCHEMA__.queue_version_v1(p_to), cursor = p_cursor,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND queue = p_from AND finished_at IS NULL;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: run % is no longer an unfinished run of queue %', p_run, p_from
+            USING ERRCODE = 'DU010';
+    END IF;
+    UPDATE __SCHEMA__.jobs SET queue = p_to WHERE run_id = p_run AND queue <> p_to;
+    IF EXISTS (
+        SELECT 1 FROM __SCHEMA__.jobs
+        WHERE run_id = p_run AND run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+    ) THEN
+        PERFORM __SCHEMA__.notify_jobs_v1();
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
 END
 $$;

@@ -89,8 +89,9 @@ INSERT INTO __SCHEMA__.migrations (version, name) VALUES ($1, $2);
 
 -- get_run --
 -- A run with the results of its completed nodes.
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
-       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+SELECT r.id, r.workflow, r.version, r.status, r.input::text AS input,
+       r.result::text AS result, r.error, r.current_node, r.parent_id, r.created_at,
+       r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
            AS children,
@@ -100,10 +101,11 @@ WHERE r.id = $1;
 
 -- list_runs --
 -- Runs, newest first (keyset: ids below $7), optionally filtered by status, workflow,
--- creation time and an id or idempotency key ($6). Run with plan_cache_mode =
+-- creation time, an id or idempotency key ($6) and version ($8). Run with plan_cache_mode =
 -- force_custom_plan: a generic plan cannot know which filters are set, nor pick their index.
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
-       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+SELECT r.id, r.workflow, r.version, r.status, r.input::text AS input,
+       r.result::text AS result, r.error, r.current_node, r.parent_id, r.created_at,
+       r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY[]::text[] AS children,
        r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
@@ -113,6 +115,7 @@ WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = 
   AND ($5::timestamptz IS NULL OR r.created_at < $5)
   AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
   AND ($7::text IS NULL OR r.id < $7)
+  AND ($8::integer IS NULL OR r.version = $8)
 ORDER BY r.id DESC
 LIMIT $3;
 
@@ -347,12 +350,43 @@ WHERE id = $1;
 -- The database clock (shifted when a test harness shifts it).
 SELECT __SCHEMA__.now_v1();
 
--- other_shapes --
--- Unfinished runs of these workflows pinned to a shape this worker does not serve.
-SELECT workflow, queue, count(*) AS runs FROM __SCHEMA__.runs
-WHERE workflow = ANY ($1::text[]) AND finished_at IS NULL AND NOT (queue = ANY ($2::text[]))
-GROUP BY workflow, queue
-ORDER BY workflow, queue;
+-- unserved_runs --
+-- Unfinished runs of these workflows pinned to a queue this worker does not serve, by queue,
+-- with the shape recorded for it. (Unfinished by status, which an index covers.)
+SELECT r.workflow, r.version, r.queue, count(*) AS runs,
+       (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue) AS shape
+FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+  AND r.workflow = ANY ($1::text[]) AND NOT (r.queue = ANY ($2::text[]))
+GROUP BY r.workflow, r.version, r.queue
+ORDER BY r.workflow, r.version, r.queue;
+
+-- check_runs --
+-- Every unfinished run by queue: how many, the ids of those of a queue not in $1, and the
+-- shape recorded for the queue.
+SELECT r.workflow, r.version, r.queue, count(*) AS runs,
+       CASE WHEN r.queue = ANY ($1::text[]) THEN ARRAY[]::text[]
+            ELSE array_agg(r.id ORDER BY r.id) END AS ids,
+       (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue) AS shape
+FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+GROUP BY r.workflow, r.version, r.queue
+ORDER BY r.workflow, r.version, r.queue;
+
+-- upgrade_candidates --
+-- Unfinished runs of workflow $1 at version $2 that are not on queue $3, oldest first.
+SELECT r.id FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+  AND r.workflow = $1 AND r.version = $2 AND r.queue <> $3
+ORDER BY r.id;
+
+-- lock_for_upgrade --
+-- Lock a run for an upgrade (advisory lock, jobs, run, its child) and read its position.
+SELECT * FROM __SCHEMA__.lock_for_upgrade_v1($1);
+
+-- upgrade_run --
+-- Move a locked run to another queue (version or shape) at a new cursor, with its jobs.
+SELECT __SCHEMA__.upgrade_run_v1($1, $2, $3, $4);
 
 -- run_status --
 -- The status of a run (None when it does not exist).

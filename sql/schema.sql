@@ -21,8 +21,9 @@ CREATE TABLE __SCHEMA__.migrations (
 -- One row per workflow run, and the one place that says where it is: the node (`cursor`,
 -- `current_node`), the loop `iteration`, the `attempt` of the work at that position, and
 -- what it waits for (`wake_at`, `waiting_for`, `child_id`, parallel `branches`).
--- `queue` is what a worker must serve to claim its jobs; `epoch` counts retries of the run
--- (attempts are numbered per epoch); `ending` is where compensation leads.
+-- `queue` is what a worker must serve to claim its jobs: the workflow, its `version` and a
+-- digest of its shape; `epoch` counts retries of the run (attempts are numbered per epoch);
+-- `ending` is where compensation leads.
 CREATE TABLE __SCHEMA__.runs (
     id text PRIMARY KEY,
     workflow text NOT NULL CHECK (workflow <> ''),
@@ -55,7 +56,8 @@ CREATE TABLE __SCHEMA__.runs (
     -- An operator paused the run (Engine.pause_run): it keeps its state and gets no job.
     paused_at timestamptz,
     -- The run this one was forked from (Engine.fork).
-    forked_from text
+    forked_from text,
+    version integer NOT NULL DEFAULT 1 CHECK (version >= 1)
 ) WITH (fillfactor = 80);  -- room for HOT updates of the cursor
 CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -199,12 +201,14 @@ CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
 
 -- The shape (ordered node names, kinds and branch keys) of each queue a run was pinned to,
--- recorded when an engine first registers it: what retry reads to find node positions.
+-- recorded when an engine first registers it: what retry reads to find node positions, and
+-- what `check` and `upgrade` compare with the code.
 CREATE TABLE __SCHEMA__.shapes (
     queue text PRIMARY KEY,
     workflow text NOT NULL,
     shape jsonb NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+    recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    version integer NOT NULL DEFAULT 1 CHECK (version >= 1)
 );
 
 -- Running workers, each refreshing its row (heartbeat) while it runs and deleting it when

@@ -7,6 +7,7 @@
     worker MODULE:ENGINE            run a worker for the engine defined in MODULE
     start WORKFLOW [JSON] --app MODULE:ENGINE [--idempotency-key K] [--wait]
                                     start a run (and wait for its result)
+    check MODULE:ENGINE             can this code continue every unfinished run? (exit 1 if not)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
     runs pause|resume ID            stop a run from being claimed / let it go on
@@ -14,6 +15,8 @@
                                     a new run from a node of ID, with another input
     runs bulk cancel|retry --status S --workflow W ... [--dry-run]
                                     cancel or retry every run a filter matches
+    runs upgrade WORKFLOW --from N [--to M] --app MODULE:ENGINE [--dry-run]
+                                    move unfinished runs to another version
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
@@ -30,7 +33,8 @@ MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotat
 
 Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
 already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
-was cancelled or did not finish in time); 2 a usage or configuration error, which retrying
+was cancelled or did not finish in time, a `check` that found runs this code cannot
+continue, an `upgrade` that refused runs); 2 a usage or configuration error, which retrying
 will not fix (unknown run id, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
 schema); 3 the database cannot be reached or does not answer (retrying later may work);
@@ -53,7 +57,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from durable.cli.app import cmd_start, cmd_worker
+from durable.cli.app import cmd_check, cmd_runs_upgrade, cmd_start, cmd_worker
 from durable.cli.commands import (
     cmd_cancel,
     cmd_doctor,
@@ -167,6 +171,10 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         return await cmd_worker(args, out)
     if command == "start":
         return await cmd_start(args, out)
+    if command == "check":
+        return await cmd_check(args, out)
+    if command == "runs upgrade":
+        return await cmd_runs_upgrade(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
     if command == "dashboard":

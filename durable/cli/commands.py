@@ -49,7 +49,12 @@ async def cmd_migrate(args: argparse.Namespace, dsn: str, out: Out) -> int:
 async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
-        runs = await engine.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        runs = await engine.list_runs(
+            status=args.status,
+            workflow=args.workflow,
+            limit=args.limit,
+            version=args.workflow_version,
+        )
         # A finished run has no current node; for a failed one the journal says which failed.
         failed_at = {
             r.id: failed_node(await engine.get_run(r.id, journal=True))
@@ -79,6 +84,7 @@ async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
         (
             r.id,
             r.workflow,
+            str(r.version),
             r.status.value,
             failed_at.get(r.id) or r.current_node or "-",
             r.parent_id or "-",
@@ -88,7 +94,7 @@ async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
         )
         for r in runs
     ]
-    headers = ("ID", "WORKFLOW", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR")
+    headers = ("ID", "WORKFLOW", "VER", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR")
     print(table(headers, rows), file=out)
     return EXIT_OK
 

@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the engine that registers WORKFLOW (default: ${APP_ENV})",
     )
     start.add_argument("--idempotency-key", metavar="KEY", default=None)
+    start.add_argument(
+        "--workflow-version",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="the version of WORKFLOW to start (default: the highest the engine registers)",
+    )
     start.add_argument("--wait", action="store_true", help="wait for the run to finish")
     start.add_argument(
         "--timeout",
@@ -183,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
     runs_list.add_argument("--workflow")
     runs_list.add_argument("--limit", type=_positive_int, default=50)
+
+    runs_list.add_argument("--workflow-version", metavar="N", type=_positive_int)
 
     runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
@@ -225,6 +234,49 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--search", metavar="ID_OR_KEY", help="a run id or idempotency key")
     bulk.add_argument("--reason", default="cancelled", help="kept as the error (cancel)")
     bulk.add_argument("--dry-run", action="store_true", help="count the runs, change nothing")
+    upgrade = runs_sub.add_parser(
+        "upgrade",
+        parents=[common],
+        help="move unfinished runs to another version of their workflow",
+        description=(
+            "Move the unfinished runs of WORKFLOW at version --from to version --to (default: "
+            "the highest) as the engine --app MODULE:ENGINE (or "
+            f"${APP_ENV}) registers it, with its current shape; --from may equal --to, for "
+            "runs of an older shape of that version. A run moves only when every node its "
+            "journal names is declared by the target before its position with the same kind, "
+            "and the node at its position has the same name and kind; the others are listed "
+            "with the reason. Each run moves in its own transaction, safe while workers run. "
+            "Exit 1 if any run was refused."
+        ),
+    )
+    upgrade.add_argument("workflow", metavar="WORKFLOW")
+    upgrade.add_argument(
+        "--from", dest="from_version", metavar="N", type=_positive_int, required=True
+    )
+    upgrade.add_argument("--to", dest="to_version", metavar="N", type=_positive_int, default=None)
+    upgrade.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine whose code the runs move to (default: ${APP_ENV})",
+    )
+    upgrade.add_argument(
+        "--dry-run", action="store_true", help="say what would move and what not; change nothing"
+    )
+
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="can this code continue every unfinished run? (a deploy gate)",
+        description=(
+            "Import MODULE and take ENGINE from it (as `worker` does), then look at every "
+            "unfinished run in the engine's database: a run can be continued when its "
+            "workflow, version and shape are registered by that engine. Lists the others, "
+            "grouped by cause, and exits 1 if there are any, so that CI/CD can refuse a "
+            "deploy that would strand runs. Writes nothing; the schema must be migrated."
+        ),
+    )
+    check.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
 
     sig = sub.add_parser("signal", parents=[common], help="send a signal to a run")
     sig.add_argument("run_id", metavar="ID")

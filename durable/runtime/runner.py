@@ -101,8 +101,10 @@ class Runner:
     ) -> None:
         self.q = queries
         self.pool = pool
-        self.by_name = {wf.name: wf for wf in workflows}
-        self.by_queue = {wf.queue: wf for wf in self.by_name.values()}
+        workflows = list(workflows)
+        self.by_queue = {wf.queue: wf for wf in workflows}
+        # Child runs start at the highest version this worker registers.
+        self.by_name = {wf.name: wf for wf in sorted(workflows, key=lambda w: w.version)}
         self.queues = sorted(self.by_queue)
         self.lease_seconds = lease_seconds
         self.transaction_timeout = transaction_timeout
@@ -152,6 +154,8 @@ class Runner:
         else:
             await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)
+        if row is not None and row["queue"] not in self.by_queue:
+            return None  # the run was upgraded to a queue this worker does not serve
         if row is None or memo is None:
             return job_from_row(row)
         results = memo.results
@@ -332,8 +336,8 @@ class Runner:
         an attempt of the work the job was doing, in a new transaction, so that it counts
         against that node's budget like any other failure (bounded failure everywhere)."""
         again = job_from_row(await conn.fetchrow(self.q["claim_by_id"], job.id, True))
-        if again is None:
-            return  # taken by another worker meanwhile, or gone: nothing to record
+        if again is None or again.queue not in self.by_queue:
+            return  # taken by another worker meanwhile, gone or upgraded: nothing to record
         s: RunState = again.prefetched
         wf = self.by_queue[again.queue]
         if s.status in _FINISHED:

@@ -66,9 +66,8 @@ async def page_of_runs(engine: Engine, params: dict[str, Any]) -> dict[str, Any]
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
     where, version = run_filter(params)
-    if version not in (None, 1):  # no run has another version yet
-        return {"runs": [], "next": None}
     runs = await engine.list_runs(
+        version=version,
         status=where.status,
         workflow=where.workflow,
         created_after=where.created_after,

@@ -719,7 +719,7 @@ async def test_a_run_whose_workflow_no_worker_knows_waits_pending_for_one_that_d
     code, out, err = await cli("--dsn", db.dsn, "runs", "list")
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if ln.startswith(orphan))
-    assert line.split()[:4] == [orphan, "orphan", "pending", "work"]
+    assert line.split()[:5] == [orphan, "orphan", "1", "pending", "work"]
     code, out, err = await cli("--dsn", db.dsn, "--json", "runs", "list", "--status", "pending")
     assert code == 0, err
     assert [(r["id"], r["workflow"], r["status"]) for r in json.loads(out)] == [
@@ -818,7 +818,8 @@ async def test_a_changed_definition_never_touches_runs_pinned_to_the_old_shape(
     assert [e.key for e in run.journal] == ["a"]
     assert not any(entry.startswith(run_id[-6:]) for entry in log), log
     assert any(
-        "1 unfinished run(s) of workflow 'change' are pinned to a shape" in r.getMessage()
+        "workflow 'change' version 1 changed shape" in r.getMessage()
+        and "while 1 unfinished run(s) use the old one" in r.getMessage()
         for r in caplog.records
     )
     async with running_engine(db, old) as engine:

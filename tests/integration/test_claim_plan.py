@@ -95,7 +95,9 @@ async def test_list_runs_by_a_rare_status_uses_the_status_index(big: asyncpg.Con
     # 2 % of runs failed: (status, id DESC) hands over the newest 50 directly. We do not
     # assert an index for status='completed' (97 % of rows): walking the primary key
     # backwards and filtering is just as good there and the planner may rightly pick it.
-    nodes = await explain_query(big, Q["list_runs"], "failed", None, 50, None, None, None, None)
+    nodes = await explain_query(
+        big, Q["list_runs"], "failed", None, 50, None, None, None, None, None
+    )
     assert uses_index(nodes, "runs", "runs_status_idx"), scans_of(nodes, "runs")
     assert ("Seq Scan", None) not in scans_of(nodes, "runs")
 
@@ -401,3 +403,22 @@ async def test_due_jobs_of_queues_a_worker_does_not_serve_do_not_slow_its_claims
     finally:
         await tx.rollback()
     assert max(counts[2:]) <= CLAIM_BUFFERS, counts
+
+
+@pytest.mark.parametrize(
+    ("query", "args"),
+    [
+        ("check_runs", (["order@a710b1f16c22"],)),
+        ("unserved_runs", (["order"], ["order@a710b1f16c22"])),
+        ("upgrade_candidates", ("order", 1, "order@v2@f76e5ef02475")),
+    ],
+)
+async def test_check_upgrade_and_the_worker_start_read_only_unfinished_runs(
+    big: asyncpg.Connection, query: str, args: tuple[Any, ...]
+) -> None:
+    # 100,000 finished runs and none unfinished: the status index finds the unfinished
+    # ones without reading the finished (a deploy gate must not scan the run history).
+    nodes = await explain_query(big, Q[query], *args)
+    scans = scans_of(nodes, "runs")
+    assert scans, nodes
+    assert ("Seq Scan", None) not in scans, scans
