@@ -19,6 +19,7 @@ from durable.errors import (
     RunCancelled,
     RunFailed,
     RunNotFound,
+    ScheduleNotFound,
     SerializationError,
     SignalTimeout,
     SwallowedDatabaseError,
@@ -26,6 +27,7 @@ from durable.errors import (
     WorkflowNotFound,
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.schedule import Schedule, ScheduleInfo
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
@@ -51,6 +53,9 @@ __all__ = [
     "RunFailed",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleNotFound",
     "SerializationError",
     "SignalTimeout",
     "Step",

@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import anyio
 import asyncpg
 
-from durable.client import Client
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.migrate import migrate
 from durable.runtime.runner import Runner
+from durable.schedule import Schedule
+from durable.scheduler import ScheduleClient, Scheduler
 from durable.sql import Queries
 from durable.worker import Worker
 from durable.workflow import Workflow
@@ -22,7 +23,7 @@ from durable.workflow import Workflow
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Client):
+class Engine(ScheduleClient):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
@@ -38,6 +39,8 @@ class Engine(Client):
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
     to wait for a server that accepts the connection but does not answer.
+    `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
+    the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class Engine(Client):
         *,
         pool: asyncpg.Pool | None = None,
         workflows: Iterable[Workflow] = (),
+        schedules: Iterable[Schedule] = (),
         schema: str = "durable",
         pool_size: int = 10,
         lease_seconds: float = 30.0,
@@ -67,6 +71,9 @@ class Engine(Client):
         self._workflows = {}
         for wf in workflows:
             self.register(wf)
+        self._schedules = {}
+        for schedule in schedules:
+            self._add_schedule(schedule)
         self._pool = pool
         self._owns_pool = pool is None
         self._pool_size = pool_size
@@ -94,6 +101,19 @@ class Engine(Client):
         if existing is not None and existing is not workflow:
             raise DefinitionError(f"a workflow named {workflow.name!r} is already registered")
         self._workflows[workflow.name] = workflow
+
+    def _add_schedule(self, schedule: Schedule) -> None:
+        if not isinstance(schedule, Schedule):
+            raise DefinitionError(f"expected a durable.Schedule, got {schedule!r}")
+        if schedule.name in self._schedules:
+            raise DefinitionError(f"two schedules are named {schedule.name!r}")
+        if schedule.workflow not in self._workflows:
+            known = ", ".join(sorted(self._workflows)) or "none"
+            raise DefinitionError(
+                f"schedule {schedule.name!r} starts workflow {schedule.workflow!r}, which is "
+                f"not registered (registered: {known})"
+            )
+        self._schedules[schedule.name] = schedule
 
     @property
     def workflows(self) -> Mapping[str, Workflow]:
@@ -170,6 +190,7 @@ class Engine(Client):
         workflows = list(self._workflows.values())
         async with self._acquire() as conn:
             await self._record_shapes(conn, workflows)
+            await self._declare_schedules(conn)
             rows = await conn.fetch(
                 self.queries["other_shapes"], [wf.name for wf in workflows], runner.queues
             )
@@ -203,12 +224,14 @@ class Engine(Client):
         own_pool = self.dsn is not None
         if not own_pool:
             # Slots hold a connection each; the listener, the poller and a claim count take
-            # one more each, and wait()'s listener one on an engine built on a pool.
-            needed = concurrency + 4
+            # one more each, and wait()'s listener one on an engine built on a pool; the
+            # scheduler one more when there are schedules.
+            needed = concurrency + 4 + bool(self._schedules)
             if self.pool.get_max_size() < needed:
                 raise ConfigurationError(
                     f"the engine's pool holds {self.pool.get_max_size()} connections, but a "
-                    f"worker with concurrency={concurrency} needs {needed} (concurrency + 4); "
+                    f"worker with concurrency={concurrency} needs {needed} "
+                    f"(concurrency + {needed - concurrency}); "
                     "make the pool bigger or the concurrency smaller"
                 )
         pool = (
@@ -217,7 +240,7 @@ class Engine(Client):
                 # No floor: during an outage asyncpg would log every failed attempt to
                 # refill it; the slots reconnect on demand.
                 min_size=0,
-                max_size=concurrency + 3,
+                max_size=concurrency + 3 + bool(self._schedules),
                 server_settings=self._worker_settings(),
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
@@ -246,10 +269,28 @@ class Engine(Client):
             isolate=False,
             on_error=runner.on_error,
         )
+        scheduler = (
+            Scheduler(
+                self,
+                pool,
+                poll_interval=poll_interval or self.poll_interval,
+                stopping=lambda: worker.stopping,
+            )
+            if self._schedules
+            else None
+        )
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with anyio.create_task_group() as tg:
+                if scheduler is not None:
+                    tg.start_soon(scheduler.run)
+                await worker.run(task_status=task_status)
+                tg.cancel_scope.cancel()
+
         try:
             await self._announce(runner)
             async with anyio.create_task_group() as tg:
-                await tg.start(worker.run)
+                await tg.start(serve)
                 task_status.started(worker)
         finally:
             if own_pool:
