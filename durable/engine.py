@@ -216,8 +216,9 @@ class Engine(ScheduleClient):
     ) -> None:
         """Run a worker for every registered workflow until cancelled.
 
-        With a DSN the worker has its own pool (`concurrency` + 3 connections), so web
-        requests using the engine's pool are never starved by jobs.
+        With a DSN the worker has its own pool (`concurrency` + 3 connections, one more
+        when the engine has schedules), so web requests using the engine's pool are never
+        starved by jobs. Each worker also runs the engine's schedules.
         """
         if not self._workflows:
             raise ConfigurationError("register at least one workflow before running a worker")

@@ -25,6 +25,7 @@ from durable.db import dumps
 from durable.errors import DefinitionError
 from durable.model import RunStatus
 from durable.nodes import validate_name
+from durable.workflow import Workflow
 
 Overlap = Literal["skip", "allow", "cancel_previous"]
 CatchUp = Literal["none", "latest", "all"]
@@ -181,22 +182,23 @@ class Schedule:
     overlap: Overlap = "skip"
     catch_up: CatchUp = "latest"
     max_catch_up: int = 100
+    _cron: Cron = field(init=False, repr=False)
 
     def __init__(
         self,
         name: str,
         *,
         cron: str,
-        workflow: Any,
+        workflow: str | Workflow,
         input: Mapping[str, Any] | None = None,
         timezone: str = "UTC",
-        overlap: Overlap = "skip",
-        catch_up: CatchUp = "latest",
+        overlap: Literal["skip", "allow", "cancel_previous"] = "skip",
+        catch_up: Literal["none", "latest", "all"] = "latest",
         max_catch_up: int = 100,
     ) -> None:
         validate_name(name, "schedule")
-        # A durable.Workflow or its name (the engine checks it is registered).
-        workflow_name = getattr(workflow, "name", workflow)
+        # The engine checks that the workflow is registered.
+        workflow_name = workflow.name if isinstance(workflow, Workflow) else workflow
         validate_name(workflow_name, "workflow")
         if overlap not in get_args(Overlap):
             raise DefinitionError(
@@ -235,15 +237,13 @@ class Schedule:
         ):
             object.__setattr__(self, attr, value)
 
-    @property
-    def ticks(self) -> Cron:
-        """The parsed expression: `next_after(t)`, `back_from(t, since=, limit=)`."""
-        cron: Cron = self.__dict__["_cron"]
-        return cron
+    def next_tick(self, after: datetime) -> datetime:
+        """The first tick strictly after the aware datetime `after`, in UTC."""
+        return self._cron.next_after(after)
 
     def run_input(self, tick: datetime) -> dict[str, Any]:
         """The input of the run for `tick`: `input` plus `scheduled_at` (ISO 8601, local)."""
-        return {**self.input, SCHEDULED_AT: self.ticks.local(tick).isoformat()}
+        return {**self.input, SCHEDULED_AT: self._cron.local(tick).isoformat()}
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class ScheduleClient(Client):
                 s.overlap,
                 s.catch_up,
                 s.max_catch_up,
-                s.ticks.next_after(now),
+                s.next_tick(now),
             )
         self._declared = True
 
@@ -168,7 +168,7 @@ class ScheduleClient(Client):
         """Start the run of one tick in the transaction that holds the schedule's row,
         after applying `overlap` to its `previous` run; None when none was started."""
         name = schedule.name
-        at = schedule.ticks.local(tick).isoformat()
+        at = schedule._cron.local(tick).isoformat()
         fields: dict[str, Any] = {"schedule": name, "tick": at}
         if (
             previous is not None
@@ -239,7 +239,7 @@ class Scheduler:
         self.passes = 0
         self._health = Health()
         self._crons: dict[tuple[str, str], Cron] = {
-            (s.cron, s.timezone): s.ticks for s in engine._schedules.values()
+            (s.cron, s.timezone): s._cron for s in engine._schedules.values()
         }
 
     async def run(self) -> None:
@@ -258,30 +258,38 @@ class Scheduler:
 
     async def run_once(self) -> float:
         """One pass: fire what is due now; return the seconds until the next pass."""
-        pending = list(self.names)
+        query = self.engine.queries["schedule_seconds_to_next"]
         async with self.pool.acquire() as conn:
-            while pending and not self.stopping():
-                name: str | None = None
-                try:
-                    async with conn.transaction():
-                        row = await conn.fetchrow(self.engine.queries["due_schedule"], pending)
-                        if row is None:
-                            break
-                        name = row["name"]
-                        pending.remove(name)
-                        await self._handle(conn, row)
-                except Exception as exc:
-                    if name is None or is_connection_error(exc):
-                        raise
-                    # Bounded: this schedule waits for the next pass, the others go on.
-                    log.exception("schedule %s: firing failed", name, extra={"schedule": name})
-            seconds: float | None = await conn.fetchval(
-                self.engine.queries["schedule_seconds_to_next"], self.names
-            )
+            seconds: float | None = await conn.fetchval(query, self.names)
+            if seconds is not None and seconds <= 0:
+                await self._fire_due(conn)
+                seconds = await conn.fetchval(query, self.names)
+                if seconds is not None and seconds <= 0:
+                    # Still due: another scheduler holds it, or firing it failed here.
+                    seconds = self.poll_interval
         self.passes += 1
         if seconds is None:
             return self.poll_interval
-        return min(max(seconds, 0.0), self.poll_interval)
+        return min(seconds, self.poll_interval)
+
+    async def _fire_due(self, conn: Connection) -> None:
+        """Fire every due schedule no other scheduler holds, each in its own transaction."""
+        pending = list(self.names)
+        while pending and not self.stopping():
+            name: str | None = None
+            try:
+                async with conn.transaction():
+                    row = await conn.fetchrow(self.engine.queries["due_schedule"], pending)
+                    if row is None:
+                        return
+                    name = row["name"]
+                    pending.remove(name)
+                    await self._handle(conn, row)
+            except Exception as exc:
+                if name is None or is_connection_error(exc):
+                    raise
+                # Bounded: this schedule waits for the next pass, the others go on.
+                log.exception("schedule %s: firing failed", name, extra={"schedule": name})
 
     async def _handle(self, conn: Connection, row: asyncpg.Record) -> None:
         name: str = row["name"]

@@ -27,8 +27,8 @@ MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotat
 Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
 already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
 was cancelled or did not finish in time, a schedule already paused or not paused, a trigger
-that overlap="skip" skipped); 2 a usage or configuration error, which retrying
-will not fix (unknown run id or schedule, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
+that overlap="skip" skipped); 2 a usage or configuration error, which retrying will not fix
+(unknown run id or schedule, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
 schema); 3 the database cannot be reached or does not answer (retrying later may work);
 4 an unexpected internal error. With `--json` an error is also written to stdout as

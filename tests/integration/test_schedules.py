@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from helpers import eventually, fetch, fetchval
+from helpers import eventually, execute, fetch, fetchval
 
 import durable
 
@@ -449,3 +449,59 @@ async def test_purging_the_last_run_clears_it_from_the_schedule(clock: Clock) ->
         assert await engine.purge(older_than=timedelta(0)) == 1
         s_info = await info(engine, "s")
         assert (s_info.last_run_id, s_info.last_run_status) == (None, None)
+
+
+# -- bounded failure ------------------------------------------------------------------------
+
+REFUSE_BAD_RUNS = """
+CREATE FUNCTION refuse_bad() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.input->>'kind' = 'bad' THEN
+        RAISE EXCEPTION 'refusing a bad run';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_bad BEFORE INSERT ON durable.runs
+    FOR EACH ROW EXECUTE FUNCTION refuse_bad();
+"""
+
+
+async def test_a_schedule_that_cannot_fire_waits_while_the_others_fire(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    wf = report()
+    bad = durable.Schedule("bad", cron="0 * * * *", workflow="report", input={"kind": "bad"})
+    good = durable.Schedule("good", cron="0 * * * *", workflow="report", input={"kind": "ok"})
+    async with at(clock, utc(2025, 6, 1, 9, 59, 50), [wf], [bad, good], worker=False) as e:
+        await execute(e, REFUSE_BAD_RUNS)
+    async with at(clock, utc(2025, 6, 1, 10, 0, 5), [wf], [bad, good]) as engine:
+        await advanced_to(engine, "good", utc(2025, 6, 1, 11))
+
+        async def logged() -> bool:
+            return any("schedule bad: firing failed" in r.getMessage() for r in caplog.records)
+
+        await eventually(logged)
+        # The tick stays due (its transaction rolled back) and the worker goes on.
+        assert (await info(engine, "bad")).next_at == utc(2025, 6, 1, 10)
+        await execute(engine, "DROP TRIGGER refuse_bad ON durable.runs")
+        await advanced_to(engine, "bad", utc(2025, 6, 1, 11))
+        rows = await fetch(engine, "SELECT input->>'kind' AS kind FROM durable.runs ORDER BY 1")
+        assert [r["kind"] for r in rows] == ["bad", "ok"]
+
+
+async def test_a_tick_whose_key_names_a_run_with_another_input_starts_nothing(
+    clock: Clock,
+) -> None:
+    wf = report()
+    s = durable.Schedule("s", cron="0 * * * *", workflow="report", input={"v": 2})
+    async with at(clock, utc(2025, 6, 1, 9, 59, 50), [wf], [s], worker=False) as engine:
+        # A run an older release started for the 10:00 tick, with its own input.
+        old = await engine.start(
+            "report",
+            {"v": 1, "scheduled_at": "2025-06-01T10:00:00+00:00"},
+            idempotency_key="schedule:s:2025-06-01T10:00:00+00:00",
+        )
+    async with at(clock, utc(2025, 6, 1, 10, 0, 5), [wf], [s]) as engine:
+        await advanced_to(engine, "s", utc(2025, 6, 1, 11))
+        assert [r.id for r in await engine.list_runs()] == [old]
+        assert (await info(engine, "s")).last_run_id is None

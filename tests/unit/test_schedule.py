@@ -127,6 +127,22 @@ def test_an_hourly_schedule_follows_real_time_across_both_transitions() -> None:
         "02+0100",
         "03+0100",
     ]
+    every_ten = Cron("*/10 * * * *", PARIS)
+    day = forward(every_ten, utc(2025, 10, 25, 22) - timedelta(seconds=1), 6 * 25)
+    assert day[-1] == utc(2025, 10, 26, 22, 50)
+    assert all(b - a == timedelta(minutes=10) for a, b in itertools.pairwise(day))
+
+
+def test_a_daily_0300_in_paris_on_both_transition_days() -> None:
+    cron = Cron("0 3 * * *", PARIS)
+    assert [cron.local(t).isoformat() for t in forward(cron, utc(2025, 3, 29, 12), 2)] == [
+        "2025-03-30T03:00:00+02:00",
+        "2025-03-31T03:00:00+02:00",
+    ]
+    assert [cron.local(t).isoformat() for t in forward(cron, utc(2025, 10, 25, 12), 2)] == [
+        "2025-10-26T03:00:00+01:00",
+        "2025-10-27T03:00:00+01:00",
+    ]
 
 
 # -- which due ticks fire -------------------------------------------------------------------
@@ -221,6 +237,7 @@ def test_schedule_takes_a_workflow_or_its_name_and_stamps_each_tick() -> None:
         "scheduled_at": "2025-07-01T03:00:00+02:00",
     }
     assert "nightly" in repr(s)
+    assert s.next_tick(utc(2025, 7, 1)) == utc(2025, 7, 1, 1)  # 03:00 CEST
 
 
 def test_an_engine_refuses_a_schedule_of_an_unregistered_workflow_and_duplicates() -> None:
