@@ -236,7 +236,6 @@ class Scheduler:
         self.poll_interval = poll_interval
         self.stopping = stopping
         self.names = sorted(engine._schedules)
-        self.passes = 0
         self._health = Health()
         self._crons: dict[tuple[str, str], Cron] = {
             (s.cron, s.timezone): s._cron for s in engine._schedules.values()
@@ -267,7 +266,6 @@ class Scheduler:
                 if seconds is not None and seconds <= 0:
                     # Still due: another scheduler holds it, or firing it failed here.
                     seconds = self.poll_interval
-        self.passes += 1
         if seconds is None:
             return self.poll_interval
         return min(seconds, self.poll_interval)
