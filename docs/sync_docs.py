@@ -153,6 +153,13 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
                 ("durable.UpgradeRefusal", durable.UpgradeRefusal),
             ],
         ),
+        (
+            "Schedules",
+            [
+                ("durable.Schedule", durable.Schedule),
+                ("durable.ScheduleInfo", durable.ScheduleInfo),
+            ],
+        ),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
         (
             "A throwaway PostgreSQL",

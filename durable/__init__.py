@@ -19,6 +19,7 @@ from durable.errors import (
     RunCancelled,
     RunFailed,
     RunNotFound,
+    ScheduleNotFound,
     SerializationError,
     SignalTimeout,
     SwallowedDatabaseError,
@@ -27,6 +28,7 @@ from durable.errors import (
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
+from durable.schedule import Schedule, ScheduleInfo
 from durable.versions import CheckReport, ShapeDiff, StrandedRuns, UpgradeRefusal, UpgradeReport
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
@@ -55,6 +57,9 @@ __all__ = [
     "RunFilter",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleNotFound",
     "SerializationError",
     "ShapeDiff",
     "SignalTimeout",

@@ -17,6 +17,8 @@ from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
 from durable.runtime.runner import Runner
+from durable.schedule import Schedule
+from durable.scheduler import ScheduleClient, Scheduler
 from durable.sql import Queries
 from durable.versions import announce
 from durable.worker import Worker
@@ -25,7 +27,7 @@ from durable.workflow import Workflow
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Operations):
+class Engine(Operations, ScheduleClient):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
@@ -41,6 +43,8 @@ class Engine(Operations):
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
     to wait for a server that accepts the connection but does not answer.
+    `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
+    the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class Engine(Operations):
         *,
         pool: asyncpg.Pool | None = None,
         workflows: Iterable[Workflow] = (),
+        schedules: Iterable[Schedule] = (),
         schema: str = "durable",
         pool_size: int = 10,
         lease_seconds: float = 30.0,
@@ -70,6 +75,9 @@ class Engine(Operations):
         self._versions = {}
         for wf in workflows:
             self.register(wf)
+        self._schedules = {}
+        for schedule in schedules:
+            self._add_schedule(schedule)
         self._pool = pool
         self._owns_pool = pool is None
         self._pool_size = pool_size
@@ -101,6 +109,19 @@ class Engine(Operations):
                 f"workflow {workflow.name!r} version {workflow.version} is already registered"
             )
         versions[workflow.version] = workflow
+
+    def _add_schedule(self, schedule: Schedule) -> None:
+        if not isinstance(schedule, Schedule):
+            raise DefinitionError(f"expected a durable.Schedule, got {schedule!r}")
+        if schedule.name in self._schedules:
+            raise DefinitionError(f"two schedules are named {schedule.name!r}")
+        if schedule.workflow not in self._versions:
+            known = ", ".join(sorted(self._versions)) or "none"
+            raise DefinitionError(
+                f"schedule {schedule.name!r} starts workflow {schedule.workflow!r}, which is "
+                f"not registered (registered: {known})"
+            )
+        self._schedules[schedule.name] = schedule
 
     @property
     def workflows(self) -> Mapping[str, Workflow]:
@@ -183,6 +204,7 @@ class Engine(Operations):
         workflows = self._registered()
         async with self._acquire() as conn:
             await self._record_shapes(conn, workflows)
+            await self._declare_schedules(conn)
             await announce(conn, self.queries, workflows)
 
     async def run_worker(
@@ -195,20 +217,23 @@ class Engine(Operations):
     ) -> None:
         """Run a worker for every registered workflow until cancelled.
 
-        With a DSN the worker has its own pool (`concurrency` + 3 connections), so web
-        requests using the engine's pool are never starved by jobs.
+        With a DSN the worker has its own pool (`concurrency` + 3 connections, one more
+        when the engine has schedules), so web requests using the engine's pool are never
+        starved by jobs. Each worker also runs the engine's schedules.
         """
         if not self._versions:
             raise ConfigurationError("register at least one workflow before running a worker")
         own_pool = self.dsn is not None
         if not own_pool:
             # Slots hold a connection each; the listener, the poller and a claim count take
-            # one more each, and wait()'s listener one on an engine built on a pool.
-            needed = concurrency + 4
+            # one more each, and wait()'s listener one on an engine built on a pool; the
+            # scheduler one more when there are schedules.
+            needed = concurrency + 4 + bool(self._schedules)
             if self.pool.get_max_size() < needed:
                 raise ConfigurationError(
                     f"the engine's pool holds {self.pool.get_max_size()} connections, but a "
-                    f"worker with concurrency={concurrency} needs {needed} (concurrency + 4); "
+                    f"worker with concurrency={concurrency} needs {needed} "
+                    f"(concurrency + {needed - concurrency}); "
                     "make the pool bigger or the concurrency smaller"
                 )
         pool = (
@@ -217,7 +242,7 @@ class Engine(Operations):
                 # No floor: during an outage asyncpg would log every failed attempt to
                 # refill it; the slots reconnect on demand.
                 min_size=0,
-                max_size=concurrency + 3,
+                max_size=concurrency + 3 + bool(self._schedules),
                 server_settings=self._worker_settings(),
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
@@ -246,10 +271,28 @@ class Engine(Operations):
             isolate=False,
             on_error=runner.on_error,
         )
+        scheduler = (
+            Scheduler(
+                self,
+                pool,
+                poll_interval=poll_interval or self.poll_interval,
+                stopping=lambda: worker.stopping,
+            )
+            if self._schedules
+            else None
+        )
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with anyio.create_task_group() as tg:
+                if scheduler is not None:
+                    tg.start_soon(scheduler.run)
+                await worker.run(task_status=task_status)
+                tg.cancel_scope.cancel()
+
         try:
             await self._announce()
             async with anyio.create_task_group() as tg:
-                await tg.start(worker.run)
+                await tg.start(serve)
                 tg.start_soon(
                     registry.heartbeat, pool, self.queries, worker, sorted(self._versions)
                 )

@@ -112,3 +112,8 @@ class ArgumentTypeError(DurableError, TypeError):
 class IdempotencyConflict(DurableError):
     """Raised by `Engine.start` when its idempotency key already names a run started with
     another input (Stripe-style: a key stands for one request)."""
+
+
+class ScheduleNotFound(DurableError):
+    """Raised when no schedule has the given name (or, for `Engine.trigger`, when this
+    engine does not declare it)."""

@@ -617,3 +617,77 @@ ORDER BY 1;
 -- doctor_job_rows --
 -- The planner's estimate of the job table's rows.
 SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('__SCHEMA__.jobs');
+-- declare_schedule --
+-- Write a schedule as declared in code; a new cron or time zone starts again from the next
+-- tick ($9), anything else keeps the row's position. A row already as declared is left alone.
+INSERT INTO __SCHEMA__.schedules AS s
+    (name, workflow, cron, timezone, input, overlap, catch_up, max_catch_up, next_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)
+ON CONFLICT (name) DO UPDATE
+SET workflow = EXCLUDED.workflow, input = EXCLUDED.input, overlap = EXCLUDED.overlap,
+    catch_up = EXCLUDED.catch_up, max_catch_up = EXCLUDED.max_catch_up,
+    next_at = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                   THEN s.next_at ELSE EXCLUDED.next_at END,
+    cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, updated_at = __SCHEMA__.now_v1()
+WHERE (s.workflow, s.cron, s.timezone, s.input, s.overlap, s.catch_up, s.max_catch_up)
+    IS DISTINCT FROM (EXCLUDED.workflow, EXCLUDED.cron, EXCLUDED.timezone, EXCLUDED.input,
+                      EXCLUDED.overlap, EXCLUDED.catch_up, EXCLUDED.max_catch_up);
+
+-- due_schedule --
+-- The most overdue of these schedules that no other scheduler holds, locked, with the clock.
+SELECT name, cron, timezone, overlap, catch_up, max_catch_up, next_at, last_run_id,
+       __SCHEMA__.now_v1() AS now
+FROM __SCHEMA__.schedules
+WHERE name = ANY ($1::text[]) AND NOT paused AND next_at <= __SCHEMA__.now_v1()
+ORDER BY next_at
+LIMIT 1
+FOR UPDATE SKIP LOCKED;
+
+-- lock_schedule --
+-- A schedule locked for a trigger, pause or resume (waits for a scheduler firing it).
+SELECT name, cron, timezone, overlap, catch_up, max_catch_up, next_at, last_run_id, paused,
+       __SCHEMA__.now_v1() AS now
+FROM __SCHEMA__.schedules
+WHERE name = $1
+FOR UPDATE;
+
+-- schedule_seconds_to_next --
+-- Seconds until the first of these schedules is due (NULL if none is active).
+SELECT extract(epoch FROM min(next_at) - __SCHEMA__.now_v1())::float8
+FROM __SCHEMA__.schedules
+WHERE name = ANY ($1::text[]) AND NOT paused;
+
+-- run_active --
+-- Whether a run exists and has not finished.
+SELECT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = $1 AND finished_at IS NULL);
+
+-- schedule_started --
+-- Remember the run a schedule's tick (or trigger) started.
+UPDATE __SCHEMA__.schedules
+SET last_tick = $2, last_run_id = $3, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1;
+
+-- schedule_advance --
+-- Move a schedule past the ticks it handled.
+UPDATE __SCHEMA__.schedules SET next_at = $2, updated_at = __SCHEMA__.now_v1() WHERE name = $1;
+
+-- pause_schedule --
+-- Pause a schedule; its name if it was running.
+UPDATE __SCHEMA__.schedules SET paused = true, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1 AND NOT paused
+RETURNING name;
+
+-- resume_schedule --
+-- Resume a paused schedule from its next tick ($2).
+UPDATE __SCHEMA__.schedules SET paused = false, next_at = $2, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1 AND paused
+RETURNING name;
+
+-- list_schedules --
+-- Every schedule with the status of the run it started last.
+SELECT s.name, s.workflow, s.cron, s.timezone, s.input::text AS input, s.overlap, s.catch_up,
+       s.max_catch_up, s.paused, s.next_at, s.last_tick, s.last_run_id,
+       r.status AS last_run_status, s.created_at, s.updated_at
+FROM __SCHEMA__.schedules s
+LEFT JOIN __SCHEMA__.runs r ON r.id = s.last_run_id
+ORDER BY s.name;

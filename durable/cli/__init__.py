@@ -24,6 +24,10 @@
     doctor [--json]                 check for stranded runs, old jobs, long transactions...
     dashboard [MODULE:ENGINE] [--host H] [--port P]
                                     serve the web dashboard, admin API and /metrics
+    schedules list                  cron schedules: next tick, last run, paused or not
+    schedules pause|resume NAME     stop / restart a schedule's ticks
+    schedules trigger NAME --app MODULE:ENGINE
+                                    start a run of a schedule now
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
 `--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
@@ -34,8 +38,9 @@ MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotat
 Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
 already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
 was cancelled or did not finish in time, a `check` that found runs this code cannot
-continue, an `upgrade` that refused runs); 2 a usage or configuration error, which retrying
-will not fix (unknown run id, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
+continue, an `upgrade` that refused runs, a schedule already paused or not paused, a trigger
+that overlap="skip" skipped); 2 a usage or configuration error, which retrying will not fix
+(unknown run id or schedule, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
 schema); 3 the database cannot be reached or does not answer (retrying later may work);
 4 an unexpected internal error. With `--json` an error is also written to stdout as
@@ -90,6 +95,12 @@ from durable.cli.parser import (
     UsageError,
     build_parser,
     parse_duration,
+)
+from durable.cli.schedules import (
+    cmd_schedules_list,
+    cmd_schedules_pause,
+    cmd_schedules_resume,
+    cmd_schedules_trigger,
 )
 from durable.cli.targets import is_engine_factory
 from durable.db import is_connection_error, redact
@@ -159,6 +170,9 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "retry": cmd_retry,
     "purge": cmd_purge,
     "doctor": cmd_doctor,
+    "schedules list": cmd_schedules_list,
+    "schedules pause": cmd_schedules_pause,
+    "schedules resume": cmd_schedules_resume,
 }
 
 
@@ -167,6 +181,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     command = args.command
     if command == "runs":
         command = f"runs {args.runs_command}"
+    elif command == "schedules":
+        command = f"schedules {args.schedules_command}"
     if command == "worker":
         return await cmd_worker(args, out)
     if command == "start":
@@ -175,6 +191,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         return await cmd_check(args, out)
     if command == "runs upgrade":
         return await cmd_runs_upgrade(args, out)
+    if command == "schedules trigger":
+        return await cmd_schedules_trigger(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
     if command == "dashboard":

@@ -344,5 +344,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="no token (only with a loopback --host)",
     )
 
+    schedules = sub.add_parser(
+        "schedules",
+        parents=[common],
+        help="list, trigger, pause and resume cron schedules",
+        description=(
+            "Schedules are declared in code (Engine(schedules=[...])) and kept in the "
+            "database. `list`, `pause` and `resume` work on the database (--dsn); `trigger` "
+            "starts a run now and needs the engine that declares the schedule (--app "
+            f"MODULE:ENGINE or ${APP_ENV})."
+        ),
+    )
+    schedules_sub = schedules.add_subparsers(
+        dest="schedules_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    schedules_sub.add_parser("list", parents=[common], help="every schedule, by name")
+    trigger = schedules_sub.add_parser(
+        "trigger", parents=[common], help="start a run now (the schedule's overlap applies)"
+    )
+    trigger.add_argument("name", metavar="NAME")
+    trigger.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine that declares the schedule (default: ${APP_ENV})",
+    )
+    for schedule_verb, text in (
+        ("pause", "stop a schedule's ticks (runs it started go on)"),
+        ("resume", "let a paused schedule tick again, from its next tick"),
+    ):
+        schedules_sub.add_parser(schedule_verb, parents=[common], help=text).add_argument(
+            "name", metavar="NAME"
+        )
+
     sub.add_parser("demo", parents=[common], help="run the order-saga demo")
     return parser
