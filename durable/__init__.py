@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from durable.context import Context, LoopContext
+from durable.context import Context, LoopContext, SyncContext, SyncLoopContext
 from durable.engine import Engine
 from durable.errors import (
     ArgumentError,
@@ -27,6 +27,7 @@ from durable.errors import (
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
+from durable.runtime.threads import SyncConnection
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
@@ -57,6 +58,9 @@ __all__ = [
     "SignalTimeout",
     "Step",
     "SwallowedDatabaseError",
+    "SyncConnection",
+    "SyncContext",
+    "SyncLoopContext",
     "WorkerLost",
     "Workflow",
     "WorkflowNotFound",

@@ -8,7 +8,6 @@ exactly the jobs its state needs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -17,6 +16,7 @@ from ulid import ULID
 
 from durable import metrics
 from durable.arguments import count_arg, run_id_arg, text_arg
+from durable.codec import input_text
 from durable.context import current_run
 from durable.db import Connection, dumps, loads, storable, translated
 from durable.errors import (
@@ -55,13 +55,13 @@ def _run_from_record(row: asyncpg.Record) -> Run:
 class Client(Waiting):
     """The run operations of an `Engine` (see there for how to build one)."""
 
-    _workflows: dict[str, Workflow]
+    _workflows: dict[str, Workflow[Any]]
 
     def __init__(self) -> None:
         super().__init__()
         self._recorded: set[str] = set()  # queues whose shape this engine recorded
 
-    def _workflow(self, workflow: str | Workflow) -> Workflow:
+    def _workflow(self, workflow: str | Workflow[Any]) -> Workflow[Any]:
         name = workflow.name if isinstance(workflow, Workflow) else workflow
         found = self._workflows.get(name)
         if found is None:
@@ -81,26 +81,23 @@ class Client(Waiting):
 
     async def start(
         self,
-        workflow: str | Workflow,
-        input: Mapping[str, Any] | None = None,
+        workflow: str | Workflow[Any],
+        input: Any = None,
         *,
         idempotency_key: str | None = None,
         conn: Connection | None = None,
     ) -> str:
         """Create a run and its first job in one transaction; return the run id (a ULID).
 
-        Nothing is written unless the workflow is registered and `input` serializes to JSON.
-        With `conn`, the run commits (or rolls back) with the caller's transaction. With an
-        `idempotency_key`, a second start with the same key returns the first run's id.
+        `input` is a mapping (a JSON object); for a workflow declared with `input=Model`,
+        a `Model` instance or a mapping, validated against the model (`SerializationError`
+        naming the field) and stored in its JSON form. Nothing is written unless the
+        workflow is registered and the input is valid. With `conn`, the run commits (or
+        rolls back) with the caller's transaction. With an `idempotency_key`, a second
+        start with the same key returns the first run's id.
         """
         wf = self._workflow(workflow)
-        if input is None:
-            input = {}
-        if not isinstance(input, Mapping):
-            raise ArgumentTypeError(
-                f"input must be a mapping (a JSON object), got {type(input).__name__}"
-            )
-        text = dumps(dict(input), f"input of workflow {wf.name!r}")
+        text = input_text(wf.input_codec, input, f"input of workflow {wf.name!r}")
         if idempotency_key is not None:
             text_arg(idempotency_key, "idempotency_key", empty=False)
         args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
@@ -195,6 +192,7 @@ class Client(Waiting):
         name: str,
         payload: Any = None,
         *,
+        dedupe_key: str | None = None,
         conn: Connection | None = None,
     ) -> bool:
         """Send signal `name` with `payload` to a run's mailbox.
@@ -204,22 +202,33 @@ class Client(Waiting):
         True when recorded, False when the run has finished or is compensating (no wait would
         ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
         caller's transaction. A transaction in flight on the run (a node's) commits first.
+
+        `dedupe_key`: the run records one signal per key, however often it is sent (a
+        webhook delivered twice, a client retrying after a timeout): a later signal with a
+        key the run's mailbox already holds, consumed or not, records nothing and returns
+        True. The first one's name and payload stand.
         """
         run_id = run_id_arg(run_id)
         text_arg(name, "signal name", empty=False)
+        if dedupe_key is not None:
+            text_arg(dedupe_key, "dedupe_key", empty=False)
         text = dumps(payload, f"payload of signal {name!r}")
         own = current_run.get() == run_id
+        args = (run_id, name, text, dedupe_key)
         if conn is not None:
-            return await self._signal(conn, run_id, name, text, own)
+            return await self._signal(conn, args, own)
         async with self._acquire() as c:
-            return await self._signal(c, run_id, name, text, own)
+            return await self._signal(c, args, own)
 
-    async def _signal(self, conn: Connection, run_id: str, name: str, text: str, own: bool) -> bool:
+    async def _signal(
+        self, conn: Connection, args: tuple[str, str, str, str | None], own: bool
+    ) -> bool:
+        run_id, name = args[0], args[1]
         with translated():
             if own:
                 # A handler signalling its own run: the run is in this handler, not waiting,
                 # and its lock is held by the handler's own transaction.
-                await conn.execute(self.queries["record_signal"], run_id, name, text)
+                await conn.execute(self.queries["record_signal"], *args)
                 return True
             run = await conn.fetchrow(self.queries["run_queue"], run_id)
             if run is None:
@@ -227,7 +236,7 @@ class Client(Waiting):
             if run["finished"]:
                 return False
             self._check_signal_name(run["queue"], name)
-            accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
+            accepted: bool | None = await conn.fetchval(self.queries["signal"], *args)
         if accepted is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         log.debug(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import anyio
 import asyncpg
@@ -17,6 +18,7 @@ from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
 from durable.runtime.runner import Runner
+from durable.runtime.threads import DEFAULT_THREADS, Threads
 from durable.sql import Queries
 from durable.worker import Worker
 from durable.workflow import Workflow
@@ -40,6 +42,10 @@ class Engine(Operations):
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
     to wait for a server that accepts the connection but does not answer.
+    `threads`: how many plain `def` handlers (and other sync user functions) run at once,
+    on a thread pool the engine's workers share; more wait for a thread, within their
+    attempt's time limits. `server_settings`: PostgreSQL settings for every session the
+    engine and its workers open (`application_name`, `statement_timeout`, ...).
     """
 
     def __init__(
@@ -47,7 +53,7 @@ class Engine(Operations):
         dsn: str | None = None,
         *,
         pool: asyncpg.Pool | None = None,
-        workflows: Iterable[Workflow] = (),
+        workflows: Iterable[Workflow[Any]] = (),
         schema: str = "durable",
         pool_size: int = 10,
         lease_seconds: float = 30.0,
@@ -56,6 +62,8 @@ class Engine(Operations):
         statement_cache_size: int = 256,
         max_claims: int = 5,
         connect_timeout: float = 10.0,
+        threads: int = DEFAULT_THREADS,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -78,6 +86,8 @@ class Engine(Operations):
         self.statement_cache_size = statement_cache_size
         self.max_claims = max_claims
         self.connect_timeout = connect_timeout
+        self.threads = Threads(threads)
+        self.server_settings = dict(server_settings or {})
         super().__init__()
 
     def __repr__(self) -> str:
@@ -86,7 +96,7 @@ class Engine(Operations):
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def register(self, workflow: Workflow) -> None:
+    def register(self, workflow: Workflow[Any]) -> None:
         """Make `workflow` known to this engine (names are unique per engine)."""
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"expected a durable.Workflow, got {workflow!r}")
@@ -98,7 +108,7 @@ class Engine(Operations):
         self._workflows[workflow.name] = workflow
 
     @property
-    def workflows(self) -> Mapping[str, Workflow]:
+    def workflows(self) -> Mapping[str, Workflow[Any]]:
         """The registered workflows by name."""
         return dict(self._workflows)
 
@@ -124,6 +134,7 @@ class Engine(Operations):
                 self.dsn,
                 min_size=1,
                 max_size=self._pool_size,
+                server_settings=self.server_settings,
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
             )
@@ -133,6 +144,7 @@ class Engine(Operations):
     async def close(self) -> None:
         """Close the listener and, if the engine opened it, the pool."""
         await self._close_listener(owned=self.dsn is not None)
+        self.threads.close()
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -220,7 +232,7 @@ class Engine(Operations):
                 # refill it; the slots reconnect on demand.
                 min_size=0,
                 max_size=concurrency + 3,
-                server_settings=self._worker_settings(),
+                server_settings={**self._worker_settings(), **self.server_settings},
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
             )
@@ -234,6 +246,7 @@ class Engine(Operations):
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
+            threads=self.threads,
         )
         worker = Worker(
             pool,
