@@ -137,14 +137,14 @@ class SyncConnection:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _run(self, make: Callable[[], Awaitable[T]]) -> T:
-        if self._closed:
-            raise asyncpg.InterfaceError(_OVER)
         if threading.get_ident() == self._loop_thread:
             raise RuntimeError(
                 "a SyncConnection blocks its thread until the event loop has run the "
                 "statement, so it cannot be used on the event loop's own thread: use it from "
                 "a plain def handler, and ctx.conn of an async def handler with await"
             )
+        if self._closed:
+            raise asyncpg.InterfaceError(_OVER)
         future = asyncio.run_coroutine_threadsafe(self._track(make), self._loop)
         try:
             return future.result()
