@@ -56,13 +56,16 @@ class VirtualClock:
             now: datetime = await conn.fetchval(f"SELECT {engine.queries.schema_sql}.now_v1()")
         return now
 
-    async def advance(self, seconds: float | timedelta) -> None:
+    async def advance(self, seconds: float | timedelta, *, timeout: float = 10.0) -> None:
         """Move the clock forward: sleeps, signal timeouts, retry backoffs, delayed starts
         and schedules that fall due within `seconds` are due at once (run them with
-        `Harness.run_until_idle`). Wake times already stored stay where they are.
+        `Harness.run_until_idle`).
 
-        The worker is stopped (in-flight work finishes) and started again, and the
-        engine's sessions are replaced by sessions that read the new offset.
+        What is due now runs first (as `run_until_idle(timeout=timeout)`), so a run just
+        started or signalled has stored its wake time before the clock moves: time skips
+        only while the engine has nothing to do, as when a week passes in production.
+        Then the worker stops, the engine's sessions are replaced by sessions that read
+        the new offset, and the worker starts again.
         """
         if isinstance(seconds, timedelta):
             seconds = seconds.total_seconds()
@@ -73,6 +76,7 @@ class VirtualClock:
             or seconds < 0
         ):
             raise ArgumentError(f"advance takes seconds >= 0 or a timedelta, got {seconds!r}")
+        await self._harness.run_until_idle(timeout=timeout)
         await self._harness._shift(self.offset + float(seconds))
 
 
