@@ -15,6 +15,7 @@
     runs bulk cancel|retry --status S --workflow W ... [--dry-run]
                                     cancel or retry every run a filter matches
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
+                                    (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     purge --older-than 30d          delete finished runs older than a duration
