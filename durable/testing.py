@@ -13,6 +13,9 @@ work with pytest-asyncio and anyio's plugin alike, whatever the loop scope:
 - `durable_template_sql` (session): SQL run once on the template after durable's
   migrations (None by default); override it to give every test database your
   application's tables.
+
+PYTEST_DONT_REWRITE: the plugin has no assertions for pytest to rewrite, and a test module
+may import `durable.testing.Harness` before pytest loads the plugin.
 """
 
 from __future__ import annotations
