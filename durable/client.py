@@ -116,7 +116,10 @@ class Client(Waiting):
         return run_id
 
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
-        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
+        """The run `run_id`; with `journal=True` also its journal and failed attempts.
+
+        Its input, results and journal are in their JSON form (what is stored), also for a
+        workflow with an `input=` model and handlers with typed results."""
         run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)

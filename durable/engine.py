@@ -86,7 +86,7 @@ class Engine(Operations):
         self.statement_cache_size = statement_cache_size
         self.max_claims = max_claims
         self.connect_timeout = connect_timeout
-        self.threads = Threads(threads)
+        self._threads = Threads(threads)
         self.server_settings = dict(server_settings or {})
         super().__init__()
 
@@ -144,7 +144,7 @@ class Engine(Operations):
     async def close(self) -> None:
         """Close the listener and, if the engine opened it, the pool."""
         await self._close_listener(owned=self.dsn is not None)
-        self.threads.close()
+        self._threads.close()
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -246,7 +246,7 @@ class Engine(Operations):
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
-            threads=self.threads,
+            threads=self._threads,
         )
         worker = Worker(
             pool,

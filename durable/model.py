@@ -53,8 +53,10 @@ class Attempt:
 @dataclass(frozen=True)
 class Run:
     """A snapshot of a run. `results` maps each completed node to its result; `result` is
-    set when the run completed (the mapping of every node's result). `paused`: an operator
-    paused it (`Engine.pause_run`); `forked_from`: the run it was forked from."""
+    set when the run completed (the mapping of every node's result). `input`, `results`
+    and `result` are JSON, as stored: a typed input or result is the object its model
+    encodes to. `paused`: an operator paused it (`Engine.pause_run`); `forked_from`: the
+    run it was forked from."""
 
     id: str
     workflow: str
