@@ -69,6 +69,10 @@ class Client(Waiting):
             raise WorkflowNotFound(f"workflow {name!r} is not registered (registered: {known})")
         return found
 
+    def _by_queue(self, queue: str) -> Workflow[Any] | None:
+        """The registered workflow whose jobs go to `queue` (its name and shape), or None."""
+        return next((w for w in self._workflows.values() if w.queue == queue), None)
+
     async def _record_shapes(self, conn: Connection, workflows: list[Workflow]) -> None:
         """Remember the shape of each workflow's queue in the database (retry reads it)."""
         for wf in workflows:
@@ -251,7 +255,7 @@ class Client(Waiting):
         """Refuse a signal no wait of the run's workflow can consume, when this engine knows
         that workflow and every wait of it has a fixed name (a wait whose name is computed
         could wait for any: then every name is accepted)."""
-        wf = next((w for w in self._workflows.values() if w.queue == queue), None)
+        wf = self._by_queue(queue)
         if wf is None:
             return
         names: set[str] = set()

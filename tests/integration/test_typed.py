@@ -289,3 +289,23 @@ def test_an_input_that_is_not_a_model_class_is_refused() -> None:
     with pytest.raises(durable.DefinitionError, match="field 'when': durable cannot store complex"):
         durable.Workflow("w", input=Opaque)
     assert dataclasses.is_dataclass(Opaque)
+
+
+async def test_a_fork_with_an_edited_input_is_validated_against_the_model(db: Any) -> None:
+    wf = durable.Workflow("typed_fork", input=Line)
+
+    @wf.step(max_attempts=1)
+    async def check(ctx: durable.Context[Line]) -> int:
+        if ctx.input.qty > 5:
+            raise durable.NonRetryable("too many")
+        return ctx.input.qty
+
+    async with running_engine(db, wf) as engine:
+        run_id = await engine.start(wf, Line("A1", 9))
+        with pytest.raises(durable.RunFailed):
+            await engine.wait(run_id, timeout=10)
+        with pytest.raises(durable.SerializationError, match=r"fork of run .* field 'qty'"):
+            await engine.fork(run_id, input={"sku": "A1", "qty": "three"})
+        fork_id = await engine.fork(run_id, input=Line("A1", 2))
+        assert await engine.wait(fork_id, timeout=10) == {"check": 2}
+        assert (await engine.get_run(fork_id)).input == {"sku": "A1", "qty": 2}
