@@ -102,6 +102,7 @@ def marked_examples(text: str) -> Iterator[str]:
 def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
     import durable
     import durable.context
+    import durable.testing
     from durable import server
 
     errors = sorted(
@@ -130,6 +131,9 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             [
                 ("durable.Context", durable.Context),
                 ("durable.context.LoopContext", durable.context.LoopContext),
+                ("durable.SyncContext", durable.SyncContext),
+                ("durable.SyncLoopContext", durable.SyncLoopContext),
+                ("durable.SyncConnection", durable.SyncConnection),
             ],
         ),
         (
@@ -161,6 +165,13 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             ],
         ),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
+        (
+            "Testing",
+            [
+                ("durable.testing.Harness", durable.testing.Harness),
+                ("durable.testing.VirtualClock", durable.testing.VirtualClock),
+            ],
+        ),
         (
             "A throwaway PostgreSQL",
             [("durable.server.LocalPostgres", server.LocalPostgres)],
@@ -270,9 +281,9 @@ def reference() -> str:
         "",
         "# API reference",
         "",
-        "Everything here is importable from `durable`, except `LoopContext`",
-        "(`durable.context.LoopContext`) and `LocalPostgres` (`durable.server`). Every error",
-        "durable raises is a `DurableError`.",
+        "Everything here is importable from `durable`, except the testing harness",
+        "(`durable.testing`, also a pytest plugin) and `LocalPostgres` (`durable.server`).",
+        "Every error durable raises is a `DurableError`.",
         "",
     ]
     for heading, objects in _groups():

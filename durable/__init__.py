@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from durable.context import Context, LoopContext
+from durable.context import Context, LoopContext, SyncContext, SyncLoopContext
 from durable.engine import Engine
 from durable.errors import (
     ArgumentError,
@@ -28,6 +28,7 @@ from durable.errors import (
 )
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
+from durable.runtime.threads import SyncConnection
 from durable.schedule import Schedule, ScheduleInfo
 from durable.versions import CheckReport, ShapeDiff, StrandedRuns, UpgradeRefusal, UpgradeReport
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
@@ -66,6 +67,9 @@ __all__ = [
     "Step",
     "StrandedRuns",
     "SwallowedDatabaseError",
+    "SyncConnection",
+    "SyncContext",
+    "SyncLoopContext",
     "UpgradeRefusal",
     "UpgradeReport",
     "WorkerLost",

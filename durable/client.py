@@ -9,7 +9,6 @@ exactly the jobs its state needs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +17,7 @@ from ulid import ULID
 
 from durable import metrics
 from durable.arguments import count_arg, run_id_arg, text_arg
+from durable.codec import input_text
 from durable.context import current_run
 from durable.db import Connection, dumps, loads, storable, translated
 from durable.errors import (
@@ -61,7 +61,7 @@ class Client(Waiting):
     """The run operations of an `Engine` (see there for how to build one)."""
 
     # name -> version -> definition; every version registered is served side by side.
-    _versions: dict[str, dict[int, Workflow]]
+    _versions: dict[str, dict[int, Workflow[Any]]]
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,6 +103,10 @@ class Client(Waiting):
             )
         return found
 
+    def _by_queue(self, queue: str) -> Workflow[Any] | None:
+        """The registered workflow whose jobs go to `queue` (name, version, shape), or None."""
+        return next((w for w in self._registered() if w.queue == queue), None)
+
     async def _record_shapes(
         self, conn: Connection, workflows: list[Workflow], *, force: bool = False
     ) -> None:
@@ -119,8 +123,8 @@ class Client(Waiting):
 
     async def start(
         self,
-        workflow: str | Workflow,
-        input: Mapping[str, Any] | None = None,
+        workflow: str | Workflow[Any],
+        input: Any = None,
         *,
         idempotency_key: str | None = None,
         conn: Connection | None = None,
@@ -130,19 +134,16 @@ class Client(Waiting):
 
         The run is pinned to `version` of the workflow (default: the highest this engine
         registers; a `Workflow` passed as `workflow` stands for its own version) and to its
-        shape: only workers that register that exact definition continue it. Nothing is
-        written unless that version is registered and `input` serializes to JSON. With
-        `conn`, the run commits (or rolls back) with the caller's transaction. With an
-        `idempotency_key`, a second start with the same key returns the first run's id.
+        shape: only workers that register that exact definition continue it. `input` is a
+        mapping (a JSON object); for a workflow declared with `input=Model`, a `Model`
+        instance or a mapping, validated against the model (`SerializationError` naming the
+        field) and stored in its JSON form. Nothing is written unless that version is
+        registered and the input is valid. With `conn`, the run commits (or rolls back) with
+        the caller's transaction. With an `idempotency_key`, a second start with the same
+        key returns the first run's id.
         """
         wf = self._workflow(workflow, version)
-        if input is None:
-            input = {}
-        if not isinstance(input, Mapping):
-            raise ArgumentTypeError(
-                f"input must be a mapping (a JSON object), got {type(input).__name__}"
-            )
-        text = dumps(dict(input), f"input of workflow {wf.name!r}")
+        text = input_text(wf.input_codec, input, f"input of workflow {wf.name!r}")
         if idempotency_key is not None:
             text_arg(idempotency_key, "idempotency_key", empty=False)
         args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
@@ -161,7 +162,10 @@ class Client(Waiting):
         return run_id
 
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
-        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
+        """The run `run_id`; with `journal=True` also its journal and failed attempts.
+
+        Its input, results and journal are in their JSON form (what is stored), also for a
+        workflow with an `input=` model and handlers with typed results."""
         run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
@@ -240,6 +244,7 @@ class Client(Waiting):
         name: str,
         payload: Any = None,
         *,
+        dedupe_key: str | None = None,
         conn: Connection | None = None,
     ) -> bool:
         """Send signal `name` with `payload` to a run's mailbox.
@@ -249,22 +254,33 @@ class Client(Waiting):
         True when recorded, False when the run has finished or is compensating (no wait would
         ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
         caller's transaction. A transaction in flight on the run (a node's) commits first.
+
+        `dedupe_key`: the run records one signal per key, however often it is sent (a
+        webhook delivered twice, a client retrying after a timeout): a later signal with a
+        key the run's mailbox already holds, consumed or not, records nothing and returns
+        True. The first one's name and payload stand.
         """
         run_id = run_id_arg(run_id)
         text_arg(name, "signal name", empty=False)
+        if dedupe_key is not None:
+            text_arg(dedupe_key, "dedupe_key", empty=False)
         text = dumps(payload, f"payload of signal {name!r}")
         own = current_run.get() == run_id
+        args = (run_id, name, text, dedupe_key)
         if conn is not None:
-            return await self._signal(conn, run_id, name, text, own)
+            return await self._signal(conn, args, own)
         async with self._acquire() as c:
-            return await self._signal(c, run_id, name, text, own)
+            return await self._signal(c, args, own)
 
-    async def _signal(self, conn: Connection, run_id: str, name: str, text: str, own: bool) -> bool:
+    async def _signal(
+        self, conn: Connection, args: tuple[str, str, str, str | None], own: bool
+    ) -> bool:
+        run_id, name = args[0], args[1]
         with translated():
             if own:
                 # A handler signalling its own run: the run is in this handler, not waiting,
                 # and its lock is held by the handler's own transaction.
-                await conn.execute(self.queries["record_signal"], run_id, name, text)
+                await conn.execute(self.queries["record_signal"], *args)
                 return True
             run = await conn.fetchrow(self.queries["run_queue"], run_id)
             if run is None:
@@ -272,7 +288,7 @@ class Client(Waiting):
             if run["finished"]:
                 return False
             self._check_signal_name(run["queue"], name)
-            accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
+            accepted: bool | None = await conn.fetchval(self.queries["signal"], *args)
         if accepted is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         log.debug(
@@ -284,7 +300,7 @@ class Client(Waiting):
         """Refuse a signal no wait of the run's workflow can consume, when this engine knows
         that workflow and every wait of it has a fixed name (a wait whose name is computed
         could wait for any: then every name is accepted)."""
-        wf = next((w for w in self._registered() if w.queue == queue), None)
+        wf = self._by_queue(queue)
         if wf is None:
             return
         names: set[str] = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 import anyio
 import asyncpg
@@ -17,6 +18,7 @@ from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
 from durable.runtime.runner import Runner
+from durable.runtime.threads import DEFAULT_THREADS, Threads
 from durable.schedule import Schedule
 from durable.scheduler import ScheduleClient, Scheduler
 from durable.sql import Queries
@@ -45,6 +47,10 @@ class Engine(Operations, ScheduleClient):
     to wait for a server that accepts the connection but does not answer.
     `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
     the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
+    `threads`: how many plain `def` handlers (and other sync user functions) run at once,
+    on a thread pool the engine's workers share; more wait for a thread, within their
+    attempt's time limits. `server_settings`: PostgreSQL settings for every session the
+    engine and its workers open (`application_name`, `statement_timeout`, ...).
     """
 
     def __init__(
@@ -52,7 +58,7 @@ class Engine(Operations, ScheduleClient):
         dsn: str | None = None,
         *,
         pool: asyncpg.Pool | None = None,
-        workflows: Iterable[Workflow] = (),
+        workflows: Iterable[Workflow[Any]] = (),
         schedules: Iterable[Schedule] = (),
         schema: str = "durable",
         pool_size: int = 10,
@@ -62,6 +68,8 @@ class Engine(Operations, ScheduleClient):
         statement_cache_size: int = 256,
         max_claims: int = 5,
         connect_timeout: float = 10.0,
+        threads: int = DEFAULT_THREADS,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -87,6 +95,8 @@ class Engine(Operations, ScheduleClient):
         self.statement_cache_size = statement_cache_size
         self.max_claims = max_claims
         self.connect_timeout = connect_timeout
+        self._threads = Threads(threads)
+        self.server_settings = dict(server_settings or {})
         super().__init__()
 
     def __repr__(self) -> str:
@@ -95,7 +105,7 @@ class Engine(Operations, ScheduleClient):
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def register(self, workflow: Workflow) -> None:
+    def register(self, workflow: Workflow[Any]) -> None:
         """Make `workflow` known to this engine. Several versions of one name may be
         registered, and are served side by side; a (name, version) pair is unique."""
         if not isinstance(workflow, Workflow):
@@ -124,13 +134,13 @@ class Engine(Operations, ScheduleClient):
         self._schedules[schedule.name] = schedule
 
     @property
-    def workflows(self) -> Mapping[str, Workflow]:
+    def workflows(self) -> Mapping[str, Workflow[Any]]:
         """The registered workflows by name: the highest version of each (what `start`
         and child workflows use unless told otherwise)."""
         return {name: v[max(v)] for name, v in sorted(self._versions.items())}
 
     @property
-    def versions(self) -> Mapping[str, Mapping[int, Workflow]]:
+    def versions(self) -> Mapping[str, Mapping[int, Workflow[Any]]]:
         """Every registered workflow by name, then version."""
         return {name: dict(sorted(v.items())) for name, v in sorted(self._versions.items())}
 
@@ -156,6 +166,7 @@ class Engine(Operations, ScheduleClient):
                 self.dsn,
                 min_size=1,
                 max_size=self._pool_size,
+                server_settings=self.server_settings,
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
             )
@@ -165,6 +176,7 @@ class Engine(Operations, ScheduleClient):
     async def close(self) -> None:
         """Close the listener and, if the engine opened it, the pool."""
         await self._close_listener(owned=self.dsn is not None)
+        self._threads.close()
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -243,7 +255,7 @@ class Engine(Operations, ScheduleClient):
                 # refill it; the slots reconnect on demand.
                 min_size=0,
                 max_size=concurrency + 3 + bool(self._schedules),
-                server_settings=self._worker_settings(),
+                server_settings={**self._worker_settings(), **self.server_settings},
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
             )
@@ -257,6 +269,7 @@ class Engine(Operations, ScheduleClient):
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
+            threads=self._threads,
         )
         worker = Worker(
             pool,

@@ -54,8 +54,9 @@ class Attempt:
 class Run:
     """A snapshot of a run. `results` maps each completed node to its result; `result` is
     set when the run completed (the mapping of every node's result); `version` is the
-    version of its workflow the run is pinned to. `paused`: an operator paused it
-    (`Engine.pause_run`); `forked_from`: the run it was forked from."""
+    version of its workflow the run is pinned to. `input`, `results` and `result` are JSON,
+    as stored: a typed input or result is the object its model encodes to. `paused`: an
+    operator paused it (`Engine.pause_run`); `forked_from`: the run it was forked from."""
 
     id: str
     workflow: str

@@ -79,7 +79,8 @@ class Waiting:
             self._listener = None
 
     async def wait(self, run_id: str, timeout: float | None = None) -> Any:
-        """Wait until the run finishes; return its result.
+        """Wait until the run finishes; return its result, in its JSON form (typed results
+        are the dicts they are stored as, not model instances).
 
         Raises `RunFailed` or `RunCancelled` (carrying the final `Run`), `RunNotFound`, or
         `TimeoutError` after `timeout` seconds. Woken by the run's own final transaction.

@@ -783,6 +783,34 @@ BEGIN
 END
 $$;
 
+-- signal_v1 with a dedupe key: when the run's mailbox already holds a signal with key
+-- `p_dedupe` (consumed or not), nothing is recorded and the answer is still true. A NULL
+-- key records the signal as signal_v1 does.
+CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
+    p_run text, p_name text, p_payload text, p_dedupe text
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    SELECT status INTO v_status FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_status IN ('completed', 'failed', 'cancelled', 'compensating') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO __SCHEMA__.signals (run_id, name, payload, dedupe_key)
+    VALUES (p_run, p_name, p_payload::jsonb, p_dedupe)
+    ON CONFLICT (run_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
+    IF FOUND THEN
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    END IF;
+    RETURN true;
+END
+$$;
+
 -- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,
 -- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.

@@ -295,13 +295,14 @@ SELECT status, result::text AS result, error FROM __SCHEMA__.runs WHERE id = $1;
 SELECT __SCHEMA__.start_run_v1($1, $2, $3, $4, $5, $6, NULL, NULL);
 
 -- signal --
--- Put a signal in a run's mailbox and wake the run if it waits for it.
-SELECT __SCHEMA__.signal_v1($1, $2, $3);
+-- Put a signal in a run's mailbox (once per dedupe key) and wake the run if it waits for it.
+SELECT __SCHEMA__.signal_v2($1, $2, $3, $4);
 
 -- record_signal --
 -- Put a signal in the mailbox of the run whose handler sends it (that run is not waiting:
--- it runs this handler).
-INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES ($1, $2, $3::jsonb);
+-- it runs this handler), once per dedupe key.
+INSERT INTO __SCHEMA__.signals (run_id, name, payload, dedupe_key) VALUES ($1, $2, $3::jsonb, $4)
+ON CONFLICT (run_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
 
 -- cancel --
 -- Cancel a run and its unfinished children (NULL: no such run).

@@ -136,6 +136,7 @@ CREATE TABLE __SCHEMA__.cancel_requests (
 );
 
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
+-- A signal sent with a dedupe key is recorded once per run, however often it is sent.
 CREATE TABLE __SCHEMA__.signals (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
@@ -144,11 +145,14 @@ CREATE TABLE __SCHEMA__.signals (
     created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     consumed_by text,
     consumed_at timestamptz,
+    dedupe_key text,
     CHECK ((consumed_by IS NULL) = (consumed_at IS NULL))
 );
 CREATE INDEX signals_pending_idx ON __SCHEMA__.signals (run_id, name, id)
     WHERE consumed_at IS NULL;
 CREATE INDEX signals_run_idx ON __SCHEMA__.signals (run_id);
+CREATE UNIQUE INDEX signals_dedupe_idx ON __SCHEMA__.signals (run_id, dedupe_key)
+    WHERE dedupe_key IS NOT NULL;
 
 -- The job queue. Rows are deleted in the transaction that commits their work, so the table
 -- holds only live jobs. `run_at` is on the database clock; a job leased to a

@@ -18,6 +18,7 @@
     runs upgrade WORKFLOW --from N [--to M] --app MODULE:ENGINE [--dry-run]
                                     move unfinished runs to another version
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
+                                    (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     purge --older-than 30d          delete finished runs older than a duration

@@ -124,7 +124,9 @@ async def cmd_signal(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
         try:
-            recorded = await engine.signal(args.run_id, args.name, payload)
+            recorded = await engine.signal(
+                args.run_id, args.name, payload, dedupe_key=args.dedupe_key
+            )
         except ValueError as exc:  # e.g. an empty signal name
             raise UsageError(str(exc)) from None
     finally:

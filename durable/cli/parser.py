@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("run_id", metavar="ID")
     sig.add_argument("name", metavar="NAME")
     sig.add_argument("payload", metavar="JSON", nargs="?", default=None, help="a JSON value")
+    sig.add_argument(
+        "--dedupe-key",
+        metavar="KEY",
+        default=None,
+        help="record the signal once per run for this key, however often it is sent",
+    )
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
     cancel.add_argument("run_id", metavar="ID")

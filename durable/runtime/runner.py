@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, cast
 
 import asyncpg
 
+from durable.codec import returns
 from durable.db import Connection
 from durable.errors import DefinitionChanged
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
@@ -24,6 +25,7 @@ from durable.runtime import apply, compensation, lease
 from durable.runtime.apply import Follow
 from durable.runtime.attempt import run_attempt
 from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, step
+from durable.runtime.threads import Threads
 from durable.runtime.transition import (
     BranchDone,
     Cancel,
@@ -98,6 +100,7 @@ class Runner:
         lease_seconds: float = 30.0,
         transaction_timeout: float | None = 60.0,
         max_claims: int = 5,
+        threads: Threads | None = None,
     ) -> None:
         self.q = queries
         self.pool = pool
@@ -112,7 +115,9 @@ class Runner:
         self.jobs = JobQueue(queries)
         # Follow job id -> what this worker knows of the run it handed on to itself.
         self._memos: dict[int, _Memo] = {}
-        self.shared = Shared(queries, transaction_timeout, max_claims, self.by_name)
+        self.shared = Shared(
+            queries, transaction_timeout, max_claims, self.by_name, threads or Threads()
+        )
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -376,12 +381,14 @@ class Runner:
         ctx = v.detached_context(node.name)
 
         async def attempt() -> Outcome:
+            what = f"step {node.name!r}"
             return await run_attempt(
                 ctx,
-                f"step {node.name!r}",
-                lambda: node.fn(ctx),
+                what,
+                lambda: v.invoke(node.fn, ctx),
                 timeout=node.timeout,
                 transaction_timeout=None,
+                returns=returns(node.fn, what),
             )
 
         async def extend(c: Connection, seconds: float) -> bool:

@@ -714,6 +714,21 @@ async def test_signal_wakes_a_waiting_run(db: Database) -> None:
     assert_clean_error(unknown, 2, "no run")
 
 
+async def test_signal_with_a_dedupe_key_is_recorded_once(db: Database) -> None:
+    wf = durable.Workflow("cli_dedupe")
+    wf.wait_for_signal("paid", "paid")
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine:
+        run_id = await engine.start("cli_dedupe", {})
+        for _ in range(2):
+            sent = await cli("--dsn", db.dsn, "signal", run_id, "paid", "1", "--dedupe-key", "e1")
+            assert sent.code == 0, sent
+        async with engine.pool.acquire() as conn:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM durable.signals WHERE run_id = $1", run_id
+            )
+    assert n == 1
+
+
 @needs_retry
 async def test_retry_re_runs_a_failed_run(db: Database) -> None:
     wf = durable.Workflow("cli_gate")

@@ -21,7 +21,7 @@ async def undo(ctx: durable.Context) -> None:
     return None
 
 
-def sync_handler(ctx: durable.Context) -> int:
+def sync_handler(ctx: durable.SyncContext) -> int:
     return 1
 
 
@@ -78,29 +78,33 @@ def test_duplicate_node_names_via_the_decorator_are_refused() -> None:
 # -- handlers ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [sync_handler, lambda ctx: 1, "handler", 42])
-def test_handlers_must_be_async(fn: object) -> None:
+@pytest.mark.parametrize("fn", ["handler", 42])
+def test_handlers_must_be_functions(fn: object) -> None:
     wf = durable.Workflow("w")
     with pytest.raises(durable.DefinitionError):
         wf.step("a", fn)  # type: ignore[call-overload]
     assert wf.nodes == ()
 
 
-@pytest.mark.parametrize("fn", [sync_handler, lambda ctx: 1, "undo", 42])
-def test_compensators_must_be_async(fn: object) -> None:
+@pytest.mark.parametrize("fn", ["undo", 42])
+def test_compensators_must_be_functions(fn: object) -> None:
     wf = durable.Workflow("w")
     with pytest.raises(durable.DefinitionError):
         wf.step("a", handler, compensate=fn)  # type: ignore[arg-type]
     assert wf.nodes == ()
 
 
-def test_sync_function_through_the_decorator_is_refused() -> None:
+def test_plain_functions_are_handlers_too() -> None:
+    # They run on the engine's threads (tests/integration/test_sync_handlers.py).
     wf = durable.Workflow("w")
-    with pytest.raises(durable.DefinitionError):
-        wf.step(sync_handler)  # type: ignore[type-var]
-    with pytest.raises(durable.DefinitionError):
-        wf.step(max_attempts=2)(sync_handler)  # type: ignore[type-var]
-    assert wf.nodes == ()
+    wf.step(sync_handler)
+    wf.step("b", lambda ctx: 1, compensate=sync_handler)
+    wf.loop("c", lambda ctx, i: i < 2, sync_handler)
+    wf.parallel("d", {"x": sync_handler, "y": handler})
+    assert [n.name for n in wf.nodes] == ["sync_handler", "b", "c", "d"]
+    node = wf.nodes[0]
+    assert isinstance(node, Step)
+    assert node.fn is sync_handler
 
 
 def test_async_callable_objects_are_handlers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from durable.codec import returns
 from durable.errors import WorkerLost
 from durable.runtime.transition import (
     Complete,
@@ -28,7 +29,14 @@ async def visit(v: Visit, step: Step) -> Transition:
     if not step.transactional:
         return Lease()
     ctx = v.context(step.name)
-    out = await v.call(f"step {step.name!r}", ctx, lambda: step.fn(ctx), timeout=step.timeout)
+    what = f"step {step.name!r}"
+    out = await v.call(
+        what,
+        ctx,
+        lambda: v.invoke(step.fn, ctx),
+        timeout=step.timeout,
+        returns=returns(step.fn, what),
+    )
     if isinstance(out, Err):
         return after_failure(s, step.name, out.error, step.max_attempts, step.backoff)
     return Complete(out.text)
