@@ -7,6 +7,7 @@ exactly the jobs its state needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import timedelta
@@ -125,9 +126,21 @@ class Client(Waiting):
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
 
+    def _read_acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A connection for reads that may lag behind the primary (the engine's read
+        replica, when it has one)."""
+        return self._acquire()
+
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
-        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
-        async with self._acquire() as conn:
+        """The run `run_id`; with `journal=True` also its journal and failed attempts.
+
+        With `Engine(read_dsn=...)` it reads the replica, which may lag: a run just started
+        may not be there yet (`RunNotFound`), or show an older state.
+        """
+        return await self._fetch_run(run_id, primary=False, journal=journal)
+
+    async def _fetch_run(self, run_id: str, *, primary: bool, journal: bool = False) -> Run:
+        async with self._acquire() if primary else self._read_acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
             if row is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
@@ -166,12 +179,15 @@ class Client(Waiting):
         workflow: str | None = None,
         limit: int = 50,
     ) -> list[Run]:
-        """Runs, newest first, optionally of one status and/or workflow."""
+        """Runs, newest first, optionally of one status and/or workflow.
+
+        With `Engine(read_dsn=...)` it reads the replica, which may lag behind the primary.
+        """
         if status is not None:
             status = RunStatus(status).value
         if limit < 1:
             raise ArgumentError(f"limit must be >= 1, got {limit}")
-        async with self._acquire() as conn:
+        async with self._read_acquire() as conn:
             rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
         return [_run_from_record(r) for r in rows]
 
