@@ -17,8 +17,9 @@
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
 `--dsn` defaults to `$DURABLE_DSN`; `runs list` and `runs show` read from `--read-dsn`
-(default `$DURABLE_READ_DSN`, a read replica that may lag) instead when one is given. `worker` and `start` use the DSN of the engine MODULE
-defines; a different `--dsn` is ignored with a warning that names both (passwords hidden).
+(default `$DURABLE_READ_DSN`, a read replica that may lag) instead when one is given.
+`worker` and `start` use the DSN of the engine MODULE defines; a different `--dsn` is
+ignored with a warning that names both (passwords hidden).
 MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotated
 `-> durable.Engine` (anything else is refused without being called).
 
