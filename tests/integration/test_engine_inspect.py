@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from helpers import open_engine, running_engine, until_attempts
+from helpers import eventually, open_engine, running_engine, until_attempts
 
 import durable
 
@@ -302,3 +302,52 @@ async def test_engine_with_a_pool_waits_promptly(db: Any) -> None:
             assert time.monotonic() - began < 2.0
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["dsn", "pool"])
+async def test_wait_listens_again_after_losing_its_listener(
+    db: Any, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """The LISTEN connection dies (a terminated backend, a failover) while wait() waits:
+    wait() listens again and re-reads the run, so the run's final NOTIFY still wakes it.
+    Without that only the periodic re-check (made an hour here) would."""
+    monkeypatch.setattr("durable.waiting._WAIT_RECHECK", 3600.0)
+    wf = durable.Workflow("relisten")
+    wf.wait_for_signal("go", "go")
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=12) if pooled else None
+    engine = (
+        durable.Engine(pool=pool, workflows=[wf])
+        if pool
+        else durable.Engine(db.dsn, workflows=[wf])
+    )
+    try:
+        async with engine, engine.worker(concurrency=2, poll_interval=0.05, grace_period=2):
+            run_id = await engine.start(wf)
+            outcome: list[Any] = []
+
+            async def waiter() -> None:
+                outcome.append(await engine.wait(run_id, timeout=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                listen_sql = f"LISTEN %{engine.queries.schema}_runs%"
+
+                async def listener(besides: int | None = None) -> int | None:
+                    pid: int | None = await engine.pool.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query ILIKE $1 AND pid IS DISTINCT FROM $2",
+                        listen_sql,
+                        besides,
+                    )
+                    return pid
+
+                old = await eventually(listener)
+                assert await engine.pool.fetchval("SELECT pg_terminate_backend($1)", old)
+                await eventually(lambda: listener(besides=old))  # listening again
+                sent = time.monotonic()
+                assert await engine.signal(run_id, "go", {"ok": 1})
+            assert outcome == [{"go": {"ok": 1}}]
+            assert time.monotonic() - sent < 5
+    finally:
+        if pool is not None:
+            await pool.close()
