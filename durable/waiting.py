@@ -137,8 +137,9 @@ class Waiting:
 
         Once the database has answered this wait (`reached`), a lost connection is retried
         with backoff, the caller's timeout bounding it; before, it raises at once. Asking
-        again costs nothing once the flag is set, and restores it after a failover to a
-        standby that had not received it (asynchronous replication).
+        again is a statement that changes nothing once the run is watched, and watches it
+        again after a failover to a standby that had not received the first request
+        (asynchronous replication).
         """
         delay = 0.1
         while True:
