@@ -8,6 +8,7 @@ exactly the jobs its state needs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -161,13 +162,24 @@ class Client(Waiting):
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
 
+    def _read_acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A connection for reads that may lag behind the primary (the engine's read
+        replica, when it has one)."""
+        return self._acquire()
+
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
         """The run `run_id`; with `journal=True` also its journal and failed attempts.
 
         Its input, results and journal are in their JSON form (what is stored), also for a
-        workflow with an `input=` model and handlers with typed results."""
+        workflow with an `input=` model and handlers with typed results. With
+        `Engine(read_dsn=...)` it reads the replica, which may lag: a run just started may
+        not be there yet (`RunNotFound`), or show an older state.
+        """
+        return await self._fetch_run(run_id, primary=False, journal=journal)
+
+    async def _fetch_run(self, run_id: str, *, primary: bool, journal: bool = False) -> Run:
         run_id = run_id_arg(run_id)
-        async with self._acquire() as conn:
+        async with self._acquire() if primary else self._read_acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
             if row is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
@@ -213,7 +225,8 @@ class Client(Waiting):
     ) -> list[Run]:
         """Runs, newest first, optionally of one status, workflow and/or version, created
         in [`created_after`, `created_before`), whose id or idempotency key is `search`.
-        Pages go by keyset: `before` is the id of the last run of the previous page."""
+        Pages go by keyset: `before` is the id of the last run of the previous page. With
+        `Engine(read_dsn=...)` it reads the replica, which may lag behind the primary."""
         if status is not None:
             try:
                 status = RunStatus(status).value
@@ -231,7 +244,7 @@ class Client(Waiting):
         if version is not None:
             count_arg(version, "version")
         args = (status, workflow, limit, created_after, created_before, search, before, version)
-        async with self._acquire() as conn, conn.transaction():
+        async with self._read_acquire() as conn, conn.transaction():
             await conn.execute(self.queries["custom_plans"])
             rows = await conn.fetch(self.queries["list_runs"], *args)
         return [_run_from_record(r) for r in rows]

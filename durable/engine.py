@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import Any
 
 import anyio
@@ -44,7 +44,11 @@ class Engine(Operations, ScheduleClient):
     mode (for starting runs and sending signals; workers need session mode).
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
-    to wait for a server that accepts the connection but does not answer.
+    to wait for a server that accepts the connection but does not answer (with a
+    multi-host DSN, for all its hosts together).
+    `read_dsn`: a read replica (a streaming standby) for `get_run` and `list_runs`, on a
+    pool of its own (`pool_size` connections at most); it may lag behind the primary.
+    Everything that changes a run, and `wait()`, uses the primary.
     `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
     the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
     `threads`: how many plain `def` handlers (and other sync user functions) run at once,
@@ -70,6 +74,7 @@ class Engine(Operations, ScheduleClient):
         connect_timeout: float = 10.0,
         threads: int = DEFAULT_THREADS,
         server_settings: Mapping[str, str] | None = None,
+        read_dsn: str | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -78,6 +83,8 @@ class Engine(Operations, ScheduleClient):
         if isinstance(max_claims, bool) or not isinstance(max_claims, int) or max_claims < 1:
             raise ConfigurationError(f"max_claims must be an integer >= 1, got {max_claims!r}")
         self.dsn = dsn
+        self.read_dsn = read_dsn
+        self._read_pool: asyncpg.Pool | None = None
         self.queries = Queries(schema)
         self.schema = schema
         self._versions = {}
@@ -101,6 +108,8 @@ class Engine(Operations, ScheduleClient):
 
     def __repr__(self) -> str:
         where = redact(self.dsn) if self.dsn else "pool"
+        if self.read_dsn:
+            where += f", read_dsn={redact(self.read_dsn)}"
         return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._versions)})"
 
     # -- set-up ----------------------------------------------------------------------------
@@ -158,25 +167,44 @@ class Engine(Operations, ScheduleClient):
     def _acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
         return acquire(self.pool, redact(self.dsn) if self.dsn else "the engine's pool")
 
+    def _read_acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        if self._read_pool is None:
+            return self._acquire()
+        assert self.read_dsn is not None
+        return acquire(self._read_pool, redact(self.read_dsn))
+
+    def _open_pool(self, dsn: str) -> Awaitable[asyncpg.Pool]:
+        return create_pool(
+            dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            server_settings=self.server_settings,
+            statement_cache_size=self.statement_cache_size,
+            connect_timeout=self.connect_timeout,
+        )
+
     async def open(self, *, migrate: bool = True) -> None:
-        """Open the pool (when given a DSN) and, by default, apply pending migrations."""
-        if self._pool is None:
-            assert self.dsn is not None
-            self._pool = await create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                server_settings=self.server_settings,
-                statement_cache_size=self.statement_cache_size,
-                connect_timeout=self.connect_timeout,
-            )
-        if migrate:
-            await self.migrate()
+        """Open the pool (when given a DSN) and the read replica's pool (when given a
+        `read_dsn`) and, by default, apply pending migrations."""
+        try:
+            if self._pool is None:
+                assert self.dsn is not None
+                self._pool = await self._open_pool(self.dsn)
+            if self.read_dsn is not None and self._read_pool is None:
+                self._read_pool = await self._open_pool(self.read_dsn)
+            if migrate:
+                await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        """Close the listener and, if the engine opened it, the pool."""
+        """Close the listener and the pools the engine opened."""
         await self._close_listener(owned=self.dsn is not None)
         self._threads.close()
+        if self._read_pool is not None:
+            await self._read_pool.close()
+            self._read_pool = None
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -17,6 +17,7 @@
                                     cancel or retry every run a filter matches
     runs upgrade WORKFLOW --from N [--to M] --app MODULE:ENGINE [--dry-run]
                                     move unfinished runs to another version
+                                    (both read a replica with --read-dsn)
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
                                     (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)
@@ -31,8 +32,10 @@
                                     start a run of a schedule now
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
-`--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
-defines; a different `--dsn` is ignored with a warning that names both (passwords hidden).
+`--dsn` defaults to `$DURABLE_DSN`; `runs list` and `runs show` read from `--read-dsn`
+(default `$DURABLE_READ_DSN`, a read replica that may lag) instead when one is given.
+`worker` and `start` use the DSN of the engine MODULE defines; a different `--dsn` is
+ignored with a warning that names both (passwords hidden).
 MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotated
 `-> durable.Engine` (anything else is refused without being called).
 
@@ -201,9 +204,12 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     handler = _NEEDS_DSN[command]
     if command == "purge":
         parse_duration(args.older_than)  # a bad duration is reported before any connection
-    if not args.dsn:
+    dsn = args.dsn
+    if command.startswith("runs ") and args.read_dsn:
+        dsn = args.dsn_for_errors = args.read_dsn
+    if not dsn:
         raise UsageError(f"no database given: pass --dsn postgresql://... or set {DSN_ENV}")
-    return await handler(args, args.dsn, out)
+    return await handler(args, dsn, out)
 
 
 def _error_json(code: int, exc: BaseException, message: str) -> dict[str, Any]:

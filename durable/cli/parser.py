@@ -19,6 +19,7 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERNAL = 4
 
 DSN_ENV = "DURABLE_DSN"
+READ_DSN_ENV = "DURABLE_READ_DSN"
 APP_ENV = "DURABLE_APP"
 
 
@@ -182,18 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds --wait waits (default 60)",
     )
 
+    # Listings may read a replica: they decide nothing, and a replica's lag only delays
+    # what they show.
+    reads = _Parser(add_help=False)
+    reads.add_argument(
+        "--read-dsn",
+        default=os.environ.get(READ_DSN_ENV) or None,
+        metavar="DSN",
+        help=f"read from this replica instead of --dsn (default: ${READ_DSN_ENV}); it may lag",
+    )
     runs = sub.add_parser("runs", parents=[common], help="list and inspect runs")
     runs_sub = runs.add_subparsers(
         dest="runs_command", metavar="ACTION", parser_class=_Parser, required=True
     )
-    runs_list = runs_sub.add_parser("list", parents=[common], help="runs, newest first")
+    runs_list = runs_sub.add_parser("list", parents=[common, reads], help="runs, newest first")
     runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
     runs_list.add_argument("--workflow")
     runs_list.add_argument("--limit", type=_positive_int, default=50)
 
     runs_list.add_argument("--workflow-version", metavar="N", type=_positive_int)
 
-    runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
+    runs_show = runs_sub.add_parser("show", parents=[common, reads], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
 
     for verb, text in (

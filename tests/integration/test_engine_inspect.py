@@ -27,14 +27,14 @@ def no_polls(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def reading(engine: durable.Engine, read: anyio.Event) -> None:
     """Set `read` when `engine.wait` has read its run (and so waits for a notification)."""
-    get_run = engine.get_run
+    fetch_run = engine._fetch_run
 
-    async def spy(run_id: str, *, journal: bool = False) -> durable.Run:
-        run = await get_run(run_id, journal=journal)
+    async def spy(run_id: str, *, primary: bool, journal: bool = False) -> durable.Run:
+        run = await fetch_run(run_id, primary=primary, journal=journal)
         read.set()
         return run
 
-    engine.get_run = spy  # type: ignore[method-assign]
+    engine._fetch_run = spy  # type: ignore[method-assign]
 
 
 async def until_watched(engine: durable.Engine, run_id: str) -> None:
@@ -337,3 +337,52 @@ async def test_engine_with_a_pool_waits_promptly(db: Any, no_polls: None) -> Non
                 assert await engine.wait(run_id, timeout=None) == {"work": 1}
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["dsn", "pool"])
+async def test_wait_listens_again_after_losing_its_listener(
+    db: Any, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """The LISTEN connection dies (a terminated backend, a failover) while wait() waits:
+    wait() listens again and re-reads the run, so the run's final NOTIFY still wakes it.
+    Without that only the periodic re-check (made an hour here) would."""
+    monkeypatch.setattr("durable.waiting._WAIT_RECHECK", 3600.0)
+    wf = durable.Workflow("relisten")
+    wf.wait_for_signal("go", "go")
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=12) if pooled else None
+    engine = (
+        durable.Engine(pool=pool, workflows=[wf])
+        if pool
+        else durable.Engine(db.dsn, workflows=[wf])
+    )
+    try:
+        async with engine, engine.worker(concurrency=2, poll_interval=0.05, grace_period=2):
+            run_id = await engine.start(wf)
+            outcome: list[Any] = []
+
+            async def waiter() -> None:
+                outcome.append(await engine.wait(run_id, timeout=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                listen_sql = f"LISTEN %{engine.queries.schema}_runs%"
+
+                async def listener(besides: int | None = None) -> int | None:
+                    pid: int | None = await engine.pool.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query ILIKE $1 AND pid IS DISTINCT FROM $2",
+                        listen_sql,
+                        besides,
+                    )
+                    return pid
+
+                old = await eventually(listener)
+                assert await engine.pool.fetchval("SELECT pg_terminate_backend($1)", old)
+                await eventually(lambda: listener(besides=old))  # listening again
+                sent = time.monotonic()
+                assert await engine.signal(run_id, "go", {"ok": 1})
+            assert outcome == [{"go": {"ok": 1}}]
+            assert time.monotonic() - sent < 5
+    finally:
+        if pool is not None:
+            await pool.close()

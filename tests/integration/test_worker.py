@@ -716,6 +716,48 @@ async def test_worker_survives_its_connections_being_terminated(
         await admin.close()
 
 
+async def test_after_its_listener_reconnects_the_worker_asks_for_notifications_again(
+    db: Any, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """What a failover leaves behind: the LISTEN connection gone, and the worker's row in the
+    unlogged `listeners` table too (a promoted standby starts with it empty). Once the
+    listener is back the worker registers again at once, not at its next tick (an hour
+    here), so a new job's NOTIFY reaches it."""
+    admin = await asyncpg.connect(db.dsn)
+    try:
+        probe = ClaimProbe()
+        worker = Worker(
+            pool,
+            QUERIES,
+            {"t": insert_effect()},
+            queues=[Q],
+            concurrency=2,
+            poll_interval=3600.0,
+            claim=probe,
+        )
+        async with running(worker):
+            await wait_idle(probe, admin)
+            await admin.execute("DELETE FROM durable.listeners")
+            killed = await admin.fetchval(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query ILIKE 'LISTEN%') t"
+            )
+            assert killed == 1
+            await poll(lambda: listening(admin), timeout=5)
+            await wait_idle(probe, admin)
+            async with admin.transaction():
+                await JOBS.enqueue(admin, Q, "t", {"item": 1})
+            committed = time.monotonic()
+
+            async def drained() -> bool:
+                return await admin.fetchval("SELECT count(*) FROM durable.jobs") == 0
+
+            await poll(drained, timeout=5, interval=0.005)
+            assert time.monotonic() - committed < 1.0
+    finally:
+        await admin.close()
+
+
 async def test_a_job_whose_connection_is_terminated_mid_way_runs_again_and_commits_once(
     db: Any, pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
