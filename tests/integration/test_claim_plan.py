@@ -35,7 +35,6 @@ from plans import (
 )
 
 from durable.sql import Queries
-from tests.conftest import TEMPLATE
 from tests.invariant import violations
 
 Q = Queries("durable")
@@ -217,13 +216,13 @@ CLAIM_BUFFERS = 64
 
 
 @pytest.fixture(scope="module")
-async def engine_db(server_dsn: str, template_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+async def engine_db(server_dsn: str, durable_template: str) -> AsyncIterator[asyncpg.Connection]:
     """A database of its own, filled once for this module's tests (they change nothing:
     every claim is rolled back), checked against the global invariant and dropped after."""
     name = f"t_plan_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(server_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{durable_template}"')
     finally:
         await admin.close()
     dsn = urlunsplit(urlsplit(server_dsn)._replace(path="/" + name))
