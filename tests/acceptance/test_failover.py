@@ -6,8 +6,9 @@ test's client both connect through the multi-host DSN
 `postgresql://127.0.0.1:P1,127.0.0.1:P2/app?target_session_attrs=read-write`. The client
 starts 200 `handover` runs (two steps, a signal wait, two steps; each step inserts an
 effect row through `ctx.conn`) and signals each one, retrying a call that fails with the
-same idempotency key. Midway, with steps in flight and the client mid-stream, the primary
-is crashed (`pg_ctl stop -m immediate`) and the standby promoted (`pg_ctl promote`).
+same idempotency key or signal dedupe key. Midway, with steps in flight and the client
+mid-stream, the primary is crashed (`pg_ctl stop -m immediate`) and the standby promoted
+(`pg_ctl promote`).
 
 Then, on the new primary: every run acknowledged before the crash is there, every run
 completes exactly once with each of its four effects written once, no run or job is left
@@ -53,6 +54,7 @@ SIGNAL_LAG = 3  # a lane signals a run after starting three more
 CONCURRENCY = 4
 # The crash comes once this many runs are acknowledged and this many effects committed.
 KILL_AT_RUNS = 70
+GATE_AT = 100
 KILL_AT_EFFECTS = 120
 OUTAGE = 0.5  # seconds with no primary at all before the standby is promoted
 DEADLINE = 90.0
@@ -65,6 +67,8 @@ class Client:
     """Starts and signals the runs, retrying each call that fails on a lost database."""
 
     engine: durable.Engine
+    # Starts past GATE_AT wait for the crash to be under way: the client cannot finish first.
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
     started: dict[int, str] = field(default_factory=dict)  # acknowledged: i -> run id
     signalled: set[str] = field(default_factory=set)
     retries: int = 0
@@ -84,7 +88,9 @@ class Client:
 
     async def _signal(self, i: int) -> None:
         run_id = self.started[i]
-        assert await self._retrying(lambda: self.engine.signal(run_id, "go", {"i": i}))
+        assert await self._retrying(
+            lambda: self.engine.signal(run_id, "go", {"i": i}, dedupe_key=f"go-{i}")
+        )
         self.signalled.add(run_id)
 
     async def run(self) -> None:
@@ -96,6 +102,8 @@ class Client:
 
         async def lane(indices: list[int]) -> None:
             for n, i in enumerate(indices):
+                if i >= GATE_AT:
+                    await self.gate.wait()
                 self.started[i] = await self._retrying(
                     lambda i=i: self.engine.start("handover", {"i": i}, idempotency_key=f"h-{i}")
                 )
@@ -205,6 +213,7 @@ async def test_failover_to_a_synchronous_standby_loses_and_repeats_nothing(
                 effects_before = await watch.fetchval("SELECT count(*) FROM effects")
                 await watch.close()
 
+                client.gate.set()  # the rest of the client's calls meet the crash
                 crashed = time.monotonic()
                 cluster.primary.stop("immediate")
                 await asyncio.sleep(OUTAGE)
@@ -298,3 +307,12 @@ async def _check(conn: asyncpg.Connection, client: Client, acknowledged: dict[in
     )
     assert {r["key"]: r["count"] for r in journal} == dict.fromkeys((*STEPS, "go"), RUNS)
     assert await conn.fetchval("SELECT count(*) FROM durable.jobs") == 0
+    # A signal retried after a lost connection is recorded once (its dedupe key).
+    signals = await conn.fetch(
+        "SELECT run_id, count(*) AS n, bool_and(consumed_at IS NOT NULL) AS consumed "
+        "FROM durable.signals GROUP BY 1"
+    )
+    assert len(signals) == RUNS
+    assert all(r["n"] == 1 and r["consumed"] for r in signals), [
+        dict(r) for r in signals if r["n"] != 1 or not r["consumed"]
+    ]
