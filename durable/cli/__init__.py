@@ -205,7 +205,7 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     if command == "purge":
         parse_duration(args.older_than)  # a bad duration is reported before any connection
     dsn = args.dsn
-    if command.startswith("runs ") and args.read_dsn:
+    if getattr(args, "read_dsn", None):  # runs list, runs show
         dsn = args.dsn_for_errors = args.read_dsn
     if not dsn:
         raise UsageError(f"no database given: pass --dsn postgresql://... or set {DSN_ENV}")

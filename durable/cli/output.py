@@ -151,6 +151,8 @@ def run_to_json(run: Run, *, journal: bool = False) -> dict[str, Any]:
         "updated_at": _iso(run.updated_at),
         "finished_at": _iso(run.finished_at),
         "children": list(run.children),
+        "paused": run.paused,
+        "forked_from": run.forked_from,
     }
     if journal:
         data["journal"] = [

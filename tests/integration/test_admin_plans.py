@@ -41,16 +41,16 @@ async def test_no_dashboard_query_scans_the_runs_table(db: Any) -> None:
         failed = run_id(RUNS // 2 + 20)
         after = datetime(2000, 1, 1, tzinfo=UTC)
         list_args = {
-            "newest": (None, None, 50, None, None, None, None),
-            "status": ("failed", None, 50, None, None, None, None),
-            "rare status": ("cancelled", None, 50, None, None, None, middle),
-            "workflow": (None, "refund", 50, None, None, None, None),
-            "status and workflow": ("waiting", "refund", 50, None, None, None, None),
-            "older page": (None, None, 50, None, None, None, middle),
-            "by id": (None, None, 50, None, None, middle, None),
-            "by key": (None, None, 50, None, None, f"req-{RUNS // 2}", None),
-            "created after": (None, None, 50, after, None, None, None),
-            "created before": (None, None, 50, None, datetime.now(UTC), None, None),
+            "newest": (None, None, 50, None, None, None, None, None),
+            "status": ("failed", None, 50, None, None, None, None, None),
+            "rare status": ("cancelled", None, 50, None, None, None, middle, None),
+            "workflow": (None, "refund", 50, None, None, None, None, None),
+            "status and workflow": ("waiting", "refund", 50, None, None, None, None, None),
+            "older page": (None, None, 50, None, None, None, middle, None),
+            "by id": (None, None, 50, None, None, middle, None, None),
+            "by key": (None, None, 50, None, None, f"req-{RUNS // 2}", None, None),
+            "created after": (None, None, 50, after, None, None, None, None),
+            "created before": (None, None, 50, None, datetime.now(UTC), None, None, None),
         }
         for label, args in list_args.items():
             found = await explain(conn, q["list_runs"], *args)
@@ -63,9 +63,9 @@ async def test_no_dashboard_query_scans_the_runs_table(db: Any) -> None:
         # and the pages really come back by keyset, newest first
         async with conn.transaction():
             await conn.execute(q["custom_plans"])
-            first = await conn.fetch(q["list_runs"], None, None, 3, None, None, None, None)
+            first = await conn.fetch(q["list_runs"], None, None, 3, None, None, None, None, None)
             second = await conn.fetch(
-                q["list_runs"], None, None, 3, None, None, None, first[-1]["id"]
+                q["list_runs"], None, None, 3, None, None, None, first[-1]["id"], None
             )
         assert [r["id"] for r in first + second] == [run_id(RUNS - i) for i in range(6)]
     finally:
