@@ -207,8 +207,16 @@ class Worker:
                     if tx is None:
                         tx = conn.transaction()
                         await tx.start()
-                    job = await self._claim_hook(conn, self.queues)
+                    # A claim under way counts as in flight: once its statement has locked
+                    # a job, a stop() meanwhile must let that job run, not roll it back.
+                    self._started()
+                    try:
+                        job = await self._claim_hook(conn, self.queues)
+                    except BaseException:
+                        self._finished()
+                        raise
                     if job is None:
+                        self._finished()
                         await tx.rollback()
                         tx = None
                 except Exception as exc:
@@ -287,8 +295,8 @@ class Worker:
         next claim; ("idle", None, after): committed, outside any transaction, with work to
         do after the commit (or None); ("broken", None, None): discard the connection.
         A cancellation propagates with the transaction still open (the slot discards it).
+        The job's claim already counted it in flight; this ends that count.
         """
-        self._started()
         try:
             while True:
                 outcome = await self._run_one(conn, tx, job)

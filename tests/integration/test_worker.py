@@ -618,6 +618,42 @@ async def test_stop_lets_the_inflight_job_finish_and_claims_nothing_new(
     assert await conn.fetchval("SELECT attempts FROM durable.jobs WHERE id = $1", second) == 0
 
 
+async def test_stop_during_a_claim_runs_the_job_it_claimed(
+    pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """A claim whose statement has locked a job when stop() comes counts as in flight: the
+    worker runs that job before it returns (an observer that saw the lock saw it taken)."""
+    claimed = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(c: asyncpg.Connection, job: Job | None) -> None:
+        if job is not None:
+            claimed.set()
+            await release.wait()
+
+    job_id = await enqueue(conn, {"item": 1})
+    worker = Worker(
+        pool,
+        QUERIES,
+        {"t": insert_effect()},
+        queues=[Q],
+        concurrency=1,
+        poll_interval=5.0,
+        grace_period=30.0,
+        claim=ClaimProbe(after=hold),
+    )
+    async with running(worker) as returned:
+        with anyio.fail_after(5):
+            await claimed.wait()
+        worker.stop()
+        assert worker.in_flight == 1
+        release.set()
+        with anyio.fail_after(5):
+            await returned.wait()
+    assert await effects(conn) == [1]
+    assert await conn.fetchval("SELECT count(*) FROM durable.jobs WHERE id = $1", job_id) == 0
+
+
 async def _true(value: bool) -> bool:
     return value
 
