@@ -290,6 +290,9 @@ BEGIN
         -- Locked in a statement of its own: a read in the same statement would see the run
         -- as it was before waiting for its lock.
         PERFORM 1 FROM __SCHEMA__.runs WHERE runs.id = j.run_id FOR NO KEY UPDATE;
+        -- The clock again: that lock may have waited for a transaction that moved the run,
+        -- and a deadline computed from the earlier reading would come early.
+        v_now := __SCHEMA__.now_v1();
     END IF;
     RETURN QUERY
     SELECT j.id, j.queue, j.task, j.branch, j.run_id, j.lease_token, r.workflow, r.status,

@@ -9,11 +9,12 @@ import json
 import random
 import time
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import anyio
 import pytest
-from helpers import eventually, fetch, fetchval, open_engine, running_engine
+from helpers import eventually, fetch, fetchval, open_engine, running_engine, until_blocked
 
 import durable
 from durable.cli import timeline_lines
@@ -583,3 +584,31 @@ async def test_a_handler_signalling_its_own_run_with_a_dedupe_key_records_once(d
         engine_box.append(engine)
         result = await engine.wait(await engine.start(wf), timeout=10)
     assert result == {"notify": None, "done": "me", "again": "none"}
+
+
+async def test_a_timeout_counts_from_when_the_claim_got_the_run_not_from_before_its_lock(
+    db: Any,
+) -> None:
+    """A claim that waits for the run's row lock (a client transaction holds it) reads the
+    clock again once it has the run: the wait's deadline counts from then, so the timeout
+    never fires early by the time the claim spent waiting."""
+    wf = durable.Workflow("locked_out")
+    wf.wait_for_signal("w", "never", timeout=30, default=None)
+    async with open_engine(db, wf) as engine:
+        run_id = await engine.start("locked_out", {})
+        async with engine.pool.acquire() as holder:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "SELECT 1 FROM durable.runs WHERE id = $1 FOR NO KEY UPDATE", run_id
+            )
+            async with engine.worker(concurrency=1, poll_interval=0.05):
+                await until_blocked(engine, "claim_v1")
+                await anyio.sleep(0.5)  # the gap the clock must not lose, not a synchronisation
+                released = await holder.fetchval("SELECT clock_timestamp()")
+                await tx.commit()
+                await _until_waiting(engine, run_id, "w")
+                wake_at = await fetchval(
+                    engine, "SELECT wake_at FROM durable.runs WHERE id = $1", run_id
+                )
+        assert wake_at >= released + timedelta(seconds=30)
