@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -25,11 +26,26 @@ from durable.errors import (
     RunNotFound,
     WorkflowNotFound,
 )
+from durable.flow import Debounce, check_start, concurrency_key_of
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.waiting import Waiting
 from durable.workflow import WaitForSignal, Workflow
 
 log = logging.getLogger("durable.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """What a named limit uses now for one key (`Engine.limit_usage`): `in_flight` attempts
+    hold a slot, of `slots` there are so far; `tokens` rate tokens exist, the last taken at
+    `last_start` (None if never)."""
+
+    name: str
+    key: str
+    in_flight: int
+    slots: int
+    tokens: int
+    last_start: datetime | None
 
 
 def _run_from_record(row: asyncpg.Record) -> Run:
@@ -84,12 +100,24 @@ class Client(Waiting):
         *,
         idempotency_key: str | None = None,
         conn: Connection | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        start_at: datetime | None = None,
+        singleton_key: str | None = None,
+        debounce: Debounce | None = None,
     ) -> str:
         """Create a run and its first job in one transaction; return the run id (a ULID).
 
         Nothing is written unless the workflow is registered and `input` serializes to JSON.
         With `conn`, the run commits (or rolls back) with the caller's transaction. With an
         `idempotency_key`, a second start with the same key returns the first run's id.
+
+        Flow control (docs/guides/flow-control.md): `priority` (-100 to 100, higher first)
+        orders every job of the run; `delay` (seconds) or `start_at` (an aware datetime)
+        make its first node due then, on the database clock; while a run with the same
+        `singleton_key` is active, its id is returned instead of a new run; `debounce`
+        coalesces starts with the same key into one pending run with the latest input.
+        A workflow with a `concurrency` bound evaluates `concurrency_key(input)` here.
         """
         wf = self._workflow(workflow)
         if input is None:
@@ -103,7 +131,33 @@ class Client(Waiting):
             not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
         ):
             raise ArgumentError("idempotency_key must be a non-empty string without NUL")
-        args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
+        flow = check_start(
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+            singleton_key=singleton_key,
+            debounce=debounce,
+            idempotency_key=idempotency_key,
+        )
+        key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, dict(input))
+        d = flow.debounce
+        args = (
+            str(ULID()),
+            wf.name,
+            wf.queue,
+            text,
+            wf.nodes[0].name,
+            idempotency_key,
+            flow.priority,
+            flow.delay,
+            flow.start_at,
+            key,
+            wf.concurrency,
+            flow.singleton_key,
+            None if d is None else d.key,
+            None if d is None else d.seconds,
+            None if d is None else d.max_wait,
+        )
         if conn is not None:
             return await self._start(conn, wf, args)
         async with self._acquire() as c:
@@ -240,6 +294,46 @@ class Client(Waiting):
             raise ArgumentError(
                 f"no wait of workflow {wf.name!r} waits for signal {name!r} (it waits for: {known})"
             )
+
+    # -- flow control ----------------------------------------------------------------------
+
+    async def pause(self, workflow: str | Workflow) -> bool:
+        """Stop workers from claiming the jobs of `workflow` (any name: it need not be
+        registered here). Attempts in flight finish; runs keep their state and jobs, and new
+        runs can still be started. Returns False if it was paused already."""
+        name = self._flow_name(workflow)
+        async with self._acquire() as conn:
+            changed: bool = await conn.fetchval(self.queries["pause_workflow"], name)
+        if changed:
+            log.info("workflow %s paused", name, extra={"workflow": name})
+        return changed
+
+    async def resume(self, workflow: str | Workflow) -> bool:
+        """Let workers claim the jobs of a paused `workflow` again (idle workers are woken).
+        Returns False if it was not paused."""
+        name = self._flow_name(workflow)
+        async with self._acquire() as conn:
+            changed: bool = await conn.fetchval(self.queries["resume_workflow"], name)
+        if changed:
+            log.info("workflow %s resumed", name, extra={"workflow": name})
+        return changed
+
+    async def paused(self) -> list[str]:
+        """The names of the paused workflows."""
+        async with self._acquire() as conn:
+            return [r["workflow"] for r in await conn.fetch(self.queries["paused_workflows"])]
+
+    async def limit_usage(self) -> list[LimitUsage]:
+        """What each named limit uses now, per key (keys that were never used are absent)."""
+        async with self._acquire() as conn:
+            rows = await conn.fetch(self.queries["limit_usage"])
+        return [LimitUsage(**dict(r)) for r in rows]
+
+    def _flow_name(self, workflow: str | Workflow) -> str:
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ArgumentError(f"workflow must be a name or a Workflow, got {workflow!r}")
+        return name
 
     # -- cancelling ------------------------------------------------------------------------
 

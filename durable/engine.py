@@ -13,11 +13,12 @@ import asyncpg
 from durable.client import Client
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
+from durable.flow import Limit, check_limits
 from durable.migrate import migrate
 from durable.runtime.runner import Runner
 from durable.sql import Queries
 from durable.worker import Worker
-from durable.workflow import Workflow
+from durable.workflow import Step, Workflow
 
 log = logging.getLogger("durable.engine")
 
@@ -38,6 +39,7 @@ class Engine(Client):
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
     to wait for a server that accepts the connection but does not answer.
+    `limits`: the named `durable.Limit`s that steps use with `step(limit=name)`.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class Engine(Client):
         statement_cache_size: int = 256,
         max_claims: int = 5,
         connect_timeout: float = 10.0,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -64,6 +67,7 @@ class Engine(Client):
         self.dsn = dsn
         self.queries = Queries(schema)
         self.schema = schema
+        self._limits = check_limits(limits)
         self._workflows = {}
         for wf in workflows:
             self.register(wf)
@@ -93,12 +97,25 @@ class Engine(Client):
         existing = self._workflows.get(workflow.name)
         if existing is not None and existing is not workflow:
             raise DefinitionError(f"a workflow named {workflow.name!r} is already registered")
+        for node in workflow.nodes:
+            if isinstance(node, Step) and node.limit is not None and node.limit not in self._limits:
+                known = ", ".join(repr(n) for n in sorted(self._limits)) or "none"
+                raise DefinitionError(
+                    f"step {node.name!r} of workflow {workflow.name!r} uses limit "
+                    f"{node.limit!r}, which the engine does not declare (limits: {known}); "
+                    "pass it in Engine(limits={...})"
+                )
         self._workflows[workflow.name] = workflow
 
     @property
     def workflows(self) -> Mapping[str, Workflow]:
         """The registered workflows by name."""
         return dict(self._workflows)
+
+    @property
+    def limits(self) -> Mapping[str, Limit]:
+        """The declared named limits by name."""
+        return dict(self._limits)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -232,11 +249,12 @@ class Engine(Client):
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
+            limits=self._limits,
         )
         worker = Worker(
             pool,
             self.queries,
-            {task: runner.handle for task in ("advance", "branch", "compensate")},
+            {task: runner.handle for task in ("advance", "branch", "compensate", "admit")},
             queues=runner.queues,
             concurrency=concurrency,
             poll_interval=poll_interval or self.poll_interval,

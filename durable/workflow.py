@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from durable.errors import DefinitionError
+from durable.flow import check_concurrency, check_step_limit
 from durable.nodes import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_WAIT,
@@ -70,10 +71,22 @@ class Workflow:
     `Engine`.
 
     Node names are unique within the workflow and may not contain `#` or `@`.
+    `concurrency`: at most that many runs of the workflow are active (started, not
+    finished) at once, per `concurrency_key(input)` when given (evaluated once, at start);
+    the others stay `pending` and start in priority, then FIFO, order as slots free.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        concurrency: int | None = None,
+        concurrency_key: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.name = validate_name(name, "workflow")
+        self.concurrency, self.concurrency_key = check_concurrency(
+            concurrency, concurrency_key, f"workflow {self.name!r}"
+        )
         self._nodes: list[Node] = []
         self._names: set[str] = set()
         self._frozen: tuple[Node, ...] | None = None
@@ -141,6 +154,8 @@ class Workflow:
         compensate: Handler | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
+        limit: str | None = ...,
+        limit_key: Callable[[Context], Any] | None = ...,
     ) -> Workflow: ...
 
     @overload
@@ -155,6 +170,8 @@ class Workflow:
         compensate: Handler | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
+        limit: str | None = ...,
+        limit_key: Callable[[Context], Any] | None = ...,
     ) -> Callable[[H], H]: ...
 
     def step(
@@ -168,6 +185,8 @@ class Workflow:
         compensate: Handler | None = None,
         timeout: float | None = None,
         transactional: bool = True,
+        limit: str | None = None,
+        limit_key: Callable[[Context], Any] | None = None,
     ) -> Any:
         """Declare a step.
 
@@ -177,24 +196,24 @@ class Workflow:
         the failed attempt number, or None for `min(2 ** n, 60)`; `compensate` runs if a later
         node fails terminally; `timeout` bounds one attempt in seconds; `transactional=False`
         runs the handler outside any transaction under a heartbeat lease (`ctx.conn` is None).
+        `limit` names a `durable.Limit` of the engine: each attempt takes a slot and a token
+        of it first (per `limit_key(ctx)` when given), and waits, without using an attempt,
+        while there is none.
         """
+        options = (max_attempts, backoff, compensate, timeout, transactional, limit, limit_key)
         if callable(name) and fn is None:
             handler = name
-            self._add_step(
-                handler.__name__, handler, max_attempts, backoff, compensate, timeout, transactional
-            )
+            self._add_step(handler.__name__, handler, *options)
             return handler
         if fn is None:
 
             def decorator(handler: H) -> H:
                 node_name = name if isinstance(name, str) else handler.__name__
-                self._add_step(
-                    node_name, handler, max_attempts, backoff, compensate, timeout, transactional
-                )
+                self._add_step(node_name, handler, *options)
                 return handler
 
             return decorator
-        self._add_step(name, fn, max_attempts, backoff, compensate, timeout, transactional)
+        self._add_step(name, fn, *options)
         return self
 
     def _add_step(
@@ -206,6 +225,8 @@ class Workflow:
         compensate: object,
         timeout: object,
         transactional: object,
+        limit: object,
+        limit_key: object,
     ) -> None:
         node_name = validate_name(name, "node")
         what = f"step {node_name!r} of workflow {self.name!r}"
@@ -215,6 +236,7 @@ class Workflow:
         timeout = check_timeout(timeout, what)
         if not isinstance(transactional, bool):
             raise DefinitionError(f"{what}: transactional must be True or False")
+        limit_name, key_fn = check_step_limit(limit, limit_key, what)
         self._add(
             Step(
                 name=node_name,
@@ -225,6 +247,8 @@ class Workflow:
                 compensate=compensate,  # type: ignore[arg-type]
                 timeout=timeout,
                 transactional=transactional,
+                limit=limit_name,
+                limit_key=key_fn,
             )
         )
 

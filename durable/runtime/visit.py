@@ -7,6 +7,7 @@ import copy
 import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 import asyncpg
@@ -14,6 +15,7 @@ import asyncpg
 from durable.context import Context
 from durable.db import Connection
 from durable.errors import WorkerLost
+from durable.flow import Limit, wait_key
 from durable.queue import Job
 from durable.runtime.attempt import run_attempt
 from durable.runtime.transition import Child, Err, Outcome, RunState, Signal
@@ -25,12 +27,13 @@ from durable.workflow import Workflow
 @dataclass
 class Shared:
     """What every visit of one worker's runner reads: its queries, limits and workflows,
-    and the memo of loops' committed iterations."""
+    the engine's named limits, and the memo of loops' committed iterations."""
 
     q: Queries
     transaction_timeout: float | None
     max_claims: int
     by_name: Mapping[str, Workflow]
+    limits: Mapping[str, Limit] = field(default_factory=dict)
     # (run, loop node, epoch) -> results of its committed iterations, so that an
     # iteration costs O(1), not a read of every earlier one.
     iterations: dict[tuple[str, str, int], list[Any]] = field(default_factory=dict)
@@ -120,6 +123,9 @@ class JobVisit:
         self.wf = wf
         self.lost = lost
         self.conns: list[StepConnection] = []
+        #: The limit slot set (name and key) this attempt took a slot of, if any: its end
+        #: wakes the next run waiting for one.
+        self.holds: str | None = None
 
     def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
         conn = StepConnection(self.conn)
@@ -203,3 +209,21 @@ class JobVisit:
 
     def workflow(self, name: str) -> Workflow | None:
         return self.runner.by_name.get(name)
+
+    async def acquire(self, limit: str, key: str, lease: Any = None) -> datetime | None:
+        spec = self.runner.limits[limit]
+        s = self.state
+        wake_at: datetime | None = await self.conn.fetchval(
+            self.runner.q["limit_acquire"],
+            s.run_id,
+            limit,
+            key,
+            spec.concurrency,
+            spec.rate,
+            spec.per,
+            s.job_id,
+            lease,
+        )
+        if wake_at is None and spec.concurrency is not None:
+            self.holds = wait_key(limit, key)
+        return wake_at

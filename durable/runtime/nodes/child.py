@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 
 from durable.errors import ChildFailed
+from durable.flow import concurrency_key_of
 from durable.runtime.transition import (
     Complete,
     Err,
@@ -59,9 +60,10 @@ async def visit(v: Visit, node: ChildWorkflow) -> Transition:
             )
         try:
             text = to_json(dict(child_input), f"input of child workflow {name!r}")
+            key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, dict(child_input))
         except Exception as exc:
             return _fail(v, node, exc)
-        return StartChild(wf, text)
+        return StartChild(wf, text, key)
     child = await v.child(child_id)
     if child is None:
         return _fail(v, node, ChildFailed(f"child run {child_id} was purged"))
