@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from durable.client import LimitUsage
 from durable.context import Context, LoopContext
 from durable.engine import Engine
 from durable.errors import (
@@ -25,6 +26,7 @@ from durable.errors import (
     WorkerLost,
     WorkflowNotFound,
 )
+from durable.flow import Debounce, Limit
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
@@ -36,6 +38,7 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "DatabaseUnavailable",
+    "Debounce",
     "DefinitionChanged",
     "DefinitionError",
     "DurableError",
@@ -43,6 +46,8 @@ __all__ = [
     "IdempotencyConflict",
     "IllegalTransition",
     "JournalEntry",
+    "Limit",
+    "LimitUsage",
     "LoopContext",
     "Node",
     "NonRetryable",

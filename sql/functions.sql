@@ -1100,86 +1100,66 @@ $$;
 -- of limit `p_name` for key `p_key` (when it has `p_concurrency`) and a token (when it has
 -- a rate of `p_rate` starts per `p_per` seconds). A transactional attempt holds its slot
 -- row locked until it ends; a leased one (`p_token`, the lease of job `p_job`) as long as
--- that lease lives. NULL when taken; else the time to try again: when the token the run is
--- in line for frees, or (for a slot, which a holder that lets go wakes it for) a fallback
--- for holders that die, later the further back in line the run is.
+-- that lease lives. `wake_at` NULL: taken; else the time to try again: when the token the
+-- run is in line for frees, or (for a slot, which a holder that lets go wakes it for) a
+-- fallback for holders that die, later the further back in line the run is. `grow`: the
+-- key has fewer slot or token rows than the limit allows and none free: add them in a
+-- transaction of their own (limit_grow_v1), then ask again.
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
     p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
-    p_per float8, p_job bigint, p_token uuid
-) RETURNS timestamptz
+    p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
+)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_wait text := p_name || chr(31) || p_key;
     v_per interval := make_interval(secs => p_per);
     v_slot integer;
-    v_token integer;
     v_rows integer;
     v_ahead integer;
     v_next timestamptz;
     v_full text;  -- what there is none of: 'slot' or 'token'
-    v_tries integer := 0;
 BEGIN
     IF p_concurrency IS NOT NULL THEN
-        LOOP
-            SELECT s.slot INTO v_slot FROM __SCHEMA__.limit_slots s
-            WHERE s.name = p_name AND s.key = p_key AND s.slot < p_concurrency
-              AND (s.holder_job IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM __SCHEMA__.jobs j
-                  WHERE j.id = s.holder_job AND j.lease_token = s.holder_token
-                    AND j.run_at > v_now
-              ))
-            ORDER BY s.slot
-            LIMIT 1
-            FOR NO KEY UPDATE SKIP LOCKED;
-            EXIT WHEN FOUND;
+        SELECT s.slot INTO v_slot FROM __SCHEMA__.limit_slots s
+        WHERE s.name = p_name AND s.key = p_key AND s.slot < p_concurrency
+          AND (s.holder_job IS NULL OR NOT EXISTS (
+              SELECT 1 FROM __SCHEMA__.jobs j
+              WHERE j.id = s.holder_job AND j.lease_token = s.holder_token
+                AND j.run_at > v_now
+          ))
+        ORDER BY s.slot
+        LIMIT 1
+        FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
             SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_slots
             WHERE name = p_name AND key = p_key AND slot < p_concurrency;
-            v_tries := v_tries + 1;
-            IF v_rows >= p_concurrency OR v_tries > 2 THEN
-                v_full := 'slot';
-                EXIT;
+            IF v_rows < p_concurrency THEN
+                grow := 'slot';
+                RETURN;
             END IF;
-            -- The slots of this key are not all there yet: one attempt at a time adds them
-            -- (they exist for others once it commits).
-            IF NOT pg_try_advisory_xact_lock(hashtext('durable.limit'), hashtext(v_wait)) THEN
-                RETURN v_now + interval '50 milliseconds';
-            END IF;
-            INSERT INTO __SCHEMA__.limit_slots (name, key, slot)
-            SELECT p_name, p_key, g FROM generate_series(0, p_concurrency - 1) AS g
-            ON CONFLICT DO NOTHING;
-        END LOOP;
+            v_full := 'slot';
+        END IF;
     END IF;
     IF v_full IS NULL AND p_rate IS NOT NULL THEN
-        v_tries := 0;
-        LOOP
-            UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
-            WHERE name = p_name AND key = p_key AND slot = (
-                SELECT t.slot FROM __SCHEMA__.limit_tokens t
-                WHERE t.name = p_name AND t.key = p_key AND t.slot < p_rate
-                  AND t.used_at <= v_now - v_per
-                ORDER BY t.used_at
-                LIMIT 1
-                FOR UPDATE SKIP LOCKED
-            )
-            RETURNING slot INTO v_token;
-            EXIT WHEN FOUND;
+        UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
+        WHERE name = p_name AND key = p_key AND slot = (
+            SELECT t.slot FROM __SCHEMA__.limit_tokens t
+            WHERE t.name = p_name AND t.key = p_key AND t.slot < p_rate
+              AND t.used_at <= v_now - v_per
+            ORDER BY t.used_at
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        );
+        IF NOT FOUND THEN
             SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_tokens
             WHERE name = p_name AND key = p_key AND slot < p_rate;
-            v_tries := v_tries + 1;
-            IF v_rows >= p_rate OR v_tries > 2 THEN
-                v_full := 'token';
-                EXIT;
+            IF v_rows < p_rate THEN
+                grow := 'token';
+                RETURN;
             END IF;
-            -- More tokens: doubling, one attempt at a time, up to the rate.
-            IF NOT pg_try_advisory_xact_lock(hashtext('durable.limit'), hashtext(v_wait)) THEN
-                RETURN v_now + interval '50 milliseconds';
-            END IF;
-            INSERT INTO __SCHEMA__.limit_tokens (name, key, slot)
-            SELECT p_name, p_key, g
-            FROM generate_series(v_rows, least(p_rate, greatest(2 * v_rows, 64)) - 1) AS g
-            ON CONFLICT DO NOTHING;
-        END LOOP;
+            v_full := 'token';
+        END IF;
     END IF;
     IF v_full IS NOT NULL THEN
         -- In line behind the runs waiting for this limit and key that are more urgent.
@@ -1189,7 +1169,8 @@ BEGIN
           AND (w.priority > me.priority
                OR (w.priority = me.priority AND (w.created_at, w.id) < (me.created_at, me.id)));
         IF v_full = 'slot' THEN
-            RETURN v_now + make_interval(secs => least(1.0 + 0.5 * v_ahead, 30.0));
+            wake_at := v_now + make_interval(secs => least(1.0 + 0.5 * v_ahead, 30.0));
+            RETURN;
         END IF;
         -- The token this run is in line for: the (v_ahead + 1)-th to free, a window later
         -- for every `p_rate` runs ahead.
@@ -1198,17 +1179,43 @@ BEGIN
         ORDER BY t.used_at
         OFFSET v_ahead % p_rate
         LIMIT 1;
-        RETURN greatest(
+        wake_at := greatest(
             coalesce(v_next, v_now) + v_per * (1 + v_ahead / p_rate),
             v_now + interval '1 millisecond'
         );
+        RETURN;
     END IF;
     IF p_token IS NOT NULL AND v_slot IS NOT NULL THEN
         UPDATE __SCHEMA__.limit_slots SET holder_job = p_job, holder_token = p_token
         WHERE name = p_name AND key = p_key AND slot = v_slot;
     END IF;
     UPDATE __SCHEMA__.runs SET limit_wait = NULL WHERE id = p_run AND limit_wait IS NOT NULL;
-    RETURN NULL;
+END
+$$;
+
+-- Add slot rows (`p_kind` 'slot': up to `p_n`) or token rows ('token': doubling, up to
+-- `p_n`) for limit `p_name`, key `p_key`, in a transaction of its own, so that they are
+-- there for every attempt at once. Rows are numbered from 0 without gaps; never more than
+-- the limit allows below `p_n` (rows beyond it, of a larger limit before, are not used).
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_grow_v1(
+    p_name text, p_key text, p_kind text, p_n integer
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_rows integer;
+BEGIN
+    IF p_kind = 'slot' THEN
+        INSERT INTO __SCHEMA__.limit_slots (name, key, slot)
+        SELECT p_name, p_key, g FROM generate_series(0, p_n - 1) AS g
+        ON CONFLICT DO NOTHING;
+    ELSE
+        SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_tokens
+        WHERE name = p_name AND key = p_key AND slot < p_n;
+        INSERT INTO __SCHEMA__.limit_tokens (name, key, slot)
+        SELECT p_name, p_key, g
+        FROM generate_series(v_rows, least(p_n, greatest(2 * v_rows, 64)) - 1) AS g
+        ON CONFLICT DO NOTHING;
+    END IF;
 END
 $$;
 

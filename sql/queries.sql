@@ -400,9 +400,13 @@ SELECT * FROM __SCHEMA__.limit_usage_v1();
 SELECT __SCHEMA__.admit_v1($1);
 
 -- limit_acquire --
--- Take a named limit's slot and token for the attempt about to run; NULL if taken, else
--- when to try again.
-SELECT __SCHEMA__.limit_acquire_v1($1, $2, $3, $4, $5, $6, $7, $8);
+-- Take a named limit's slot and token for the attempt about to run: no wake time if taken,
+-- else when to try again; or what rows to add first.
+SELECT * FROM __SCHEMA__.limit_acquire_v1($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- limit_grow --
+-- Add a limit key's slot or token rows, committed on their own.
+SELECT __SCHEMA__.limit_grow_v1($1, $2, $3, $4);
 
 -- limit_park --
 -- The step waits for a limit's slot or token, without an attempt.

@@ -238,7 +238,7 @@ CREATE TABLE __SCHEMA__.paused_workflows (
 -- long as its job's lease (`holder_job`, `holder_token`) lives; either ends with the
 -- attempt or with its worker. A rate of R starts per window is R rows, each the time of
 -- its last start: a start takes a row last used a window ago or more, so no window holds
--- more than R starts. Rows are created on first use, by one attempt at a time.
+-- more than R starts. Rows are added on first use, each time in a transaction of its own.
 CREATE TABLE __SCHEMA__.limit_slots (
     name text NOT NULL,
     key text NOT NULL,

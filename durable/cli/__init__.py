@@ -12,6 +12,8 @@
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
+    pause WORKFLOW                  stop workers claiming a workflow's jobs
+    resume WORKFLOW                 let workers claim them again
     purge --older-than 30d          delete finished runs older than a duration
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
@@ -21,7 +23,8 @@ MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotat
 `-> durable.Engine` (anything else is refused without being called).
 
 Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
-already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
+already finished, a retry of a run that had not failed, a pause of a paused workflow or a
+resume of one that was not, a `start --wait` whose run failed,
 was cancelled or did not finish in time); 2 a usage or configuration error, which retrying
 will not fix (unknown run id, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
@@ -49,7 +52,9 @@ from durable.cli.app import cmd_start, cmd_worker
 from durable.cli.commands import (
     cmd_cancel,
     cmd_migrate,
+    cmd_pause,
     cmd_purge,
+    cmd_resume,
     cmd_retry,
     cmd_runs_list,
     cmd_runs_show,
@@ -136,6 +141,8 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "cancel": cmd_cancel,
     "retry": cmd_retry,
     "purge": cmd_purge,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
 }
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import uuid
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -114,7 +114,9 @@ class Runner:
         self.jobs = JobQueue(queries)
         # Follow job id -> what this worker knows of the run it handed on to itself.
         self._memos: dict[int, _Memo] = {}
-        self.shared = Shared(queries, transaction_timeout, max_claims, self.by_name, limits or {})
+        self.shared = Shared(
+            queries, transaction_timeout, max_claims, self.by_name, pool, limits or {}
+        )
 
     # -- claiming --------------------------------------------------------------------------
 

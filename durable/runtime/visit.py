@@ -7,7 +7,7 @@ import copy
 import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
@@ -33,6 +33,7 @@ class Shared:
     transaction_timeout: float | None
     max_claims: int
     by_name: Mapping[str, Workflow]
+    pool: asyncpg.Pool
     limits: Mapping[str, Limit] = field(default_factory=dict)
     # (run, loop node, epoch) -> results of its committed iterations, so that an
     # iteration costs O(1), not a read of every earlier one.
@@ -213,17 +214,31 @@ class JobVisit:
     async def acquire(self, limit: str, key: str, lease: Any = None) -> datetime | None:
         spec = self.runner.limits[limit]
         s = self.state
-        wake_at: datetime | None = await self.conn.fetchval(
-            self.runner.q["limit_acquire"],
-            s.run_id,
-            limit,
-            key,
-            spec.concurrency,
-            spec.rate,
-            spec.per,
-            s.job_id,
-            lease,
-        )
-        if wake_at is None and spec.concurrency is not None:
+        q = self.runner.q
+        row: Any = None
+        for _ in range(3):
+            row = await self.conn.fetchrow(
+                q["limit_acquire"],
+                s.run_id,
+                limit,
+                key,
+                spec.concurrency,
+                spec.rate,
+                spec.per,
+                s.job_id,
+                lease,
+            )
+            assert row is not None
+            if row["grow"] is None:
+                break
+            # The key's rows are added in a transaction of their own: rows this attempt's
+            # transaction added would exist for no other attempt until it commits.
+            n = spec.concurrency if row["grow"] == "slot" else spec.rate
+            async with self.runner.pool.acquire() as c:
+                await c.execute(q["limit_grow"], limit, key, row["grow"], n)
+        wake_at: datetime | None = row["wake_at"]
+        if row["grow"] is not None:  # others keep adding rows as fast: look again soon
+            wake_at = s.now + timedelta(milliseconds=50)
+        elif wake_at is None and spec.concurrency is not None:
             self.holds = wait_key(limit, key)
         return wake_at
