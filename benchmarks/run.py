@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import baseline, facts, scenarios
+from benchmarks import baseline, dashboard, facts, scenarios
 from benchmarks.common import FULL, QUICK, Sizes, fmt_int, fresh_database, progress
 from durable.cli import run_async
 from durable.server import provision
@@ -40,6 +40,9 @@ SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[dict[str, Any]]]] = {
     "latency": scenarios.latency,
     "scale": scenarios.scale,
     "memory": scenarios.memory,
+    "dashboard": lambda dsn, sizes: dashboard.measure(
+        dsn, dashboard.RUNS if sizes.name == "full" else dashboard.RUNS // 5
+    ),
 }
 
 
@@ -231,6 +234,22 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         if isinstance(r, dict):
             row.figure = f"{r['rss_mb']:.1f} MB RSS, {r['runs']:,} parked"
             row.met = r["rss_mb"] <= 150
+            row.data = r
+        else:
+            row.figure, row.met = _error_text(r), False
+        rows.append(row)
+    if "dashboard" in results:
+        r = results["dashboard"]
+        target = f"runs and run pages < {dashboard.TARGET_MS:g} ms"
+        row = Row("dashboard", "not run", target=target)
+        if isinstance(r, dict):
+            pages = r["pages"]
+            row.figure = (
+                f"runs page p50 {pages['runs page']['p50_ms']:.0f} ms, run page p50 "
+                f"{pages['run page']['p50_ms']:.0f} ms, slowest {r['value']:.0f} ms "
+                f"({r['runs']:,} runs; workflows page {pages['workflows page']['p50_ms']:.0f} ms)"
+            )
+            row.met = r["value"] < dashboard.TARGET_MS
             row.data = r
         else:
             row.figure, row.met = _error_text(r), False

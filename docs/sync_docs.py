@@ -139,14 +139,22 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
                 ("durable.RunStatus", durable.RunStatus),
                 ("durable.JournalEntry", durable.JournalEntry),
                 ("durable.Attempt", durable.Attempt),
+                ("durable.RunFilter", durable.RunFilter),
             ],
         ),
+        ("The admin app", [("durable.web.admin_app", _admin_app())]),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
         (
             "A throwaway PostgreSQL",
             [("durable.server.LocalPostgres", server.LocalPostgres)],
         ),
     ]
+
+
+def _admin_app() -> Any:
+    from durable.web import admin_app
+
+    return admin_app
 
 
 def _doc(obj: Any) -> str:

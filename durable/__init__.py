@@ -28,6 +28,7 @@ from durable.errors import (
 )
 from durable.flow import Debounce, Limit
 from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.operations import RunFilter
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "Run",
     "RunCancelled",
     "RunFailed",
+    "RunFilter",
     "RunNotFound",
     "RunStatus",
     "SerializationError",

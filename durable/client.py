@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 from ulid import ULID
 
+from durable import metrics
 from durable.context import current_run
 from durable.db import Connection, dumps, loads
 from durable.errors import (
@@ -63,6 +64,8 @@ def _run_from_record(row: asyncpg.Record) -> Run:
         updated_at=row["updated_at"],
         finished_at=row["finished_at"],
         children=tuple(row["children"] or ()),
+        paused=row["paused"],
+        forked_from=row["forked_from"],
     )
 
 
@@ -176,6 +179,7 @@ class Client(Waiting):
                 ) from None
             raise
         if run_id == args[0]:
+            metrics.run_started(wf.name)
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
 
@@ -219,14 +223,22 @@ class Client(Waiting):
         status: RunStatus | str | None = None,
         workflow: str | None = None,
         limit: int = 50,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        search: str | None = None,
+        before: str | None = None,
     ) -> list[Run]:
-        """Runs, newest first, optionally of one status and/or workflow."""
+        """Runs, newest first, optionally of one status and/or workflow, created in
+        [`created_after`, `created_before`), whose id or idempotency key is `search`. Pages
+        go by keyset: `before` is the id of the last run of the previous page."""
         if status is not None:
             status = RunStatus(status).value
         if limit < 1:
             raise ArgumentError(f"limit must be >= 1, got {limit}")
-        async with self._acquire() as conn:
-            rows = await conn.fetch(self.queries["list_runs"], status, workflow, limit)
+        args = (status, workflow, limit, created_after, created_before, search, before)
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute(self.queries["custom_plans"])
+            rows = await conn.fetch(self.queries["list_runs"], *args)
         return [_run_from_record(r) for r in rows]
 
     # -- signals ---------------------------------------------------------------------------

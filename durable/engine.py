@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 import anyio
 import asyncpg
 
-from durable.client import Client
+from durable import metrics
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.flow import Limit, check_limits
 from durable.migrate import migrate
+from durable.operations import Operations
+from durable.runtime import registry
 from durable.runtime.runner import Runner
 from durable.sql import Queries
 from durable.worker import Worker
@@ -23,7 +25,7 @@ from durable.workflow import Step, Workflow
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Client):
+class Engine(Operations):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
@@ -254,7 +256,9 @@ class Engine(Client):
         worker = Worker(
             pool,
             self.queries,
-            {task: runner.handle for task in ("advance", "branch", "compensate", "admit")},
+            dict.fromkeys(
+                ("advance", "branch", "compensate", "admit"), metrics.timed(runner.handle)
+            ),
             queues=runner.queues,
             concurrency=concurrency,
             poll_interval=poll_interval or self.poll_interval,
@@ -268,6 +272,7 @@ class Engine(Client):
             await self._announce(runner)
             async with anyio.create_task_group() as tg:
                 await tg.start(worker.run)
+                tg.start_soon(registry.heartbeat, pool, self.queries, worker, list(self._workflows))
                 task_status.started(worker)
         finally:
             if own_pool:

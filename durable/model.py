@@ -53,7 +53,8 @@ class Attempt:
 @dataclass(frozen=True)
 class Run:
     """A snapshot of a run. `results` maps each completed node to its result; `result` is
-    set when the run completed (the mapping of every node's result)."""
+    set when the run completed (the mapping of every node's result). `paused`: an operator
+    paused it (`Engine.pause_run`); `forked_from`: the run it was forked from."""
 
     id: str
     workflow: str
@@ -68,5 +69,7 @@ class Run:
     updated_at: datetime
     finished_at: datetime | None = None
     children: tuple[str, ...] = ()
+    paused: bool = False
+    forked_from: str | None = None
     journal: tuple[JournalEntry, ...] = field(default=(), repr=False)
     attempts: tuple[Attempt, ...] = field(default=(), repr=False)

@@ -135,6 +135,11 @@ class Worker:
         """True once `stop()` was called."""
         return self._stopping.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        """How many jobs the worker is running now."""
+        return self._inflight
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:

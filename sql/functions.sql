@@ -23,6 +23,12 @@
 -- waits for another run's lock except a queued run's. A named limit's slots and tokens
 -- live in `limit_slots` and `limit_tokens` (see sql/schema.sql); a step that gets neither
 -- waits with its job at `wake_at` and its run's `limit_wait` set, without an attempt.
+--
+-- Every function that reads a run's rows says `SET enable_seqscan = off`. Its statements'
+-- plans are cached per session, and a plan made while a table looked empty (a fresh
+-- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
+-- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
+-- index is always right. (tests/integration/test_claim_plan.py, the drain after VACUUM.)
 
 -- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
 CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
@@ -42,7 +48,7 @@ $$;
 -- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
 -- PL/pgSQL keeps its plan for the session instead of planning on every call.
 CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql SET enable_seqscan = off STABLE AS $$
 BEGIN
     RETURN (
         SELECT jsonb_object_agg(e.key, e.result)
@@ -53,18 +59,18 @@ BEGIN
 END
 $$;
 
--- Give run `p_run` exactly the jobs its state needs: none when it is finished, one
--- `compensate` job while it compensates, an `admit` job (due at `not_before`) while a run
--- of a bounded workflow is not admitted, none while it is queued for a slot of its
--- workflow's bound, one `branch` job per uncommitted branch while a
--- parallel node fans out, else one `advance` job, due when the run's state says (its wake
+-- Give run `p_run` exactly the jobs its state needs: none when it is finished or paused
+-- (a lease in flight is its holder's to settle), one `compensate` job while it
+-- compensates, an `admit` job (due at `not_before`) while a run of a bounded workflow is
+-- not admitted, none while it is queued for a slot of its workflow's bound, one `branch`
+-- job per uncommitted branch while a parallel node fans out, else one `advance` job, due when the run's state says (its wake
 -- time or retry backoff, now when an awaited signal or child is there or a cancel was
 -- requested) or none while it waits for a signal, a child or branches. Jobs another
 -- transaction holds are left alone: their worker reads the run after that transaction
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 -- Its statements are the same for every run: plan them once per session.
 AS $$
 DECLARE
@@ -82,7 +88,8 @@ BEGIN
     -- The run, whether a cancel is requested, and its jobs as they are (whoever holds
     -- them), in one statement: this runs at the end of every transition.
     SELECT x.id, x.queue, x.status, x.current_node, x.wake_at, x.waiting_for, x.child_id,
-           x.branches, x.finished_at IS NOT NULL AS finished, x.priority, x.not_before,
+           x.branches, x.finished_at IS NOT NULL AS finished,
+           x.paused_at IS NOT NULL AS paused, x.priority, x.not_before,
            x.concurrency_key IS NOT NULL AND x.slot IS DISTINCT FROM 'held' AS unadmitted,
            x.slot,
            EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = x.id)
@@ -99,6 +106,8 @@ BEGIN
         IF r.cancel THEN
             DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
         END IF;
+    ELSIF r.paused THEN
+        v_task := NULL;  -- an operator paused it: no job until resume_run_v1
     ELSIF r.status = 'compensating' THEN
         v_task := 'compensate';
         v_due := coalesce(r.wake_at, v_now);
@@ -164,6 +173,7 @@ BEGIN
             WHERE j.run_id = p_run
               AND j.id IS DISTINCT FROM v_job
               AND NOT (j.task = 'branch' AND j.branch = ANY (coalesce(v_open, '{}')))
+              AND NOT (r.paused AND j.lease_token IS NOT NULL)
             FOR UPDATE SKIP LOCKED
         );
     END IF;
@@ -223,7 +233,7 @@ RETURNS TABLE (
     branches text[], error text, parent_id text, ending text, now timestamptz,
     results text, replay text, cancel text, suspicious boolean
 )
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -344,7 +354,7 @@ $$;
 -- How many runs of workflow `p_workflow` hold a slot of key `p_key` (take the key's lock first).
 CREATE OR REPLACE FUNCTION __SCHEMA__.slots_held_v1(p_workflow text, p_key text)
 RETURNS integer
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET enable_seqscan = off AS $$
     SELECT count(*)::integer FROM __SCHEMA__.runs
     WHERE workflow = p_workflow AND concurrency_key = p_key AND slot = 'held'
       AND finished_at IS NULL
@@ -364,7 +374,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v2(
     p_start_at timestamptz, p_concurrency_key text, p_concurrency integer,
     p_singleton text, p_debounce text, p_debounce_seconds float8, p_debounce_max float8
 ) RETURNS text
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -480,7 +490,7 @@ $$;
 -- runs next in line (priority, then FIFO), in this transaction.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_next_v1(p_workflow text, p_key text)
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_next text;
     v_bound integer;
@@ -491,7 +501,7 @@ BEGIN
         -- start, a cancel): skipping it could leave it queued by a free slot.
         SELECT r.id, r.concurrency INTO v_next, v_bound FROM __SCHEMA__.runs r
         WHERE r.workflow = p_workflow AND r.concurrency_key = p_key AND r.slot = 'queued'
-          AND r.finished_at IS NULL
+          AND r.finished_at IS NULL AND r.paused_at IS NULL
         ORDER BY r.priority DESC, r.created_at, r.id
         LIMIT 1
         FOR NO KEY UPDATE;
@@ -506,7 +516,7 @@ $$;
 -- The `admit` job of run `p_run` (this transaction holds it and the run): the run takes a
 -- slot of its workflow's bound, or is queued for one. Returns its advance job when due.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     r record;
 BEGIN
@@ -530,7 +540,7 @@ $$;
 -- whoever waits for it (Engine.wait) hears of it, with a small result riding along (a
 -- notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_parent text;
@@ -544,7 +554,8 @@ BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
     FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
-    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL;
+    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL
+      AND p.paused_at IS NULL;
     IF v_parent IS NOT NULL THEN
         -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
         INSERT INTO __SCHEMA__.jobs (queue, task, run_id, priority)
@@ -582,10 +593,11 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     p_replay boolean, p_cursor integer, p_next text, p_consume bigint, p_job bigint,
     OUT follow bigint, OUT written_by xid, OUT clock timestamptz
 )
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
+    v_paused boolean;
 BEGIN
     clock := v_now;
     IF NOT p_replay THEN
@@ -613,8 +625,14 @@ BEGIN
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
         updated_at = v_now
     WHERE id = p_run
-    RETURNING xmin INTO written_by;
-    follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+    RETURNING xmin, paused_at IS NOT NULL INTO written_by, v_paused;
+    IF v_paused THEN
+        -- An operator paused the run while this node ran: it stops here, without a job.
+        follow := __SCHEMA__.ensure_jobs_v1(p_run);
+        written_by := NULL;
+    ELSE
+        follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+    END IF;
 END
 $$;
 
@@ -626,7 +644,7 @@ $$;
 -- a journal row to replay (a retried run), or its workflow is paused; the worker then
 -- rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_run text;
@@ -670,7 +688,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz,
     p_delay float8, p_job bigint
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
@@ -699,7 +717,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_run text, p_key text, p_node text, p_attempt integer, p_error text,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -726,7 +744,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -742,7 +760,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_run text, p_node text, p_index integer, p_result text, p_attempts integer,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -759,7 +777,7 @@ $$;
 -- A parallel node fans out: its branches `p_branches` each get a job.
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -776,7 +794,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_run text, p_node text, p_branch text, p_result text, p_attempts integer,
     p_started timestamptz, p_job bigint
 ) RETURNS integer
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 DECLARE
     v_left integer;
@@ -801,7 +819,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -822,7 +840,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v2(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
     p_queue text, p_input text, p_first text, p_concurrency_key text, p_concurrency integer
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 BEGIN
     PERFORM __SCHEMA__.start_run_v2(
         p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node,
@@ -858,7 +876,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_run text, p_key text, p_node text, p_status text, p_result text, p_error text,
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET enable_seqscan = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
@@ -875,7 +893,7 @@ $$;
 -- End a run as failed or cancelled (its compensation is done).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
@@ -890,7 +908,7 @@ $$;
 -- `cancelled` at once when it did nothing. False when it had finished or was compensating.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
 BEGIN
@@ -906,14 +924,14 @@ BEGIN
         UPDATE __SCHEMA__.runs
         SET status = 'compensating', ending = 'cancelled', error = p_reason, attempt = 1,
             wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-            limit_wait = NULL, updated_at = __SCHEMA__.now_v1()
+            paused_at = NULL, limit_wait = NULL, updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     ELSE
         UPDATE __SCHEMA__.runs
         SET status = 'cancelled', error = p_reason, current_node = NULL, wake_at = NULL,
-            waiting_for = NULL, child_id = NULL, branches = NULL, limit_wait = NULL,
-            finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+            waiting_for = NULL, child_id = NULL, branches = NULL, paused_at = NULL,
+            limit_wait = NULL, finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.finished_v1(p_run);
     END IF;
@@ -927,7 +945,7 @@ $$;
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_child text;
     v_done boolean;
@@ -953,7 +971,7 @@ $$;
 -- unknown run, false when no wait can ever consume it (finished or compensating).
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
 RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -975,7 +993,7 @@ $$;
 -- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_run text;
     v_count integer := 0;
@@ -1015,7 +1033,7 @@ $$;
 -- resume after their committed iterations. False when the run is not failed, NULL when
 -- there is no such run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
     v_shape jsonb;
@@ -1079,7 +1097,8 @@ BEGIN
     SET status = 'running', error = NULL, finished_at = NULL, ending = NULL,
         cursor = v_position, current_node = v_node, iteration = v_iteration, attempt = 1,
         epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
-        branches = NULL, result = NULL, limit_wait = NULL, updated_at = __SCHEMA__.now_v1(),
+        branches = NULL, result = NULL, paused_at = NULL, limit_wait = NULL,
+        updated_at = __SCHEMA__.now_v1(),
         -- active again: a bounded run takes a slot anew (its `admit` job)
         slot = NULL
     WHERE id = p_run;
@@ -1096,6 +1115,142 @@ LANGUAGE sql AS $$
     ON CONFLICT (queue) DO NOTHING
 $$;
 
+
+-- Pause run `p_run`: it keeps its state and gets no job until resume_run_v1. The run's
+-- advisory lock waits for a worker transaction in flight on it (claims of its next node
+-- leave it alone), and its jobs' locks for claims that hold them (a branch in flight
+-- commits first), so that no job of the run is left for a worker to claim. NULL for an
+-- unknown run, false when it has finished or is paused already.
+CREATE OR REPLACE FUNCTION __SCHEMA__.pause_run_v1(p_run text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done boolean;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM 1 FROM __SCHEMA__.jobs WHERE run_id = p_run AND lease_token IS NULL FOR UPDATE;
+    UPDATE __SCHEMA__.runs SET paused_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND finished_at IS NULL AND paused_at IS NULL;
+    v_done := FOUND;
+    IF NOT v_done AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = p_run) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN v_done;
+END
+$$;
+
+-- Resume paused run `p_run`: it gets the jobs its state needs (a signal that arrived
+-- meanwhile wakes it now; a run queued for a slot of its workflow's bound, which no
+-- admission gives a paused run, takes one if it is free). NULL for an unknown run, false
+-- when it was not paused.
+CREATE OR REPLACE FUNCTION __SCHEMA__.resume_run_v1(p_run text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done boolean;
+    v_workflow text;
+    v_queued_key text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    UPDATE __SCHEMA__.runs SET paused_at = NULL, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND paused_at IS NOT NULL AND finished_at IS NULL
+    RETURNING workflow, CASE WHEN slot = 'queued' THEN concurrency_key END
+    INTO v_workflow, v_queued_key;
+    v_done := FOUND;
+    IF NOT v_done AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = p_run) THEN
+        RETURN NULL;
+    END IF;
+    IF v_queued_key IS NOT NULL THEN
+        PERFORM __SCHEMA__.admit_next_v1(v_workflow, v_queued_key);
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    RETURN v_done;
+END
+$$;
+
+-- Fork run `p_run` as new run `p_id` of the same workflow and shape, with input `p_input`
+-- (NULL: the original's): the original's journal before node `p_from` (NULL: the node
+-- that failed, else the node an unfinished run is at) is copied, compensations and
+-- failures aside, and the fork runs from `p_from`. NULL for an unknown run. DU002: the
+-- shape is not recorded; DU020: no top-level node `p_from`; DU021: the original has not
+-- completed every node before it (or, without `p_from`, neither failed nor is unfinished).
+CREATE OR REPLACE FUNCTION __SCHEMA__.fork_run_v1(
+    p_run text, p_id text, p_from text, p_input text
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    r __SCHEMA__.runs%ROWTYPE;
+    v_shape jsonb;
+    v_from text := p_from;
+    v_position integer;
+    v_before text[];
+    v_missing text;
+BEGIN
+    SELECT * INTO r FROM __SCHEMA__.runs WHERE id = p_run;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT shape INTO v_shape FROM __SCHEMA__.shapes WHERE queue = r.queue;
+    IF v_shape IS NULL THEN
+        RAISE EXCEPTION 'durable: the shape of run %''s workflow % is not recorded', p_run, r.queue
+            USING ERRCODE = 'DU002',
+                  HINT = 'open an Engine that registers this workflow once, then fork';
+    END IF;
+    IF v_from IS NULL THEN
+        SELECT e.node INTO v_from FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.status = 'failed'
+          AND strpos(e.key, '@') = 0 AND strpos(e.key, '#') = 0
+        ORDER BY e.seq DESC LIMIT 1;
+        IF v_from IS NULL AND r.finished_at IS NULL THEN
+            v_from := r.current_node;
+        END IF;
+        IF v_from IS NULL THEN
+            RAISE EXCEPTION 'durable: run % is % and no node of it failed: name the node to fork from',
+                p_run, r.status USING ERRCODE = 'DU021';
+        END IF;
+    END IF;
+    SELECT n.ord - 1 INTO v_position
+    FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    WHERE n.value ->> 0 = v_from;
+    IF v_position IS NULL THEN
+        RAISE EXCEPTION 'durable: workflow % has no node %', quote_literal(r.workflow),
+            quote_literal(v_from)
+            USING ERRCODE = 'DU020',
+                  DETAIL = (SELECT string_agg(n.value ->> 0, ', ' ORDER BY n.ord)
+                            FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord));
+    END IF;
+    SELECT coalesce(array_agg(n.value ->> 0), '{}') INTO v_before
+    FROM jsonb_array_elements(v_shape) WITH ORDINALITY AS n (value, ord)
+    WHERE n.ord - 1 < v_position;
+    SELECT b INTO v_missing FROM unnest(v_before) WITH ORDINALITY AS u (b, ord)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM __SCHEMA__.journal e
+        WHERE e.run_id = p_run AND e.key = u.b AND e.status = 'completed'
+    )
+    ORDER BY u.ord
+    LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'durable: run % has not completed node % (before %): fork from a node it reached',
+            p_run, quote_literal(v_missing), quote_literal(v_from) USING ERRCODE = 'DU021';
+    END IF;
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, queue, input, cursor, current_node, forked_from)
+    VALUES (p_id, r.workflow, r.queue, coalesce(p_input::jsonb, r.input), v_position, v_from,
+            p_run);
+    -- Completed work of the earlier nodes (their branches, iterations, choices and child
+    -- markers too) replays; what compensation undid in the original is not part of it.
+    INSERT INTO __SCHEMA__.journal
+        (run_id, key, node, status, result, error, attempts, started_at, finished_at)
+    SELECT p_id, e.key, e.node, e.status, e.result, e.error, e.attempts, e.started_at,
+           e.finished_at
+    FROM __SCHEMA__.journal e
+    WHERE e.run_id = p_run AND e.node = ANY (v_before) AND e.status = 'completed'
+      AND e.key NOT LIKE '%@compensate'
+    ORDER BY e.seq;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+    RETURN p_id;
+END
+$$;
+
 -- Take, for the attempt this transaction runs of the step at run `p_run`'s position, a slot
 -- of limit `p_name` for key `p_key` (when it has `p_concurrency`) and a token (when it has
 -- a rate of `p_rate` starts per `p_per` seconds). A transactional attempt holds its slot
@@ -1109,7 +1264,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
     p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
     p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_wait text := p_name || chr(31) || p_key;
@@ -1224,7 +1379,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_park_v1(
     p_run text, p_wake_at timestamptz, p_wait text
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET wake_at = p_wake_at, limit_wait = p_wait, updated_at = __SCHEMA__.now_v1()
@@ -1236,7 +1391,7 @@ $$;
 -- An attempt holding a slot of `p_wait` (limit name, chr(31), key) ends with this
 -- transaction: the most urgent run waiting for one is due when it commits.
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_wake_v1(p_wait text) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     v_run text;
 BEGIN

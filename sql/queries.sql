@@ -110,18 +110,26 @@ SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS res
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
-           AS children
+           AS children,
+       r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
 FROM __SCHEMA__.runs r
 WHERE r.id = $1;
 
 -- list_runs --
--- Runs, newest first, optionally filtered by status and workflow.
+-- Runs, newest first (keyset: ids below $7), optionally filtered by status, workflow,
+-- creation time and an id or idempotency key ($6). Run with plan_cache_mode =
+-- force_custom_plan: a generic plan cannot know which filters are set, nor pick their index.
 SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
        r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
-       ARRAY[]::text[] AS children
+       ARRAY[]::text[] AS children,
+       r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
 FROM __SCHEMA__.runs r
 WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
+  AND ($4::timestamptz IS NULL OR r.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR r.created_at < $5)
+  AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
+  AND ($7::text IS NULL OR r.id < $7)
 ORDER BY r.id DESC
 LIMIT $3;
 
@@ -163,11 +171,11 @@ SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL, true);
 -- Claim a known job (a worker continuing a run) and read its run; the results only if $2.
 SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL, $2);
 
--- commit_relock --
--- Commit, begin the next transaction and re-lock a job and its run as this worker left
--- them (relock_v1), in one simple-protocol message: the two %d are the job id and the
--- transaction id that wrote the run.
-COMMIT; BEGIN; SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
+-- relock --
+-- Re-lock a job and its run as this worker left them (relock_v1). Sent after COMMIT and
+-- BEGIN in one simple-protocol message, so no parameters: the two %d are the job id and
+-- the transaction id that wrote the run.
+SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
 
 -- run_results --
 -- The results of a run's completed nodes, as one JSON object.
@@ -377,6 +385,229 @@ SELECT queue, finished_at IS NOT NULL AS finished FROM __SCHEMA__.runs WHERE id 
 -- note_journal --
 -- Say on a completed node's journal row how it completed (a wait that used its default).
 UPDATE __SCHEMA__.journal SET error = $3 WHERE run_id = $1 AND key = $2;
+
+-- pause_run --
+-- Pause a run (NULL: no such run; false: finished or paused already).
+SELECT __SCHEMA__.pause_run_v1($1);
+
+-- resume_run --
+-- Resume a paused run (NULL: no such run; false: it was not paused).
+SELECT __SCHEMA__.resume_run_v1($1);
+
+-- fork_run --
+-- Fork a run from a node, with another input or its own; the new id (NULL: no such run).
+SELECT __SCHEMA__.fork_run_v1($1, $2, $3, $4);
+
+-- custom_plans --
+-- Plan the next statements of this transaction for their parameters (filters that are
+-- NULL or set choose different indexes).
+SET LOCAL plan_cache_mode = force_custom_plan;
+
+-- bulk_cancel --
+-- Cancel runs $1, each with its children; the ids of those cancelled.
+SELECT id FROM unnest($1::text[]) AS id WHERE __SCHEMA__.cancel_tree_v1(id, $2);
+
+-- bulk_retry --
+-- Retry failed runs $1; the ids of those retried.
+SELECT id FROM unnest($1::text[]) AS id WHERE __SCHEMA__.retry_run_v1(id);
+
+-- bulk_candidates --
+-- Up to $3 ids (descending, below $7) of runs with a status in $8 that match the filters of
+-- list_runs, for a bulk cancel or retry.
+SELECT r.id FROM __SCHEMA__.runs r
+WHERE r.status = ANY ($8::text[])
+  AND ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = $2)
+  AND ($4::timestamptz IS NULL OR r.created_at >= $4)
+  AND ($5::timestamptz IS NULL OR r.created_at < $5)
+  AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
+  AND ($7::text IS NULL OR r.id < $7)
+ORDER BY r.id DESC
+LIMIT $3;
+
+-- worker_beat --
+-- A running worker says it is alive, with what it is doing (the workers registry).
+INSERT INTO __SCHEMA__.workers AS w
+    (name, host, pid, workflows, concurrency, in_flight, processed, interval_seconds)
+VALUES ($1, $2, $3, $4::text[], $5, $6, $7, $8)
+ON CONFLICT (name) DO UPDATE
+SET in_flight = EXCLUDED.in_flight, processed = EXCLUDED.processed,
+    heartbeat_at = __SCHEMA__.now_v1();
+
+-- worker_gone --
+-- A worker stopped; rows of workers dead for a day go too.
+DELETE FROM __SCHEMA__.workers
+WHERE name = $1 OR heartbeat_at < __SCHEMA__.now_v1() - interval '1 day';
+
+-- list_workers --
+-- Registered workers, with the age of their last heartbeat and whether it is recent
+-- (within three heartbeat intervals).
+SELECT name, host, pid, workflows, concurrency, in_flight, processed, started_at,
+       heartbeat_at, interval_seconds,
+       extract(epoch FROM __SCHEMA__.now_v1() - heartbeat_at)::float8 AS heartbeat_age,
+       heartbeat_at > __SCHEMA__.now_v1() - make_interval(secs => 3 * interval_seconds) AS alive
+FROM __SCHEMA__.workers
+ORDER BY started_at, name;
+
+-- run_mailbox --
+-- A run's signals, oldest first, with the node that consumed each.
+SELECT id, name, payload::text AS payload, created_at, consumed_by, consumed_at
+FROM __SCHEMA__.signals
+WHERE run_id = $1
+ORDER BY id;
+
+-- run_relatives --
+-- A run's parent and children, and the run it was forked from: id, workflow, status.
+SELECT 'parent' AS relation, p.id, p.workflow, p.status
+FROM __SCHEMA__.runs r JOIN __SCHEMA__.runs p ON p.id = r.parent_id
+WHERE r.id = $1
+UNION ALL
+SELECT 'forked_from', f.id, f.workflow, f.status
+FROM __SCHEMA__.runs r JOIN __SCHEMA__.runs f ON f.id = r.forked_from
+WHERE r.id = $1
+UNION ALL
+(SELECT 'child', c.id, c.workflow, c.status
+ FROM __SCHEMA__.runs c WHERE c.parent_id = $1 ORDER BY c.id LIMIT 500);
+
+-- workflow_counts --
+-- How many runs each workflow has in each status.
+SELECT workflow, status, count(*)::bigint AS runs
+FROM __SCHEMA__.runs
+GROUP BY workflow, status
+ORDER BY workflow, status;
+
+-- workflow_shapes --
+-- The shapes (queues) recorded for each workflow, first recorded first.
+SELECT workflow, queue, shape::text AS shape, recorded_at
+FROM __SCHEMA__.shapes
+ORDER BY workflow, recorded_at;
+
+-- throughput --
+-- Runs finished per minute over the last $1 minutes, by workflow and final status.
+SELECT date_trunc('minute', finished_at) AS minute, workflow, status, count(*)::bigint AS runs
+FROM __SCHEMA__.runs
+WHERE finished_at > __SCHEMA__.now_v1() - make_interval(mins => $1)
+GROUP BY 1, 2, 3
+ORDER BY 1;
+
+-- queue_stats --
+-- Due jobs by queue and the age of the oldest due job (not leased), in seconds.
+SELECT queue, count(*)::bigint AS due,
+       extract(epoch FROM __SCHEMA__.now_v1() - min(run_at))::float8 AS oldest_age
+FROM __SCHEMA__.jobs
+WHERE run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+GROUP BY queue
+ORDER BY queue;
+
+-- run_shape --
+-- The recorded shape of the queue a run is pinned to.
+SELECT s.shape::text FROM __SCHEMA__.shapes s
+JOIN __SCHEMA__.runs r ON r.queue = s.queue
+WHERE r.id = $1;
+
+-- doctor_stranded --
+-- Unfinished, unpaused runs that have no job and no recorded reason to wait for none (a
+-- signal without a timeout, an unfinished child, branches all committed, a slot of its
+-- workflow's bound while all are held): the invariant ensure_jobs_v1 keeps, checked from
+-- the outside. Up to $1 of them, and how many.
+WITH stranded AS (
+    SELECT r.id, r.workflow, r.status, r.current_node, r.updated_at
+    FROM __SCHEMA__.runs r
+    WHERE r.finished_at IS NULL AND r.paused_at IS NULL AND r.queue <> ''
+      AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id = r.id)
+      AND NOT (
+          r.slot = 'queued' AND r.status <> 'compensating'
+          AND __SCHEMA__.slots_held_v1(r.workflow, r.concurrency_key) >= r.concurrency
+      )
+      AND NOT (
+          r.status <> 'compensating'
+          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id)
+          AND (
+              (r.branches IS NOT NULL AND NOT EXISTS (
+                  SELECT 1 FROM unnest(r.branches) AS b
+                  WHERE NOT EXISTS (
+                      SELECT 1 FROM __SCHEMA__.journal e
+                      WHERE e.run_id = r.id AND e.key = r.current_node || '#' || b
+                        AND e.status = 'completed')))
+              OR (r.branches IS NULL AND r.child_id IS NOT NULL AND EXISTS (
+                  SELECT 1 FROM __SCHEMA__.runs c
+                  WHERE c.id = r.child_id AND c.finished_at IS NULL))
+              OR (r.branches IS NULL AND r.child_id IS NULL AND r.waiting_for IS NOT NULL
+                  AND r.wake_at IS NULL AND NOT EXISTS (
+                      SELECT 1 FROM __SCHEMA__.signals s
+                      WHERE s.run_id = r.id AND s.name = r.waiting_for
+                        AND s.consumed_at IS NULL))
+          )
+      )
+)
+SELECT id, workflow, status, current_node, updated_at, count(*) OVER () AS total
+FROM stranded
+ORDER BY updated_at
+LIMIT $1;
+
+-- doctor_oldest_due --
+-- The oldest job due now that no lease holds: its queue and age in seconds.
+SELECT queue, task, run_id,
+       extract(epoch FROM __SCHEMA__.now_v1() - run_at)::float8 AS age
+FROM __SCHEMA__.jobs
+WHERE run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+ORDER BY run_at
+LIMIT 1;
+
+-- doctor_transactions --
+-- Transactions of this database open longer than $1 seconds that hold back the xmin
+-- horizon (vacuum cannot remove rows they may still see), prepared ones included.
+SELECT pid::text AS who, state, application_name,
+       extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age,
+       left(regexp_replace(query, '\s+', ' ', 'g'), 80) AS query
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND xact_start < clock_timestamp() - make_interval(secs => $1)
+  AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+UNION ALL
+SELECT 'prepared ' || gid, 'prepared', owner::text,
+       extract(epoch FROM clock_timestamp() - prepared)::float8, ''
+FROM pg_prepared_xacts
+WHERE database = current_database()
+  AND prepared < clock_timestamp() - make_interval(secs => $1)
+ORDER BY 4 DESC;
+
+-- doctor_tables --
+-- Size, live and dead rows of durable's tables and the size of their indexes.
+SELECT c.relname AS name, s.n_live_tup AS live, s.n_dead_tup AS dead,
+       pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
+       s.last_autovacuum, s.last_vacuum
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_stat_all_tables s ON s.relid = c.oid
+WHERE n.nspname = $1 AND c.relkind = 'r'
+ORDER BY c.relname;
+
+-- doctor_listeners --
+-- The notification queue's use (a listener that stopped reading fills it), the sessions
+-- that LISTEN, and idle workers whose listener registration is stale.
+SELECT pg_notification_queue_usage()::float8 AS queue_usage,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS listening,
+       (SELECT count(*) FROM __SCHEMA__.listeners
+        WHERE seen_at < __SCHEMA__.now_v1() - interval '5 minutes') AS stale_listeners;
+
+-- doctor_stale_workers --
+-- Registered workers whose heartbeat is older than three intervals.
+SELECT name, host, pid,
+       extract(epoch FROM __SCHEMA__.now_v1() - heartbeat_at)::float8 AS age
+FROM __SCHEMA__.workers
+WHERE heartbeat_at < __SCHEMA__.now_v1() - make_interval(secs => 3 * interval_seconds)
+ORDER BY heartbeat_at;
+
+-- doctor_queues --
+-- Every queue a job or a recorded shape names (what a worker could claim from).
+SELECT DISTINCT queue FROM __SCHEMA__.jobs
+UNION SELECT queue FROM __SCHEMA__.shapes
+ORDER BY 1;
+
+-- doctor_job_rows --
+-- The planner's estimate of the job table's rows.
+SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('__SCHEMA__.jobs');
 
 -- pause_workflow --
 -- Stop claiming a workflow's jobs; true unless it was paused already.

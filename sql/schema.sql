@@ -52,6 +52,10 @@ CREATE TABLE __SCHEMA__.runs (
     branches text[],
     child_id text,
     ending text CHECK (ending IN ('failed', 'cancelled')),
+    -- An operator paused the run (Engine.pause_run): it keeps its state and gets no job.
+    paused_at timestamptz,
+    -- The run this one was forked from (Engine.fork).
+    forked_from text,
     -- Flow control (docs/guides/flow-control.md). `priority` orders every job of the run;
     -- `not_before`: its first node is not due before then (a delayed or debounced start).
     priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
@@ -73,6 +77,9 @@ CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempoten
 CREATE INDEX runs_status_idx ON __SCHEMA__.runs (status, id DESC);
 CREATE INDEX runs_workflow_idx ON __SCHEMA__.runs (workflow, id DESC);
 CREATE INDEX runs_finished_idx ON __SCHEMA__.runs (finished_at) WHERE finished_at IS NOT NULL;
+-- The admin API finds a run by its idempotency key without knowing its workflow.
+CREATE INDEX runs_idempotency_lookup_idx ON __SCHEMA__.runs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 CREATE INDEX runs_parent_idx ON __SCHEMA__.runs (parent_id) WHERE parent_id IS NOT NULL;
 -- The active and queued runs of a bounded workflow, per key, in admission order.
 CREATE INDEX runs_slot_idx ON __SCHEMA__.runs
@@ -225,6 +232,22 @@ CREATE TABLE __SCHEMA__.shapes (
     workflow text NOT NULL,
     shape jsonb NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+);
+
+-- Running workers, each refreshing its row (heartbeat) while it runs and deleting it when
+-- it stops: a row whose heartbeat is old is a worker that died. UNLOGGED: written every
+-- few seconds by every worker, and worthless after a crash of the server.
+CREATE UNLOGGED TABLE __SCHEMA__.workers (
+    name text PRIMARY KEY,
+    host text NOT NULL,
+    pid integer NOT NULL,
+    workflows text[] NOT NULL,
+    concurrency integer NOT NULL,
+    in_flight integer NOT NULL DEFAULT 0,
+    processed bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    heartbeat_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    interval_seconds float8 NOT NULL
 );
 
 -- Workflows whose jobs no worker claims (Engine.pause); runs keep their state and jobs.

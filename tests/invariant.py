@@ -15,7 +15,7 @@ import asyncpg
 
 RUNS = """
 SELECT r.id, r.status, r.current_node, r.wake_at, r.waiting_for, r.child_id, r.branches,
-       r.finished_at IS NOT NULL AS finished,
+       r.finished_at IS NOT NULL AS finished, r.paused_at IS NOT NULL AS paused,
        EXISTS (SELECT 1 FROM durable.cancel_requests q WHERE q.run_id = r.id) AS cancel,
        (SELECT c.finished_at IS NOT NULL FROM durable.runs c WHERE c.id = r.child_id)
            AS child_finished,
@@ -32,12 +32,18 @@ SELECT r.id, r.status, r.current_node, r.wake_at, r.waiting_for, r.child_id, r.b
 FROM durable.runs r
 WHERE r.queue <> ''  -- started by an engine (tests of the bare queue insert rows by hand)
 """
-JOBS = "SELECT run_id, task, branch FROM durable.jobs WHERE run_id IS NOT NULL"
+JOBS = """
+SELECT j.run_id, j.task, j.branch FROM durable.jobs j
+WHERE j.run_id IS NOT NULL
+  -- a paused run's lease in flight is its holder's to settle
+  AND NOT (j.lease_token IS NOT NULL AND EXISTS (
+      SELECT 1 FROM durable.runs r WHERE r.id = j.run_id AND r.paused_at IS NOT NULL))
+"""
 
 
 def needed(run: Any) -> Counter[tuple[str, str | None]]:
     """The jobs a run's state needs: (task, branch) -> how many (always 1)."""
-    if run["finished"]:
+    if run["finished"] or run["paused"]:
         return Counter()
     if run["status"] == "compensating":
         return Counter({("compensate", None): 1})
@@ -62,15 +68,15 @@ def needed(run: Any) -> Counter[tuple[str, str | None]]:
 
 
 def bounds(run: Any) -> list[str]:
-    """A bounded run's reason to be queued (every slot of its key held), and its key's
-    bound respected."""
+    """A bounded run's reason to be queued (every slot of its key held; a paused run is
+    admitted when resumed), and its key's bound respected."""
     if run["finished"] or not run["bounded"]:
         return []
     if run["held"] > run["concurrency"]:
         return [
             f"run {run['id']}: {run['held']} runs hold a slot of a bound of {run['concurrency']}"
         ]
-    if run["slot"] == "queued" and run["held"] < run["concurrency"]:
+    if run["slot"] == "queued" and not run["paused"] and run["held"] < run["concurrency"]:
         return [
             f"run {run['id']} is queued for a slot while only {run['held']} of "
             f"{run['concurrency']} are held"

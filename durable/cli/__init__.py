@@ -9,12 +9,20 @@
                                     start a run (and wait for its result)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
+    runs pause|resume ID            stop a run from being claimed / let it go on
+    runs fork ID [--from-node N] [--input JSON]
+                                    a new run from a node of ID, with another input
+    runs bulk cancel|retry --status S --workflow W ... [--dry-run]
+                                    cancel or retry every run a filter matches
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     pause WORKFLOW                  stop workers claiming a workflow's jobs
     resume WORKFLOW                 let workers claim them again
     purge --older-than 30d          delete finished runs older than a duration
+    doctor [--json]                 check for stranded runs, old jobs, long transactions...
+    dashboard [MODULE:ENGINE] [--host H] [--port P]
+                                    serve the web dashboard, admin API and /metrics
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
 `--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
@@ -51,15 +59,21 @@ import asyncpg
 from durable.cli.app import cmd_start, cmd_worker
 from durable.cli.commands import (
     cmd_cancel,
+    cmd_doctor,
     cmd_migrate,
     cmd_pause,
     cmd_purge,
     cmd_resume,
     cmd_retry,
+    cmd_runs_bulk,
+    cmd_runs_fork,
     cmd_runs_list,
+    cmd_runs_pause,
+    cmd_runs_resume,
     cmd_runs_show,
     cmd_signal,
 )
+from durable.cli.dashboard import cmd_dashboard
 from durable.cli.output import (
     DEFAULT_LOG_FORMAT,
     FieldFormatter,
@@ -137,12 +151,17 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "migrate": cmd_migrate,
     "runs list": cmd_runs_list,
     "runs show": cmd_runs_show,
+    "runs pause": cmd_runs_pause,
+    "runs resume": cmd_runs_resume,
+    "runs fork": cmd_runs_fork,
+    "runs bulk": cmd_runs_bulk,
     "signal": cmd_signal,
     "cancel": cmd_cancel,
     "retry": cmd_retry,
     "purge": cmd_purge,
     "pause": cmd_pause,
     "resume": cmd_resume,
+    "doctor": cmd_doctor,
 }
 
 
@@ -157,6 +176,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         return await cmd_start(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
+    if command == "dashboard":
+        return await cmd_dashboard(args, out)
     handler = _NEEDS_DSN[command]
     if command == "purge":
         parse_duration(args.older_than)  # a bad duration is reported before any connection

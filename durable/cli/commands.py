@@ -1,5 +1,6 @@
-"""The commands that work on a database given by DSN: migrate, runs, signal, cancel,
-retry, purge, pause and resume."""
+"""The commands that work on a database given by DSN: migrate, runs (list, show, pause,
+resume, fork, bulk), signal, cancel, retry, purge, doctor, and pause and resume of a
+workflow."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from durable.cli.output import (
     table,
 )
 from durable.cli.parser import EXIT_NOT_DONE, EXIT_OK, UsageError, parse_duration
+from durable.doctor import Thresholds, diagnose
 from durable.engine import Engine
 from durable.model import RunStatus
+from durable.operations import RunFilter
 
 
 async def _open_engine(dsn: str, schema: str) -> Engine:
@@ -212,3 +215,109 @@ async def cmd_purge(args: argparse.Namespace, dsn: str, out: Out) -> int:
     else:
         print(f"purged {purged} finished run(s) older than {args.older_than}", file=out)
     return EXIT_OK
+
+
+async def cmd_runs_pause(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    return await _pause_or_resume(args, dsn, out, pause=True)
+
+
+async def cmd_runs_resume(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    return await _pause_or_resume(args, dsn, out, pause=False)
+
+
+async def _pause_or_resume(args: argparse.Namespace, dsn: str, out: Out, *, pause: bool) -> int:
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        act = engine.pause_run if pause else engine.resume_run
+        done = await act(args.run_id)
+        run = await engine.get_run(args.run_id)
+    finally:
+        await engine.close()
+    verb = "paused" if pause else "resumed"
+    if args.json:
+        emit_json(
+            out,
+            {"run_id": args.run_id, verb: done, "status": run.status.value, "paused": run.paused},
+        )
+    elif done:
+        print(f"run {args.run_id} {verb} (status {run.status.value})", file=out)
+    elif pause:
+        why = "it is paused already" if run.paused else f"it is {run.status.value}"
+        print(f"run {args.run_id} was not paused: {why}", file=out)
+    else:
+        print(f"run {args.run_id} was not resumed: it is not paused", file=out)
+    return EXIT_OK if done else EXIT_NOT_DONE
+
+
+async def cmd_runs_fork(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    new_input = None
+    if args.input is not None:
+        try:
+            new_input = json.loads(args.input)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--input is not valid JSON ({exc})") from None
+        if not isinstance(new_input, dict):
+            raise UsageError("--input must be a JSON object")
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        fork_id = await engine.fork(args.run_id, from_node=args.from_node, input=new_input)
+    finally:
+        await engine.close()
+    if args.json:
+        emit_json(out, {"run_id": fork_id, "forked_from": args.run_id})
+    else:
+        print(fork_id, file=out)
+    return EXIT_OK
+
+
+async def cmd_runs_bulk(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    where = RunFilter(
+        status=args.status,
+        workflow=args.workflow,
+        created_after=args.created_after,
+        created_before=args.created_before,
+        search=args.search,
+    )
+    if where.empty:
+        raise UsageError("runs bulk needs at least one filter: --status, --workflow, ...")
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        if args.dry_run:
+            statuses = ("failed",) if args.action == "retry" else ("pending", "running", "waiting")
+            ids = await engine.matching_runs(where, statuses)
+        elif args.action == "cancel":
+            ids = await engine.cancel_runs(where, reason=args.reason)
+        else:
+            ids = await engine.retry_runs(where)
+    finally:
+        await engine.close()
+    verb = {"cancel": "cancelled", "retry": "retried"}[args.action]
+    if args.json:
+        emit_json(out, {"action": args.action, "dry_run": args.dry_run, "runs": ids})
+    elif args.dry_run:
+        print(f"{len(ids)} run(s) would be {verb}", file=out)
+    else:
+        print(f"{len(ids)} run(s) {verb}", file=out)
+    return EXIT_OK
+
+
+async def cmd_doctor(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    limits = Thresholds(job_age=args.max_job_age, transaction_age=args.max_transaction_age)
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        async with engine.pool.acquire() as conn:
+            report = await diagnose(conn, engine.queries, limits)
+    finally:
+        await engine.close()
+    if args.json:
+        emit_json(out, report.to_json())
+    else:
+        marks = {"ok": "ok     ", "warn": "WARN   ", "problem": "PROBLEM"}
+        for f in report.findings:
+            print(f"{marks[f.status]}  {f.check}: {f.summary}", file=out)
+            if f.status != "ok":
+                for detail in f.details[:20]:
+                    text = ", ".join(f"{k}={v}" for k, v in detail.items())
+                    print(f"           {text}", file=out)
+        print("healthy" if report.healthy else "something needs a look (see above)", file=out)
+    return EXIT_OK if report.healthy else EXIT_NOT_DONE

@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 import sys
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 from durable import __version__
@@ -61,6 +61,16 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time, e.g. 2026-05-01T14:00:00+02:00"
+        ) from None
+    return value if value.tzinfo is not None else value.astimezone()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -177,6 +187,45 @@ def build_parser() -> argparse.ArgumentParser:
     runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
 
+    for verb, text in (
+        ("pause", "pause a run: no worker claims it until it is resumed"),
+        ("resume", "resume a paused run"),
+    ):
+        action = runs_sub.add_parser(verb, parents=[common], help=text)
+        action.add_argument("run_id", metavar="ID")
+
+    fork = runs_sub.add_parser(
+        "fork",
+        parents=[common],
+        help="start a copy of a run from one of its nodes",
+        description=(
+            "Start a new run of the same workflow that keeps the journal of ID before NODE "
+            "(default: the node that failed) and runs from NODE on, with ID's input or the "
+            "JSON object given with --input. Prints the new run's id."
+        ),
+    )
+    fork.add_argument("run_id", metavar="ID")
+    fork.add_argument("--from-node", metavar="NODE", default=None)
+    fork.add_argument("--input", metavar="JSON", default=None, help="a JSON object")
+
+    bulk = runs_sub.add_parser(
+        "bulk",
+        parents=[common],
+        help="cancel or retry every run a filter matches",
+        description=(
+            "cancel: every pending, running or waiting run that matches; retry: every "
+            "failed run that matches. At least one filter is needed. --dry-run counts them."
+        ),
+    )
+    bulk.add_argument("action", choices=["cancel", "retry"])
+    bulk.add_argument("--status", choices=[s.value for s in RunStatus])
+    bulk.add_argument("--workflow")
+    bulk.add_argument("--created-after", type=_timestamp, metavar="ISO8601")
+    bulk.add_argument("--created-before", type=_timestamp, metavar="ISO8601")
+    bulk.add_argument("--search", metavar="ID_OR_KEY", help="a run id or idempotency key")
+    bulk.add_argument("--reason", default="cancelled", help="kept as the error (cancel)")
+    bulk.add_argument("--dry-run", action="store_true", help="count the runs, change nothing")
+
     sig = sub.add_parser("signal", parents=[common], help="send a signal to a run")
     sig.add_argument("run_id", metavar="ID")
     sig.add_argument("name", metavar="NAME")
@@ -213,6 +262,52 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="DURATION",
         help="e.g. 30d, 12h, 90m, 45s (finished longer ago than this)",
+    )
+
+    doctor = sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check for stranded runs, old jobs, long transactions, bloat, dead workers",
+        description=(
+            "Check what slows down or strands runs: stranded runs, the oldest due job, "
+            "transactions holding the xmin horizon, bloat of the hot tables, listener "
+            "health, workers with stale heartbeats, the claim's query plan. Exit 0 when "
+            "all is well, 1 when something needs a look."
+        ),
+    )
+    doctor.add_argument(
+        "--max-job-age",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a due job older than this is a problem (default 60)",
+    )
+    doctor.add_argument(
+        "--max-transaction-age",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a transaction open longer than this is a problem (default 300)",
+    )
+
+    dash = sub.add_parser(
+        "dashboard",
+        parents=[common],
+        help="serve the web dashboard, the admin API and /metrics",
+        description=(
+            "Serve the admin app under uvicorn, for the database of --dsn (or $DURABLE_DSN) "
+            "or of the engine MODULE:ENGINE defines. The admin token comes from "
+            "$DURABLE_ADMIN_TOKEN, the read-only token from $DURABLE_READ_TOKEN; "
+            "--insecure-no-auth drops them, on a loopback address only."
+        ),
+    )
+    dash.add_argument("target", metavar="MODULE:ENGINE", nargs="?", default=None)
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    dash.add_argument("--port", type=_positive_int, default=8484, help="port (default 8484)")
+    dash.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no token (only with a loopback --host)",
     )
 
     sub.add_parser("demo", parents=[common], help="run the order-saga demo")

@@ -12,6 +12,7 @@ from datetime import datetime
 
 from ulid import ULID
 
+from durable import metrics
 from durable.db import Connection
 from durable.runtime.transition import (
     Admit,
@@ -54,6 +55,7 @@ async def apply(
     node = s.current_node
     started = s.now
     follow: int | None
+    _count(s, wf, t)
     if isinstance(t, Complete):
         return await _complete(conn, q, s, wf, t)
     if isinstance(t, Retry):
@@ -134,6 +136,22 @@ async def _complete(
     if row is None or row["follow"] is None:
         return None
     return Follow(row["follow"], row["written_by"], row["clock"])
+
+
+def _count(s: RunState, wf: Workflow, t: Transition) -> None:
+    """Count the transition in this process's metrics (no-op without prometheus-client)."""
+    node = s.current_node or ""
+    if isinstance(t, Complete):
+        if not t.replay and s.task != "compensate":
+            metrics.attempt(wf.name, node)
+        if s.cursor + 1 >= len(wf.nodes):
+            metrics.run_finished(wf.name, "completed")
+    elif isinstance(t, Retry | Fail):
+        metrics.attempt(wf.name, t.key or node, failed=True, final=isinstance(t, Fail))
+    elif isinstance(t, Compensated):
+        metrics.attempt(wf.name, t.key, failed=t.status == "failed", final=True)
+    elif isinstance(t, Finish):
+        metrics.run_finished(wf.name, t.status)
 
 
 async def branch_done(conn: Connection, q: Queries, s: RunState, t: BranchDone) -> int:

@@ -137,7 +137,8 @@ class Runner:
         memo = self._memos.pop(job_id, None)
         if memo is not None and memo.moved is not None:
             try:
-                await conn.execute(self.q["commit_relock"] % (job_id, memo.written_by))
+                relock = self.q["relock"] % (job_id, memo.written_by)
+                await conn.execute("COMMIT; BEGIN; " + relock)
             except asyncpg.PostgresError as exc:
                 if exc.sqlstate != "DU040":
                     raise

@@ -106,7 +106,7 @@ async def test_list_runs_by_a_rare_status_uses_the_status_index(big: asyncpg.Con
     # 2 % of runs failed: (status, id DESC) hands over the newest 50 directly. We do not
     # assert an index for status='completed' (97 % of rows): walking the primary key
     # backwards and filtering is just as good there and the planner may rightly pick it.
-    nodes = await explain(big, Q["list_runs"], "failed", None, 50)
+    nodes = await explain(big, Q["list_runs"], "failed", None, 50, None, None, None, None)
     assert uses_index(nodes, "runs", "runs_status_idx"), scans_of(nodes, "runs")
     assert ("Seq Scan", None) not in scans_of(nodes, "runs")
 
