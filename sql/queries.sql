@@ -514,9 +514,10 @@ WITH stranded AS (
     FROM __SCHEMA__.runs r
     WHERE r.finished_at IS NULL AND r.paused_at IS NULL AND r.queue <> ''
       AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id = r.id)
-      AND NOT (
+      AND NOT coalesce(
           r.slot = 'queued' AND r.status <> 'compensating'
-          AND __SCHEMA__.slots_held_v1(r.workflow, r.concurrency_key) >= r.concurrency
+          AND __SCHEMA__.slots_held_v1(r.workflow, r.concurrency_key) >= r.concurrency,
+          false
       )
       AND NOT (
           r.status <> 'compensating'

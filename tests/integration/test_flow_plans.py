@@ -45,14 +45,12 @@ async def loaded(db: Any) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-async def _claim_scans(dsn: str, queues: list[str], setup: str = "") -> dict[str, Any]:
+async def _claim_scans(dsn: str, queues: list[str]) -> dict[str, Any]:
     """Claim once on a fresh connection (its statistics hold nothing else yet), then roll
     back; the transaction's scans of `jobs`."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            if setup:
-                await conn.execute(setup)
             row = await conn.fetchrow(
                 "SELECT * FROM durable.claim_v1($1::text[], NULL, NULL, false)", queues
             )
@@ -91,15 +89,6 @@ async def test_the_claim_walks_the_ready_index_and_reads_a_few_rows(
     assert got["ready_scans"] >= 1, got
     # The most urgent due job is first in the index: not a walk over the delayed ones.
     assert 1 <= got["read"] < 50, got
-
-
-async def test_the_scan_counts_see_a_sequential_scan_inside_the_claim(
-    db: Any, loaded: asyncpg.Connection
-) -> None:
-    got = await _claim_scans(
-        db.dsn, ["q@x"], "SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off"
-    )
-    assert got["seq_scans"] >= 1, got
 
 
 async def test_a_paused_workflows_jobs_are_not_claimed(db: Any, loaded: asyncpg.Connection) -> None:
