@@ -63,9 +63,10 @@ $$;
 -- (a lease in flight is its holder's to settle), one `compensate` job while it
 -- compensates, an `admit` job (due at `not_before`) while a run of a bounded workflow is
 -- not admitted, none while it is queued for a slot of its workflow's bound, one `branch`
--- job per uncommitted branch while a parallel node fans out, else one `advance` job, due when the run's state says (its wake
--- time or retry backoff, now when an awaited signal or child is there or a cancel was
--- requested) or none while it waits for a signal, a child or branches. Jobs another
+-- job per uncommitted branch while a parallel node fans out, else one `advance` job, due
+-- when the run's state says (its wake time or retry backoff, now when an awaited signal
+-- or child is there or a cancel was requested) or none while it waits for a signal, a
+-- child or branches. Jobs another
 -- transaction holds are left alone: their worker reads the run after that transaction
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
@@ -428,6 +429,17 @@ BEGIN
         v_slot := CASE
             WHEN __SCHEMA__.slots_held_v1(p_workflow, p_concurrency_key) < p_concurrency
             THEN 'held' ELSE 'queued' END;
+    END IF;
+    IF p_key IS NULL AND p_singleton IS NULL THEN
+        -- No key another run may hold: a plain insert (cheaper than a speculative one).
+        INSERT INTO __SCHEMA__.runs
+            (id, workflow, queue, input, current_node, parent_id, parent_node, priority,
+             not_before, concurrency_key, concurrency, slot, debounce_key)
+        VALUES (p_id, p_workflow, p_queue, p_input::jsonb, p_node, p_parent, p_parent_node,
+                coalesce(p_priority, 0), v_not_before, p_concurrency_key, p_concurrency,
+                v_slot, p_debounce);
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+        RETURN p_id;
     END IF;
     LOOP
         INSERT INTO __SCHEMA__.runs
