@@ -37,6 +37,7 @@ SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[dict[str, Any]]]] = {
     "fan-out": scenarios.fanout,
     "fan-out-keyed": scenarios.fanout_keyed,
     "fan-out-limited": scenarios.fanout_limited,
+    "fan-out-limited-1": scenarios.fanout_limited_one,
     "drain": scenarios.drain,
     "start": scenarios.start,
     "latency": scenarios.latency,
@@ -201,7 +202,7 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
                 min_ratio=0.8,
             )
         )
-    for name in ("fan-out-keyed", "fan-out-limited"):
+    for name in ("fan-out-keyed", "fan-out-limited", "fan-out-limited-1"):
         if name in results:
             rows.append(
                 _rate_row(

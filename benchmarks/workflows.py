@@ -49,11 +49,11 @@ def fanout_keyed(steps: int) -> durable.Workflow:
     return wf
 
 
-def fanout_limited(steps: int) -> durable.Workflow:
-    """The fan-out's runs with every step taking a token of `BENCH_LIMIT`."""
+def fanout_limited(steps: int, limited: int) -> durable.Workflow:
+    """The fan-out's runs with their first `limited` steps taking a token of `BENCH_LIMIT`."""
     wf = durable.Workflow(FANOUT)
     for i in range(steps):
-        wf.step(f"s{i}", noop, limit=BENCH_LIMIT)
+        wf.step(f"s{i}", noop, limit=BENCH_LIMIT if i < limited else None)
     return wf
 
 

@@ -1283,6 +1283,7 @@ DECLARE
     v_per interval := make_interval(secs => p_per);
     v_slot integer;
     v_rows integer;
+    v_from integer;
     v_ahead integer;
     v_next timestamptz;
     v_full text;  -- what there is none of: 'slot' or 'token'
@@ -1309,18 +1310,34 @@ BEGIN
         END IF;
     END IF;
     IF v_full IS NULL AND p_rate IS NOT NULL THEN
+        -- Token rows are numbered 0 .. v_rows - 1. Look for a free one from a random row
+        -- on (then before it), so that attempts at once do not all want the same row;
+        -- `used_at` is in no index, so taking a row is a HOT update.
+        SELECT coalesce(max(t.slot) + 1, 0) INTO v_rows FROM __SCHEMA__.limit_tokens t
+        WHERE t.name = p_name AND t.key = p_key;
+        v_rows := least(v_rows, p_rate);
+        v_from := floor(random() * v_rows)::integer;
         UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
         WHERE name = p_name AND key = p_key AND slot = (
             SELECT t.slot FROM __SCHEMA__.limit_tokens t
-            WHERE t.name = p_name AND t.key = p_key AND t.slot < p_rate
+            WHERE t.name = p_name AND t.key = p_key AND t.slot >= v_from AND t.slot < v_rows
               AND t.used_at <= v_now - v_per
-            ORDER BY t.used_at
+            ORDER BY t.slot
             LIMIT 1
             FOR UPDATE SKIP LOCKED
         );
+        IF NOT FOUND AND v_from > 0 THEN
+            UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
+            WHERE name = p_name AND key = p_key AND slot = (
+                SELECT t.slot FROM __SCHEMA__.limit_tokens t
+                WHERE t.name = p_name AND t.key = p_key AND t.slot < v_from
+                  AND t.used_at <= v_now - v_per
+                ORDER BY t.slot
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            );
+        END IF;
         IF NOT FOUND THEN
-            SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_tokens
-            WHERE name = p_name AND key = p_key AND slot < p_rate;
             IF v_rows < p_rate THEN
                 grow := 'token';
                 RETURN;
