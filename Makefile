@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_STAMP := $(VENV)/.demo-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lint format typecheck test test-unit test-integration test-acceptance demo bench soak docs wheel clean
+.PHONY: install lint format typecheck test test-unit test-integration test-acceptance demo bench capacity soak docs wheel clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -52,6 +52,11 @@ demo: $(DEMO_STAMP)
 # Benchmarks against the raw-commit baseline measured in the same run; QUICK=1 for < 1 min.
 bench: install
 	$(PY) -m benchmarks.run $(if $(QUICK),--quick,)
+
+# The capacity model's figures: CPU per step of PostgreSQL and of the worker, with and
+# without a streaming standby (needs the local PostgreSQL server binaries); QUICK=1.
+capacity: install
+	$(PY) -m benchmarks.capacity $(if $(QUICK),--quick,)
 
 # The chaos soak: 2,000 runs, workers SIGKILLed, backends terminated, PostgreSQL restarted.
 soak: install

@@ -102,6 +102,7 @@ def marked_examples(text: str) -> Iterator[str]:
 def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
     import durable
     import durable.context
+    import durable.testing
     from durable import server
 
     errors = sorted(
@@ -138,6 +139,9 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             [
                 ("durable.Context", durable.Context),
                 ("durable.context.LoopContext", durable.context.LoopContext),
+                ("durable.SyncContext", durable.SyncContext),
+                ("durable.SyncLoopContext", durable.SyncLoopContext),
+                ("durable.SyncConnection", durable.SyncConnection),
             ],
         ),
         (
@@ -151,7 +155,31 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             ],
         ),
         ("The admin app", [("durable.web.admin_app", _admin_app())]),
+        (
+            "Versions and deploys",
+            [
+                ("durable.CheckReport", durable.CheckReport),
+                ("durable.StrandedRuns", durable.StrandedRuns),
+                ("durable.ShapeDiff", durable.ShapeDiff),
+                ("durable.UpgradeReport", durable.UpgradeReport),
+                ("durable.UpgradeRefusal", durable.UpgradeRefusal),
+            ],
+        ),
+        (
+            "Schedules",
+            [
+                ("durable.Schedule", durable.Schedule),
+                ("durable.ScheduleInfo", durable.ScheduleInfo),
+            ],
+        ),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
+        (
+            "Testing",
+            [
+                ("durable.testing.Harness", durable.testing.Harness),
+                ("durable.testing.VirtualClock", durable.testing.VirtualClock),
+            ],
+        ),
         (
             "A throwaway PostgreSQL",
             [("durable.server.LocalPostgres", server.LocalPostgres)],
@@ -261,9 +289,9 @@ def reference() -> str:
         "",
         "# API reference",
         "",
-        "Everything here is importable from `durable`, except `LoopContext`",
-        "(`durable.context.LoopContext`) and `LocalPostgres` (`durable.server`). Every error",
-        "durable raises is a `DurableError`.",
+        "Everything here is importable from `durable`, except the testing harness",
+        "(`durable.testing`, also a pytest plugin) and `LocalPostgres` (`durable.server`).",
+        "Every error durable raises is a `DurableError`.",
         "",
     ]
     for heading, objects in _groups():

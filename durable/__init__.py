@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from durable.client import LimitUsage
-from durable.context import Context, LoopContext
+from durable.context import Context, LoopContext, SyncContext, SyncLoopContext
 from durable.engine import Engine
 from durable.errors import (
     ArgumentError,
@@ -20,6 +20,7 @@ from durable.errors import (
     RunCancelled,
     RunFailed,
     RunNotFound,
+    ScheduleNotFound,
     SerializationError,
     SignalTimeout,
     SwallowedDatabaseError,
@@ -29,12 +30,16 @@ from durable.errors import (
 from durable.flow import Debounce, Limit
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
+from durable.runtime.threads import SyncConnection
+from durable.schedule import Schedule, ScheduleInfo
+from durable.versions import CheckReport, ShapeDiff, StrandedRuns, UpgradeRefusal, UpgradeReport
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "Attempt",
+    "CheckReport",
     "ChildFailed",
     "ConfigurationError",
     "Context",
@@ -58,10 +63,20 @@ __all__ = [
     "RunFilter",
     "RunNotFound",
     "RunStatus",
+    "Schedule",
+    "ScheduleInfo",
+    "ScheduleNotFound",
     "SerializationError",
+    "ShapeDiff",
     "SignalTimeout",
     "Step",
+    "StrandedRuns",
     "SwallowedDatabaseError",
+    "SyncConnection",
+    "SyncContext",
+    "SyncLoopContext",
+    "UpgradeRefusal",
+    "UpgradeReport",
     "WorkerLost",
     "Workflow",
     "WorkflowNotFound",

@@ -1,4 +1,5 @@
-"""The client side: start, inspect, wait for, signal, cancel, retry and purge runs.
+"""The client side: start, inspect, wait for, signal, cancel, retry, purge, check and
+upgrade runs.
 
 It shares the SQL functions with the runtime, not Python state: every operation that
 moves a run is one call of a function of sql/functions.sql, which ends by giving the run
@@ -7,8 +8,9 @@ exactly the jobs its state needs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,18 +19,21 @@ import asyncpg
 from ulid import ULID
 
 from durable import metrics
+from durable.arguments import count_arg, run_id_arg, text_arg
+from durable.codec import input_text
 from durable.context import current_run
-from durable.db import Connection, dumps, loads
+from durable.db import Connection, dumps, loads, storable, translated
 from durable.errors import (
     ArgumentError,
     ArgumentTypeError,
-    ConfigurationError,
-    IdempotencyConflict,
     RunNotFound,
     WorkflowNotFound,
 )
 from durable.flow import Debounce, check_start, concurrency_key_of
 from durable.model import Attempt, JournalEntry, Run, RunStatus
+from durable.versions import CheckReport, UpgradeReport
+from durable.versions import check as check_runs
+from durable.versions import upgrade as upgrade_runs
 from durable.waiting import Waiting
 from durable.workflow import WaitForSignal, Workflow
 
@@ -53,6 +58,7 @@ def _run_from_record(row: asyncpg.Record) -> Run:
     return Run(
         id=row["id"],
         workflow=row["workflow"],
+        version=row["version"],
         status=RunStatus(row["status"]),
         input=loads(row["input"]),
         results=loads(row["results"]) or {},
@@ -72,24 +78,61 @@ def _run_from_record(row: asyncpg.Record) -> Run:
 class Client(Waiting):
     """The run operations of an `Engine` (see there for how to build one)."""
 
-    _workflows: dict[str, Workflow]
+    # name -> version -> definition; every version registered is served side by side.
+    _versions: dict[str, dict[int, Workflow[Any]]]
 
     def __init__(self) -> None:
         super().__init__()
         self._recorded: set[str] = set()  # queues whose shape this engine recorded
 
-    def _workflow(self, workflow: str | Workflow) -> Workflow:
-        name = workflow.name if isinstance(workflow, Workflow) else workflow
-        found = self._workflows.get(name)
-        if found is None:
-            known = ", ".join(sorted(self._workflows)) or "none"
+    def _registered(self) -> list[Workflow]:
+        """Every registered workflow, each version, by name then version."""
+        return [
+            wf for name in sorted(self._versions) for _, wf in sorted(self._versions[name].items())
+        ]
+
+    def _workflow(self, workflow: str | Workflow, version: int | None = None) -> Workflow:
+        """The registered definition of `workflow` at `version` (default: the highest
+        registered; a `Workflow` stands for its own version)."""
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise ArgumentError(f"version must be an integer >= 1, got {version!r}")
+        if isinstance(workflow, Workflow):
+            if version is not None and version != workflow.version:
+                raise ArgumentError(
+                    f"version={version} contradicts the version of {workflow!r}: pass one"
+                )
+            name, version = workflow.name, workflow.version
+        else:
+            name = workflow
+        versions = self._versions.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._versions)) or "none"
             raise WorkflowNotFound(f"workflow {name!r} is not registered (registered: {known})")
+        if version is None:
+            return versions[max(versions)]
+        found = versions.get(version)
+        if found is None:
+            known = ", ".join(str(v) for v in sorted(versions))
+            raise WorkflowNotFound(
+                f"workflow {name!r} version {version} is not registered (registered "
+                f"versions: {known})"
+            )
         return found
 
-    async def _record_shapes(self, conn: Connection, workflows: list[Workflow]) -> None:
-        """Remember the shape of each workflow's queue in the database (retry reads it)."""
+    def _by_queue(self, queue: str) -> Workflow[Any] | None:
+        """The registered workflow whose jobs go to `queue` (name, version, shape), or None."""
+        return next((w for w in self._registered() if w.queue == queue), None)
+
+    async def _record_shapes(
+        self, conn: Connection, workflows: list[Workflow], *, force: bool = False
+    ) -> None:
+        """Remember the shape of each workflow's queue in the database (retry, check and
+        upgrade read it); `force` even when this engine believes it did (a start with the
+        caller's `conn` may have rolled back)."""
         for wf in workflows:
-            if wf.queue not in self._recorded:
+            if force or wf.queue not in self._recorded:
                 shape = dumps([list(map(_plain, n)) for n in wf.shape], "workflow shape")
                 await conn.execute(self.queries["record_shape"], wf.queue, wf.name, shape)
                 self._recorded.add(wf.queue)
@@ -98,11 +141,12 @@ class Client(Waiting):
 
     async def start(
         self,
-        workflow: str | Workflow,
-        input: Mapping[str, Any] | None = None,
+        workflow: str | Workflow[Any],
+        input: Any = None,
         *,
         idempotency_key: str | None = None,
         conn: Connection | None = None,
+        version: int | None = None,
         priority: int = 0,
         delay: float | None = None,
         start_at: datetime | None = None,
@@ -111,29 +155,28 @@ class Client(Waiting):
     ) -> str:
         """Create a run and its first job in one transaction; return the run id (a ULID).
 
-        Nothing is written unless the workflow is registered and `input` serializes to JSON.
-        With `conn`, the run commits (or rolls back) with the caller's transaction. With an
-        `idempotency_key`, a second start with the same key returns the first run's id.
+        The run is pinned to `version` of the workflow (default: the highest this engine
+        registers; a `Workflow` passed as `workflow` stands for its own version) and to its
+        shape: only workers that register that exact definition continue it. `input` is a
+        mapping (a JSON object); for a workflow declared with `input=Model`, a `Model`
+        instance or a mapping, validated against the model (`SerializationError` naming the
+        field) and stored in its JSON form. Nothing is written unless that version is
+        registered and the input is valid. With `conn`, the run commits (or rolls back) with
+        the caller's transaction. With an `idempotency_key`, a second start with the same
+        key returns the first run's id.
 
         Flow control (docs/guides/flow-control.md): `priority` (-100 to 100, higher first)
         orders every job of the run; `delay` (seconds) or `start_at` (an aware datetime)
         make its first node due then, on the database clock; while a run with the same
         `singleton_key` is active, its id is returned instead of a new run; `debounce`
         coalesces starts with the same key into one pending run with the latest input.
-        A workflow with a `concurrency` bound evaluates `concurrency_key(input)` here.
+        A workflow with a `concurrency` bound evaluates `concurrency_key(input)` here, on
+        the input's JSON form.
         """
-        wf = self._workflow(workflow)
-        if input is None:
-            input = {}
-        if not isinstance(input, Mapping):
-            raise ArgumentTypeError(
-                f"input must be a mapping (a JSON object), got {type(input).__name__}"
-            )
-        text = dumps(dict(input), f"input of workflow {wf.name!r}")
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key or "\x00" in idempotency_key
-        ):
-            raise ArgumentError("idempotency_key must be a non-empty string without NUL")
+        wf = self._workflow(workflow, version)
+        text = input_text(wf.input_codec, input, f"input of workflow {wf.name!r}")
+        if idempotency_key is not None:
+            text_arg(idempotency_key, "idempotency_key", empty=False)
         flow = check_start(
             priority=priority,
             delay=delay,
@@ -142,7 +185,7 @@ class Client(Waiting):
             debounce=debounce,
             idempotency_key=idempotency_key,
         )
-        key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, dict(input))
+        key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, json.loads(text))
         d = flow.debounce
         args = (
             str(ULID()),
@@ -167,25 +210,32 @@ class Client(Waiting):
             return await self._start(c, wf, args)
 
     async def _start(self, conn: Connection, wf: Workflow, args: tuple[Any, ...]) -> str:
-        await self._record_shapes(conn, [wf])
-        try:
+        with translated():  # a reused idempotency key: IdempotencyConflict
+            await self._record_shapes(conn, [wf])
             run_id: str = await conn.fetchval(self.queries["start_run"], *args)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == "DU003":
-                raise IdempotencyConflict(
-                    f"idempotency key {args[5]!r} of workflow {wf.name!r} already names run "
-                    f"{exc.detail}, started with another input; use a new key for a new "
-                    "request"
-                ) from None
-            raise
         if run_id == args[0]:
             metrics.run_started(wf.name)
             log.debug("run %s started", run_id, extra={"run_id": run_id, "workflow": wf.name})
         return run_id
 
+    def _read_acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        """A connection for reads that may lag behind the primary (the engine's read
+        replica, when it has one)."""
+        return self._acquire()
+
     async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
-        """The run `run_id`; with `journal=True` also its journal and failed attempts."""
-        async with self._acquire() as conn:
+        """The run `run_id`; with `journal=True` also its journal and failed attempts.
+
+        Its input, results and journal are in their JSON form (what is stored), also for a
+        workflow with an `input=` model and handlers with typed results. With
+        `Engine(read_dsn=...)` it reads the replica, which may lag: a run just started may
+        not be there yet (`RunNotFound`), or show an older state.
+        """
+        return await self._fetch_run(run_id, primary=False, journal=journal)
+
+    async def _fetch_run(self, run_id: str, *, primary: bool, journal: bool = False) -> Run:
+        run_id = run_id_arg(run_id)
+        async with self._acquire() if primary else self._read_acquire() as conn:
             row = await conn.fetchrow(self.queries["get_run"], run_id)
             if row is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
@@ -227,16 +277,30 @@ class Client(Waiting):
         created_before: datetime | None = None,
         search: str | None = None,
         before: str | None = None,
+        version: int | None = None,
     ) -> list[Run]:
-        """Runs, newest first, optionally of one status and/or workflow, created in
-        [`created_after`, `created_before`), whose id or idempotency key is `search`. Pages
-        go by keyset: `before` is the id of the last run of the previous page."""
+        """Runs, newest first, optionally of one status, workflow and/or version, created
+        in [`created_after`, `created_before`), whose id or idempotency key is `search`.
+        Pages go by keyset: `before` is the id of the last run of the previous page. With
+        `Engine(read_dsn=...)` it reads the replica, which may lag behind the primary."""
         if status is not None:
-            status = RunStatus(status).value
-        if limit < 1:
-            raise ArgumentError(f"limit must be >= 1, got {limit}")
-        args = (status, workflow, limit, created_after, created_before, search, before)
-        async with self._acquire() as conn, conn.transaction():
+            try:
+                status = RunStatus(status).value
+            except ValueError:
+                known = ", ".join(s.value for s in RunStatus)
+                raise ArgumentError(f"status must be one of {known}; got {status!r}") from None
+        if workflow is not None:
+            if not isinstance(workflow, str):
+                raise ArgumentTypeError(
+                    f"workflow must be a workflow name (str), got {type(workflow).__name__}"
+                )
+            if not storable(workflow):
+                return []  # no workflow can have that name
+        count_arg(limit, "limit")
+        if version is not None:
+            count_arg(version, "version")
+        args = (status, workflow, limit, created_after, created_before, search, before, version)
+        async with self._read_acquire() as conn, conn.transaction():
             await conn.execute(self.queries["custom_plans"])
             rows = await conn.fetch(self.queries["list_runs"], *args)
         return [_run_from_record(r) for r in rows]
@@ -249,6 +313,7 @@ class Client(Waiting):
         name: str,
         payload: Any = None,
         *,
+        dedupe_key: str | None = None,
         conn: Connection | None = None,
     ) -> bool:
         """Send signal `name` with `payload` to a run's mailbox.
@@ -258,29 +323,41 @@ class Client(Waiting):
         True when recorded, False when the run has finished or is compensating (no wait would
         ever consume it); raises `RunNotFound`. With `conn`, the signal commits with the
         caller's transaction. A transaction in flight on the run (a node's) commits first.
+
+        `dedupe_key`: the run records one signal per key, however often it is sent (a
+        webhook delivered twice, a client retrying after a timeout): a later signal with a
+        key the run's mailbox already holds, consumed or not, records nothing and returns
+        True. The first one's name and payload stand.
         """
-        if not isinstance(name, str) or not name or "\x00" in name:
-            raise ArgumentError(f"signal name must be a non-empty string without NUL, got {name!r}")
+        run_id = run_id_arg(run_id)
+        text_arg(name, "signal name", empty=False)
+        if dedupe_key is not None:
+            text_arg(dedupe_key, "dedupe_key", empty=False)
         text = dumps(payload, f"payload of signal {name!r}")
         own = current_run.get() == run_id
+        args = (run_id, name, text, dedupe_key)
         if conn is not None:
-            return await self._signal(conn, run_id, name, text, own)
+            return await self._signal(conn, args, own)
         async with self._acquire() as c:
-            return await self._signal(c, run_id, name, text, own)
+            return await self._signal(c, args, own)
 
-    async def _signal(self, conn: Connection, run_id: str, name: str, text: str, own: bool) -> bool:
-        if own:
-            # A handler signalling its own run: the run is in this handler, not waiting, and
-            # its lock is held by the handler's own transaction.
-            await conn.execute(self.queries["record_signal"], run_id, name, text)
-            return True
-        run = await conn.fetchrow(self.queries["run_queue"], run_id)
-        if run is None:
-            raise RunNotFound(f"no run with id {run_id!r}")
-        if run["finished"]:
-            return False
-        self._check_signal_name(run["queue"], name)
-        accepted: bool | None = await conn.fetchval(self.queries["signal"], run_id, name, text)
+    async def _signal(
+        self, conn: Connection, args: tuple[str, str, str, str | None], own: bool
+    ) -> bool:
+        run_id, name = args[0], args[1]
+        with translated():
+            if own:
+                # A handler signalling its own run: the run is in this handler, not waiting,
+                # and its lock is held by the handler's own transaction.
+                await conn.execute(self.queries["record_signal"], *args)
+                return True
+            run = await conn.fetchrow(self.queries["run_queue"], run_id)
+            if run is None:
+                raise RunNotFound(f"no run with id {run_id!r}")
+            if run["finished"]:
+                return False
+            self._check_signal_name(run["queue"], name)
+            accepted: bool | None = await conn.fetchval(self.queries["signal"], *args)
         if accepted is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         log.debug(
@@ -292,7 +369,7 @@ class Client(Waiting):
         """Refuse a signal no wait of the run's workflow can consume, when this engine knows
         that workflow and every wait of it has a fixed name (a wait whose name is computed
         could wait for any: then every name is accepted)."""
-        wf = next((w for w in self._workflows.values() if w.queue == queue), None)
+        wf = self._by_queue(queue)
         if wf is None:
             return
         names: set[str] = set()
@@ -359,8 +436,8 @@ class Client(Waiting):
         records the request and returns at once: the cancel takes effect when the node
         commits. All of it commits in one transaction: an interrupted cancel leaves nothing.
         """
-        if not isinstance(reason, str) or "\x00" in reason:
-            raise ArgumentError("reason must be a string without NUL")
+        run_id = run_id_arg(run_id)
+        text_arg(reason, "reason")
         async with self._acquire() as conn:
             if current_run.get() == run_id:
                 requested = await conn.fetchval(self.queries["request_cancel"], run_id, reason)
@@ -384,14 +461,11 @@ class Client(Waiting):
         ran (a fresh attempt budget for each); every other completed node is replayed from
         its journal. Returns False if the run is not `failed`; raises `RunNotFound`.
         """
+        run_id = run_id_arg(run_id)
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
-            try:
-                done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
-            except asyncpg.PostgresError as exc:
-                if exc.sqlstate == "DU002":
-                    raise ConfigurationError(str(exc)) from None
-                raise
+            await self._record_shapes(conn, self._registered())
+            # A run whose shape no engine recorded: ConfigurationError (durable.db.translate).
+            done: bool | None = await conn.fetchval(self.queries["retry_run"], run_id)
         if done is None:
             raise RunNotFound(f"no run with id {run_id!r}")
         if done:
@@ -401,11 +475,14 @@ class Client(Waiting):
     async def purge(self, *, older_than: timedelta, batch_size: int = 1000) -> int:
         """Delete runs that finished more than `older_than` ago, with their journal, attempts
         and mailbox, in batches of `batch_size`; return how many runs were deleted."""
+        if not isinstance(older_than, timedelta):
+            raise ArgumentTypeError(
+                f"older_than must be a datetime.timedelta, got {type(older_than).__name__}"
+            )
         seconds = older_than.total_seconds()
         if seconds < 0:
             raise ArgumentError("older_than must not be negative")
-        if batch_size < 1:
-            raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+        count_arg(batch_size, "batch_size")
         total = 0
         while True:
             async with self._acquire() as conn:
@@ -419,6 +496,49 @@ class Client(Waiting):
             "purged %d runs finished more than %s ago", total, older_than, extra={"purged": total}
         )
         return total
+
+    # -- versions --------------------------------------------------------------------------
+
+    async def check(self) -> CheckReport:
+        """For every unfinished run in the database, can this engine's code continue it?
+
+        A run is continuable when its workflow, version and shape are registered here. The
+        report lists every other run, grouped by cause: its workflow is not registered, its
+        version is not, or that version is registered with another shape (a node list
+        changed without a version bump). Nothing is written. `durable check` prints it
+        and exits 1 unless `report.ok`, to gate a deploy.
+        """
+        async with self._acquire() as conn:
+            return await check_runs(conn, self.queries, self._registered())
+
+    async def upgrade(
+        self,
+        workflow: str | Workflow,
+        *,
+        from_version: int,
+        to_version: int | None = None,
+        dry_run: bool = False,
+    ) -> UpgradeReport:
+        """Move the unfinished runs of `workflow` at `from_version` to `to_version` as
+        registered here (default: the highest), with its current shape; `from_version` may
+        equal `to_version`, to move runs of an older shape of that version (a node list
+        changed without a bump).
+
+        A run moves when, and only when, every node its journal names is declared by the
+        target before the run's position with the same kind, and the node at its position
+        has the same name and kind (a parallel node that fanned out keeps its branch keys,
+        a route that chose keeps the chosen branch). The others are refused, each with its
+        reason. Each run moves in a transaction of its own, under the locks a cancel takes,
+        so workers may run meanwhile: a node in flight commits first. With `dry_run`,
+        nothing is written and the report says what would move. A `Workflow` passed as
+        `workflow` is the target itself.
+        """
+        target = self._workflow(workflow, to_version)
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or from_version < 1:
+            raise ArgumentError(f"from_version must be an integer >= 1, got {from_version!r}")
+        async with self._acquire() as conn:
+            await self._record_shapes(conn, [target], force=True)
+            return await upgrade_runs(conn, self.queries, from_version, target, dry_run)
 
 
 def _plain(value: Any) -> Any:

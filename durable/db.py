@@ -6,11 +6,19 @@ import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from durable.errors import ConfigurationError, DatabaseUnavailable, SerializationError
+from durable.errors import (
+    ArgumentError,
+    ConfigurationError,
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    IllegalTransition,
+    SerializationError,
+)
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -159,20 +167,97 @@ def dumps(value: Any, what: str) -> str:
     return text
 
 
+def storable(text: str) -> bool:
+    """Whether PostgreSQL can store `text` in a text column: no NUL, no lone surrogate."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def loads(text: str | None) -> Any:
     """Decode JSON text read from a jsonb column (`None` stays `None`)."""
     return None if text is None else json.loads(text)
+
+
+# What runs_status_guard_v1 (sql/schema.sql) says when it refuses a status change.
+_ILLEGAL_CHANGE = re.compile(
+    r"illegal run status change (?P<old>\w+) -> (?P<new>\w+) for run (?P<run>.*)\Z", re.DOTALL
+)
+
+
+def translate(exc: BaseException) -> BaseException:
+    """The `DurableError` an asyncpg error stands for, or `exc` itself.
+
+    The one table of the database errors durable turns into its own: the status guard's
+    refusal (`IllegalTransition`), the errors durable's SQL functions raise on purpose
+    (DUxxx: `ConfigurationError`, `IdempotencyConflict`) and data exceptions (SQLSTATE
+    class 22: a value PostgreSQL cannot take, `ArgumentError`). Connection failures are
+    `DatabaseUnavailable` (see `acquire`); anything else is a bug, and passes unchanged.
+    """
+    if not isinstance(exc, asyncpg.PostgresError):
+        return exc
+    state = exc.sqlstate or ""
+    message = str(getattr(exc, "message", None) or exc)
+    text = message.removeprefix("durable: ")
+    if state == "23514":  # check_violation: a CHECK constraint, or the status guard
+        found = _ILLEGAL_CHANGE.search(message)
+        if found is not None:
+            return IllegalTransition(found["run"], found["old"], found["new"])
+        return exc
+    if state == "DU002":
+        hint = getattr(exc, "hint", None)
+        return ConfigurationError(f"{text} ({hint})" if hint else text)
+    if state == "DU003":
+        return IdempotencyConflict(text)
+    if state.startswith("22"):
+        return ArgumentError(f"a value PostgreSQL cannot take: {message}")
+    return exc
+
+
+class _Translated(contextlib.AbstractContextManager[None]):
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            better = translate(exc)
+            if better is not exc:
+                raise better from exc
+
+
+_TRANSLATED = _Translated()
+
+
+def translated() -> contextlib.AbstractContextManager[None]:
+    """A block whose asyncpg errors come out as the `DurableError` they stand for
+    (`translate`). Used where durable runs its SQL on a connection it did not borrow
+    through `acquire` (a caller's, a worker's)."""
+    return _TRANSLATED
 
 
 @contextlib.asynccontextmanager
 async def acquire(pool: asyncpg.Pool, where: str) -> AsyncIterator[Connection]:
     """Borrow a pooled connection; connection failures become `DatabaseUnavailable`.
 
-    `where` names the database (a redacted DSN) in the message. Errors about the query
-    itself pass through unchanged.
+    `where` names the database (a redacted DSN) in the message. Other errors of the
+    database are translated (`translate`).
     """
     try:
         async with pool.acquire() as conn:
             yield conn
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailable(f"lost the database at {where}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        better = translate(exc)
+        if better is exc:
+            raise
+        raise better from exc

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from typing import Any
 
 import anyio
 import asyncpg
@@ -18,14 +19,18 @@ from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
 from durable.runtime.runner import Runner
+from durable.runtime.threads import DEFAULT_THREADS, Threads
+from durable.schedule import Schedule
+from durable.scheduler import ScheduleClient, Scheduler
 from durable.sql import Queries
+from durable.versions import announce
 from durable.worker import Worker
 from durable.workflow import Step, Workflow
 
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Operations):
+class Engine(Operations, ScheduleClient):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as
@@ -40,7 +45,17 @@ class Engine(Operations):
     mode (for starting runs and sending signals; workers need session mode).
     `max_claims`: how many times workers may die holding one job (killed, out of memory)
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
-    to wait for a server that accepts the connection but does not answer.
+    to wait for a server that accepts the connection but does not answer (with a
+    multi-host DSN, for all its hosts together).
+    `read_dsn`: a read replica (a streaming standby) for `get_run` and `list_runs`, on a
+    pool of its own (`pool_size` connections at most); it may lag behind the primary.
+    Everything that changes a run, and `wait()`, uses the primary.
+    `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
+    the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
+    `threads`: how many plain `def` handlers (and other sync user functions) run at once,
+    on a thread pool the engine's workers share; more wait for a thread, within their
+    attempt's time limits. `server_settings`: PostgreSQL settings for every session the
+    engine and its workers open (`application_name`, `statement_timeout`, ...).
     `limits`: the named `durable.Limit`s that steps use with `step(limit=name)`.
     """
 
@@ -49,7 +64,8 @@ class Engine(Operations):
         dsn: str | None = None,
         *,
         pool: asyncpg.Pool | None = None,
-        workflows: Iterable[Workflow] = (),
+        workflows: Iterable[Workflow[Any]] = (),
+        schedules: Iterable[Schedule] = (),
         schema: str = "durable",
         pool_size: int = 10,
         lease_seconds: float = 30.0,
@@ -58,6 +74,9 @@ class Engine(Operations):
         statement_cache_size: int = 256,
         max_claims: int = 5,
         connect_timeout: float = 10.0,
+        threads: int = DEFAULT_THREADS,
+        server_settings: Mapping[str, str] | None = None,
+        read_dsn: str | None = None,
         limits: Mapping[str, Limit] | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
@@ -67,12 +86,17 @@ class Engine(Operations):
         if isinstance(max_claims, bool) or not isinstance(max_claims, int) or max_claims < 1:
             raise ConfigurationError(f"max_claims must be an integer >= 1, got {max_claims!r}")
         self.dsn = dsn
+        self.read_dsn = read_dsn
+        self._read_pool: asyncpg.Pool | None = None
         self.queries = Queries(schema)
         self.schema = schema
         self._limits = check_limits(limits)
-        self._workflows = {}
+        self._versions = {}
         for wf in workflows:
             self.register(wf)
+        self._schedules = {}
+        for schedule in schedules:
+            self._add_schedule(schedule)
         self._pool = pool
         self._owns_pool = pool is None
         self._pool_size = pool_size
@@ -82,23 +106,31 @@ class Engine(Operations):
         self.statement_cache_size = statement_cache_size
         self.max_claims = max_claims
         self.connect_timeout = connect_timeout
+        self._threads = Threads(threads)
+        self.server_settings = dict(server_settings or {})
         super().__init__()
 
     def __repr__(self) -> str:
         where = redact(self.dsn) if self.dsn else "pool"
-        return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._workflows)})"
+        if self.read_dsn:
+            where += f", read_dsn={redact(self.read_dsn)}"
+        return f"Engine({where}, schema={self.schema!r}, workflows={sorted(self._versions)})"
 
     # -- set-up ----------------------------------------------------------------------------
 
-    def register(self, workflow: Workflow) -> None:
-        """Make `workflow` known to this engine (names are unique per engine)."""
+    def register(self, workflow: Workflow[Any]) -> None:
+        """Make `workflow` known to this engine. Several versions of one name may be
+        registered, and are served side by side; a (name, version) pair is unique."""
         if not isinstance(workflow, Workflow):
             raise DefinitionError(f"expected a durable.Workflow, got {workflow!r}")
         if not workflow.nodes:
             raise DefinitionError(f"workflow {workflow.name!r} has no nodes")
-        existing = self._workflows.get(workflow.name)
+        versions = self._versions.setdefault(workflow.name, {})
+        existing = versions.get(workflow.version)
         if existing is not None and existing is not workflow:
-            raise DefinitionError(f"a workflow named {workflow.name!r} is already registered")
+            raise DefinitionError(
+                f"workflow {workflow.name!r} version {workflow.version} is already registered"
+            )
         for node in workflow.nodes:
             if isinstance(node, Step) and node.limit is not None and node.limit not in self._limits:
                 known = ", ".join(repr(n) for n in sorted(self._limits)) or "none"
@@ -107,12 +139,31 @@ class Engine(Operations):
                     f"{node.limit!r}, which the engine does not declare (limits: {known}); "
                     "pass it in Engine(limits={...})"
                 )
-        self._workflows[workflow.name] = workflow
+        versions[workflow.version] = workflow
+
+    def _add_schedule(self, schedule: Schedule) -> None:
+        if not isinstance(schedule, Schedule):
+            raise DefinitionError(f"expected a durable.Schedule, got {schedule!r}")
+        if schedule.name in self._schedules:
+            raise DefinitionError(f"two schedules are named {schedule.name!r}")
+        if schedule.workflow not in self._versions:
+            known = ", ".join(sorted(self._versions)) or "none"
+            raise DefinitionError(
+                f"schedule {schedule.name!r} starts workflow {schedule.workflow!r}, which is "
+                f"not registered (registered: {known})"
+            )
+        self._schedules[schedule.name] = schedule
 
     @property
-    def workflows(self) -> Mapping[str, Workflow]:
-        """The registered workflows by name."""
-        return dict(self._workflows)
+    def workflows(self) -> Mapping[str, Workflow[Any]]:
+        """The registered workflows by name: the highest version of each (what `start`
+        and child workflows use unless told otherwise)."""
+        return {name: v[max(v)] for name, v in sorted(self._versions.items())}
+
+    @property
+    def versions(self) -> Mapping[str, Mapping[int, Workflow[Any]]]:
+        """Every registered workflow by name, then version."""
+        return {name: dict(sorted(v.items())) for name, v in sorted(self._versions.items())}
 
     @property
     def limits(self) -> Mapping[str, Limit]:
@@ -133,23 +184,44 @@ class Engine(Operations):
     def _acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
         return acquire(self.pool, redact(self.dsn) if self.dsn else "the engine's pool")
 
+    def _read_acquire(self) -> contextlib.AbstractAsyncContextManager[Connection]:
+        if self._read_pool is None:
+            return self._acquire()
+        assert self.read_dsn is not None
+        return acquire(self._read_pool, redact(self.read_dsn))
+
+    def _open_pool(self, dsn: str) -> Awaitable[asyncpg.Pool]:
+        return create_pool(
+            dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            server_settings=self.server_settings,
+            statement_cache_size=self.statement_cache_size,
+            connect_timeout=self.connect_timeout,
+        )
+
     async def open(self, *, migrate: bool = True) -> None:
-        """Open the pool (when given a DSN) and, by default, apply pending migrations."""
-        if self._pool is None:
-            assert self.dsn is not None
-            self._pool = await create_pool(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                statement_cache_size=self.statement_cache_size,
-                connect_timeout=self.connect_timeout,
-            )
-        if migrate:
-            await self.migrate()
+        """Open the pool (when given a DSN) and the read replica's pool (when given a
+        `read_dsn`) and, by default, apply pending migrations."""
+        try:
+            if self._pool is None:
+                assert self.dsn is not None
+                self._pool = await self._open_pool(self.dsn)
+            if self.read_dsn is not None and self._read_pool is None:
+                self._read_pool = await self._open_pool(self.read_dsn)
+            if migrate:
+                await self.migrate()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        """Close the listener and, if the engine opened it, the pool."""
+        """Close the listener and the pools the engine opened."""
         await self._close_listener(owned=self.dsn is not None)
+        self._threads.close()
+        if self._read_pool is not None:
+            await self._read_pool.close()
+            self._read_pool = None
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -184,25 +256,13 @@ class Engine(Operations):
             )
         return settings
 
-    async def _announce(self, runner: Runner) -> None:
-        """Record the served shapes; warn of unfinished runs pinned to shapes not served."""
-        workflows = list(self._workflows.values())
+    async def _announce(self) -> None:
+        """Record the served shapes; say which unfinished runs this worker leaves waiting."""
+        workflows = self._registered()
         async with self._acquire() as conn:
             await self._record_shapes(conn, workflows)
-            rows = await conn.fetch(
-                self.queries["other_shapes"], [wf.name for wf in workflows], runner.queues
-            )
-        for row in rows:
-            log.warning(
-                "%d unfinished run(s) of workflow %r are pinned to a shape this worker does not "
-                "serve (%s; this worker serves %s): they wait for a worker with that definition. "
-                "Keep the old code running until they finish, or bump the version",
-                row["runs"],
-                row["workflow"],
-                row["queue"],
-                self._workflows[row["workflow"]].queue,
-                extra={"workflow": row["workflow"], "queue": row["queue"], "runs": row["runs"]},
-            )
+            await self._declare_schedules(conn)
+            await announce(conn, self.queries, workflows)
 
     async def run_worker(
         self,
@@ -214,20 +274,23 @@ class Engine(Operations):
     ) -> None:
         """Run a worker for every registered workflow until cancelled.
 
-        With a DSN the worker has its own pool (`concurrency` + 3 connections), so web
-        requests using the engine's pool are never starved by jobs.
+        With a DSN the worker has its own pool (`concurrency` + 3 connections, one more
+        when the engine has schedules), so web requests using the engine's pool are never
+        starved by jobs. Each worker also runs the engine's schedules.
         """
-        if not self._workflows:
+        if not self._versions:
             raise ConfigurationError("register at least one workflow before running a worker")
         own_pool = self.dsn is not None
         if not own_pool:
             # Slots hold a connection each; the listener, the poller and a claim count take
-            # one more each, and wait()'s listener one on an engine built on a pool.
-            needed = concurrency + 4
+            # one more each, and wait()'s listener one on an engine built on a pool; the
+            # scheduler one more when there are schedules.
+            needed = concurrency + 4 + bool(self._schedules)
             if self.pool.get_max_size() < needed:
                 raise ConfigurationError(
                     f"the engine's pool holds {self.pool.get_max_size()} connections, but a "
-                    f"worker with concurrency={concurrency} needs {needed} (concurrency + 4); "
+                    f"worker with concurrency={concurrency} needs {needed} "
+                    f"(concurrency + {needed - concurrency}); "
                     "make the pool bigger or the concurrency smaller"
                 )
         pool = (
@@ -236,8 +299,8 @@ class Engine(Operations):
                 # No floor: during an outage asyncpg would log every failed attempt to
                 # refill it; the slots reconnect on demand.
                 min_size=0,
-                max_size=concurrency + 3,
-                server_settings=self._worker_settings(),
+                max_size=concurrency + 3 + bool(self._schedules),
+                server_settings={**self._worker_settings(), **self.server_settings},
                 statement_cache_size=self.statement_cache_size,
                 connect_timeout=self.connect_timeout,
             )
@@ -246,12 +309,13 @@ class Engine(Operations):
         )
         runner = Runner(
             self.queries,
-            self._workflows.values(),
+            self._registered(),
             pool,
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
             limits=self._limits,
+            threads=self._threads,
         )
         worker = Worker(
             pool,
@@ -268,11 +332,31 @@ class Engine(Operations):
             isolate=False,
             on_error=runner.on_error,
         )
-        try:
-            await self._announce(runner)
+        scheduler = (
+            Scheduler(
+                self,
+                pool,
+                poll_interval=poll_interval or self.poll_interval,
+                stopping=lambda: worker.stopping,
+            )
+            if self._schedules
+            else None
+        )
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
             async with anyio.create_task_group() as tg:
-                await tg.start(worker.run)
-                tg.start_soon(registry.heartbeat, pool, self.queries, worker, list(self._workflows))
+                if scheduler is not None:
+                    tg.start_soon(scheduler.run)
+                await worker.run(task_status=task_status)
+                tg.cancel_scope.cancel()
+
+        try:
+            await self._announce()
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve)
+                tg.start_soon(
+                    registry.heartbeat, pool, self.queries, worker, sorted(self._versions)
+                )
                 task_status.started(worker)
         finally:
             if own_pool:

@@ -57,7 +57,22 @@ class NonRetryable(DurableError):
 
 
 class IllegalTransition(DurableError):
-    """Raised when a run is asked to move between statuses that do not connect."""
+    """Raised when a run is asked to move between statuses that do not connect: the
+    database's status guard refused the change (the allowed edges are in
+    sql/schema.sql, `runs_status_guard_v1`). `.run_id`, `.from_status` and `.to_status`
+    say which run and which change. Nothing of the refused statement was written."""
+
+    def __init__(self, run_id: str, from_status: str, to_status: str) -> None:
+        super().__init__(run_id, from_status, to_status)
+        self.run_id = run_id
+        self.from_status = from_status
+        self.to_status = to_status
+
+    def __str__(self) -> str:
+        return (
+            f"run {self.run_id} cannot move from {self.from_status!r} to {self.to_status!r} "
+            "(the database refuses that status change)"
+        )
 
 
 class DefinitionChanged(DurableError):
@@ -97,3 +112,8 @@ class ArgumentTypeError(DurableError, TypeError):
 class IdempotencyConflict(DurableError):
     """Raised by `Engine.start` when its idempotency key already names a run started with
     another input (Stripe-style: a key stands for one request)."""
+
+
+class ScheduleNotFound(DurableError):
+    """Raised when no schedule has the given name (or, for `Engine.trigger`, when this
+    engine does not declare it)."""

@@ -53,8 +53,10 @@ class Attempt:
 @dataclass(frozen=True)
 class Run:
     """A snapshot of a run. `results` maps each completed node to its result; `result` is
-    set when the run completed (the mapping of every node's result). `paused`: an operator
-    paused it (`Engine.pause_run`); `forked_from`: the run it was forked from."""
+    set when the run completed (the mapping of every node's result); `version` is the
+    version of its workflow the run is pinned to. `input`, `results` and `result` are JSON,
+    as stored: a typed input or result is the object its model encodes to. `paused`: an
+    operator paused it (`Engine.pause_run`); `forked_from`: the run it was forked from."""
 
     id: str
     workflow: str
@@ -71,5 +73,7 @@ class Run:
     children: tuple[str, ...] = ()
     paused: bool = False
     forked_from: str | None = None
+    # The version of its workflow the run is pinned to (with that version's shape).
+    version: int = 1
     journal: tuple[JournalEntry, ...] = field(default=(), repr=False)
     attempts: tuple[Attempt, ...] = field(default=(), repr=False)

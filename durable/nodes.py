@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from durable.codec import returns
 from durable.errors import DefinitionError
 
 if TYPE_CHECKING:
-    from durable.context import Context, LoopContext
+    from durable.context import Context, LoopContext, SyncContext, SyncLoopContext
 
-Handler = Callable[["Context"], Awaitable[Any]]
+#: A node handler: `async def` (awaited on the event loop with a `Context`) or plain `def`
+#: (run on the engine's threads with a `SyncContext`).
+Handler = Callable[..., Any]
 Backoff = float | int | Callable[[int], float] | None
 
 RESERVED = ("#", "@")
@@ -59,7 +62,8 @@ def exponential(
     return backoff
 
 
-def _is_async(fn: object) -> bool:
+def is_async(fn: object) -> bool:
+    """True for an `async def` function or an object whose `__call__` is one."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
     )
@@ -82,11 +86,11 @@ def validate_name(name: object, what: str) -> str:
 
 
 def check_handler(fn: object, what: str) -> None:
-    """Raise `DefinitionError` unless `fn` is an async function (or async callable)."""
+    """Raise `DefinitionError` unless `fn` is a function (`async def` or plain `def`) whose
+    return annotation, if it names a dataclass or a pydantic model, can be stored."""
     if not callable(fn):
-        raise DefinitionError(f"{what} must be an async function, got {fn!r}")
-    if not _is_async(fn):
-        raise DefinitionError(f"{what} must be defined with 'async def'")
+        raise DefinitionError(f"{what} must be a function, got {fn!r}")
+    returns(fn, what)
 
 
 def check_backoff(backoff: object, what: str) -> Callable[[int], float]:
@@ -122,7 +126,7 @@ class Node:
 
 @dataclass(frozen=True, eq=False)
 class Step(Node):
-    """A step: one async handler, retried, optionally compensated."""
+    """A step: one handler, retried, optionally compensated."""
 
     fn: Handler
     max_attempts: int
@@ -178,7 +182,7 @@ class Parallel(Node):
 class Route(Node):
     """Run the one branch `select(ctx)` names; the choice is journaled once."""
 
-    select: Callable[[Context], Any]
+    select: Callable[[Context[Any]], Any] | Callable[[SyncContext[Any]], Any]
     branches: Mapping[str, Handler]
     max_attempts: int
     backoff: Callable[[int], float]
@@ -188,8 +192,8 @@ class Route(Node):
 class Loop(Node):
     """Run `body` while `condition(ctx, i)` holds; each iteration commits on its own."""
 
-    condition: Callable[[Context, int], Any]
-    body: Callable[[LoopContext], Awaitable[Any]]
+    condition: Callable[[Context[Any], int], Any] | Callable[[SyncContext[Any], int], Any]
+    body: Callable[[LoopContext[Any]], Awaitable[Any]] | Callable[[SyncLoopContext[Any]], Any]
     max_iterations: int
     max_attempts: int
     backoff: Callable[[int], float]
@@ -199,7 +203,7 @@ class Loop(Node):
 class ChildWorkflow(Node):
     """Start a child run (`start(ctx) -> (workflow, input)`) and wait for its result."""
 
-    start: Callable[[Context], Any]
+    start: Callable[[Context[Any]], Any] | Callable[[SyncContext[Any]], Any]
 
 
 def check_callable(fn: object, what: str) -> None:
@@ -258,13 +262,3 @@ def check_when(when: object, what: str) -> datetime:
     if not isinstance(when, datetime) or when.tzinfo is None:
         raise DefinitionError(f"{what}: expected an aware datetime, got {when!r}")
     return when
-
-
-async def resolve(value: Any, *args: Any) -> Any:
-    """Return `value`, or call it with `args` (awaiting the result if it is awaitable)."""
-    if not callable(value):
-        return value
-    out = value(*args)
-    if inspect.isawaitable(out):
-        out = await out
-    return out

@@ -7,7 +7,6 @@ sql/functions.sql that ends by giving the run exactly the jobs its state needs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +15,7 @@ import asyncpg
 from ulid import ULID
 
 from durable.client import Client
-from durable.db import dumps
+from durable.codec import input_text
 from durable.errors import ArgumentError, ArgumentTypeError, ConfigurationError, RunNotFound
 from durable.model import RunStatus
 
@@ -80,30 +79,32 @@ class Operations(Client):
         self,
         run_id: str,
         from_node: str | None = None,
-        input: Mapping[str, Any] | None = None,
+        input: Any = None,
     ) -> str:
         """Start a new run of the same workflow (and shape) as `run_id` that keeps the
         original's journal before `from_node` and runs from that node on; return its id.
 
         `from_node` defaults to the node that failed (for an unfinished run, the node it is
-        at). `input` replaces the original's input. Every node before `from_node` must have
-        completed in the original: their results replay, and what the original's
-        compensations undid is not part of the fork (fork from the first step they undid to
-        run it again). The original is left as it is. Raises `RunNotFound`, and
+        at). `input` replaces the original's input (a mapping, or an instance of the
+        workflow's `input=` model, validated as `start` does). Every node before
+        `from_node` must have completed in the original: their results replay, and what the
+        original's compensations undid is not part of the fork (fork from the first step
+        they undid to run it again). The original is left as it is. Raises `RunNotFound`, and
         `ArgumentError` for a node the workflow does not declare or the run has not reached.
         """
         if from_node is not None and (not isinstance(from_node, str) or not from_node):
             raise ArgumentError(f"from_node must be a node name, got {from_node!r}")
         text = None
-        if input is not None:
-            if not isinstance(input, Mapping):
-                raise ArgumentTypeError(
-                    f"input must be a mapping (a JSON object), got {type(input).__name__}"
-                )
-            text = dumps(dict(input), f"input of the fork of run {run_id}")
         new_id = str(ULID())
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
+            if input is not None:
+                # Validated as a start's input: against the workflow's `input=` model, when
+                # this engine registers the run's workflow and it has one.
+                run = await conn.fetchrow(self.queries["run_queue"], run_id)
+                wf = None if run is None else self._by_queue(run["queue"])
+                codec = None if wf is None else wf.input_codec
+                text = input_text(codec, input, f"input of the fork of run {run_id}")
+            await self._record_shapes(conn, self._registered())
             try:
                 forked = await conn.fetchval(
                     self.queries["fork_run"], run_id, new_id, from_node, text
@@ -139,7 +140,7 @@ class Operations(Client):
         """Retry every failed run that `where` matches (as `retry` does), `batch_size` runs
         per transaction; return the ids of the runs retried, newest first."""
         async with self._acquire() as conn:
-            await self._record_shapes(conn, list(self._workflows.values()))
+            await self._record_shapes(conn, self._registered())
         return await self._bulk(where, ("failed",), "bulk_retry", (), batch_size)
 
     async def matching_runs(

@@ -197,6 +197,9 @@ class LocalPostgres:
 
     Use it as a context manager, or call `start()` and `stop()`. `dsn` is the connection
     string of the `postgres` database as the `postgres` superuser (trust auth, loopback only).
+    `bin_dir`: the directory of `initdb` and `pg_ctl` to use (default: the bundled server,
+    else the machine's). A data directory that already holds a cluster (a base backup, for
+    a standby) is started as it is.
     """
 
     def __init__(
@@ -204,11 +207,12 @@ class LocalPostgres:
         data_dir: str | os.PathLike[str] | None = None,
         *,
         settings: Mapping[str, str] | None = None,
+        bin_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._owns_dir = data_dir is None
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self.port = _free_port()
-        self._bin = _find_bin_dir()
+        self._bin = Path(bin_dir) if bin_dir is not None else _find_bin_dir()
         self._user = _server_user()
         if self._user is not None:
             self._bin = _reachable_bin_dir(self._bin, self._user)

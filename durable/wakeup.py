@@ -86,6 +86,10 @@ class Wakeups:
         self._idle: list[asyncio.Event] = []  # events of idle slots, oldest first
         self._missed_wakeup = False
         self._poke = asyncio.Event()
+        # Set by the listener on every (re)connect: the poller registers again, since the
+        # server it reached may not have our row in the unlogged `listeners` table (a
+        # standby promoted after a failover starts with it empty).
+        self._relistened = False
 
     def wake_one(self) -> None:
         """Wake the longest-idle slot; remember the wake-up if no slot is idle."""
@@ -123,8 +127,14 @@ class Wakeups:
         self._poke.set()
 
     async def listen(self) -> None:
-        """Hold a LISTEN connection; reconnect when it drops (polling covers the gap)."""
+        """Hold a LISTEN connection; reconnect when it drops (polling covers the gap).
+
+        After every connect the worker registers as a listener again and a slot looks for
+        due jobs: a notification sent while we were not listening is lost, and after a
+        failover the server is another one.
+        """
         health = self._health
+        check_every = self.poll_interval * 5
         while True:
             lost = asyncio.Event()
             try:
@@ -132,14 +142,21 @@ class Wakeups:
                     conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                     await conn.add_listener(self.channel, self._on_notify)
                     health.ok()
-                    # A notification may have been missed while we were not listening.
+                    self._relistened = True
                     self._on_notify()
                     try:
                         while not lost.is_set():
-                            with anyio.move_on_after(self.poll_interval * 5):
+                            with anyio.move_on_after(check_every):
                                 await lost.wait()
-                            if not lost.is_set():
-                                await conn.execute("SELECT 1")  # detect a silently dead link
+                            if lost.is_set():
+                                break
+                            # Detect a silently dead link (a host gone without closing its
+                            # connections): no answer within the period counts as lost.
+                            with anyio.move_on_after(max(check_every, 5.0)) as check:
+                                await conn.execute("SELECT 1")
+                            if check.cancelled_caught:
+                                conn.terminate()
+                                lost.set()
                     finally:
                         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                             if not conn.is_closed():
@@ -160,6 +177,9 @@ class Wakeups:
         busy_ticks = 0
         while not self._stopping.is_set():
             due: float | None = None
+            if self._relistened:
+                self._relistened = False
+                registered = False
             try:
                 async with self.pool.acquire() as conn:
                     if self._idle and not registered:

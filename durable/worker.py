@@ -135,6 +135,10 @@ class Worker:
         """True once `stop()` was called."""
         return self._stopping.is_set()
 
+    async def wait_stopping(self) -> None:
+        """Return once `stop()` was called."""
+        await self._stopping.wait()
+
     @property
     def in_flight(self) -> int:
         """How many jobs the worker is running now."""

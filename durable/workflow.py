@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
+from durable.codec import Codec, model_codec
+from durable.context import Context, In, LoopContext, SyncContext, SyncLoopContext
 from durable.errors import DefinitionError
 from durable.flow import check_concurrency, check_step_limit
 from durable.nodes import (
@@ -36,12 +38,8 @@ from durable.nodes import (
     default_backoff,
     exponential,
     is_seconds,
-    resolve,
     validate_name,
 )
-
-if TYPE_CHECKING:
-    from durable.context import Context, LoopContext
 
 # The node types and helpers the runtime reads through this module, beside the builder.
 __all__ = [
@@ -60,32 +58,59 @@ __all__ = [
     "default_backoff",
     "exponential",
     "is_seconds",
-    "resolve",
 ]
 
 H = TypeVar("H", bound=Handler)
 
+# What a `Workflow[In]` takes, for type checkers: `async def` functions of a `Context[In]`,
+# plain `def` functions of a `SyncContext[In]` (run on the engine's threads).
+NodeHandler = Callable[[Context[In]], Awaitable[Any]] | Callable[[SyncContext[In]], Any]
+LoopBody = Callable[[LoopContext[In]], Awaitable[Any]] | Callable[[SyncLoopContext[In]], Any]
+Decide = Callable[[Context[In]], Any] | Callable[[SyncContext[In]], Any]
+Condition = Callable[[Context[In], int], Any] | Callable[[SyncContext[In], int], Any]
 
-class Workflow:
+
+class Workflow(Generic[In]):
     """A named, ordered list of nodes. Build it with `step` and friends; register it with an
     `Engine`.
 
-    Node names are unique within the workflow and may not contain `#` or `@`.
+    Node names are unique within the workflow and may not contain `#` or `@`. `version`
+    (an integer >= 1, default 1) lets several definitions of one name be served side by
+    side: a run is pinned at start to its workflow's name, version and shape, and only a
+    worker that registered that exact triple continues it.
+
+    `input`: a dataclass or a pydantic model class (pydantic is optional). `start()` then
+    validates the input (a mapping or an instance) and stores its JSON form, and handlers
+    get `ctx.input` as an instance: annotate them `ctx: durable.Context[Model]` and a type
+    checker knows its fields. Without it, the input is a JSON object (`dict[str, Any]`).
+
     `concurrency`: at most that many runs of the workflow are active (started, not
-    finished) at once, per `concurrency_key(input)` when given (evaluated once, at start);
-    the others stay `pending` and start in priority, then FIFO, order as slots free.
+    finished) at once, per `concurrency_key(input)` when given (evaluated once, at start,
+    on the input's JSON form); the others stay `pending` and start in priority, then FIFO,
+    order as slots free.
     """
 
     def __init__(
         self,
         name: str,
         *,
+        version: int = 1,
+        input: type[In] | None = None,
         concurrency: int | None = None,
         concurrency_key: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.name = validate_name(name, "workflow")
         self.concurrency, self.concurrency_key = check_concurrency(
             concurrency, concurrency_key, f"workflow {self.name!r}"
+        )
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise DefinitionError(
+                f"workflow {self.name!r}: version must be an integer >= 1, got {version!r}"
+            )
+        self.version = version
+        #: Converts the run's input to and from the `input=` model (None: a JSON object).
+        self.input_codec: Codec | None = (
+            None if input is None else model_codec(input, f"workflow {self.name!r}")
         )
         self._nodes: list[Node] = []
         self._names: set[str] = set()
@@ -94,7 +119,10 @@ class Workflow:
         self._queue: tuple[tuple[Node, ...], str] | None = None
 
     def __repr__(self) -> str:
-        return f"Workflow({self.name!r}, nodes={[n.name for n in self._nodes]})"
+        return (
+            f"Workflow({self.name!r}, version={self.version}, "
+            f"nodes={[n.name for n in self._nodes]})"
+        )
 
     @property
     def nodes(self) -> tuple[Node, ...]:
@@ -124,13 +152,17 @@ class Workflow:
 
     @property
     def queue(self) -> str:
-        """The queue of this workflow's jobs: its name and a digest of its shape. Only a
-        worker that registered this exact shape claims them, so an old worker never
-        continues a run of newer code, nor a new worker a run of older code."""
+        """The queue of this workflow's jobs: its name, version and a digest of its shape
+        (`order@3f2a...` for version 1, `order@v2@9c41...` for later ones, so that runs of
+        version 1 keep the queue they had before versions existed). Only a worker that
+        registered this exact triple claims them, so an old worker never continues a run of
+        newer code, nor a new worker a run of older code. The claim filters on this one
+        column; `queue_version_v1` in sql/functions.sql reads the version back."""
         nodes = self.nodes
         if self._queue is None or self._queue[0] is not nodes:  # computed once per shape
             digest = hashlib.sha256(json.dumps(self.shape).encode()).hexdigest()[:12]
-            self._queue = (nodes, f"{self.name}@{digest}")
+            version = "" if self.version == 1 else f"v{self.version}@"
+            self._queue = (nodes, f"{self.name}@{version}{digest}")
         return self._queue[1]
 
     def _add(self, node: Node) -> None:
@@ -146,17 +178,17 @@ class Workflow:
     def step(
         self,
         name: str,
-        fn: Handler,
+        fn: NodeHandler[In],
         /,
         *,
         max_attempts: int = ...,
         backoff: Backoff = ...,
-        compensate: Handler | None = ...,
+        compensate: NodeHandler[In] | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
         limit: str | None = ...,
         limit_key: Callable[[Context], Any] | None = ...,
-    ) -> Workflow: ...
+    ) -> Workflow[In]: ...
 
     @overload
     def step(
@@ -167,7 +199,7 @@ class Workflow:
         *,
         max_attempts: int = ...,
         backoff: Backoff = ...,
-        compensate: Handler | None = ...,
+        compensate: NodeHandler[In] | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
         limit: str | None = ...,
@@ -192,6 +224,9 @@ class Workflow:
 
         Forms: `wf.step("name", handler, ...)` (returns the workflow, to chain),
         `@wf.step` (the node is named after the function) and `@wf.step(name=None, **options)`.
+        The handler is an `async def` function of a `Context`, or a plain `def` function of
+        a `SyncContext` (run on the engine's threads); a return annotation naming a dataclass
+        or a pydantic model makes later nodes see its result as an instance.
         `max_attempts` counts all attempts (1 = no retry); `backoff` is seconds, a function of
         the failed attempt number, or None for `min(2 ** n, 60)`; `compensate` runs if a later
         node fails terminally; `timeout` bounds one attempt in seconds; `transactional=False`
@@ -252,7 +287,7 @@ class Workflow:
             )
         )
 
-    def sleep(self, name: str, seconds: Computed) -> Workflow:
+    def sleep(self, name: str, seconds: Computed) -> Workflow[In]:
         """Park the run for `seconds`: a number, or a (sync or async) function of the context.
 
         The wake time is computed once, on the database clock, and stored; no worker slot is
@@ -264,7 +299,7 @@ class Workflow:
         self._add(Sleep(name=node_name, kind="sleep", seconds=seconds))
         return self
 
-    def sleep_until(self, name: str, when: Computed) -> Workflow:
+    def sleep_until(self, name: str, when: Computed) -> Workflow[In]:
         """Park the run until `when`: an aware datetime, or a function of the context
         returning one."""
         node_name = validate_name(name, "node")
@@ -280,7 +315,7 @@ class Workflow:
         *,
         timeout: float | None = None,
         default: Any = NO_DEFAULT,
-    ) -> Workflow:
+    ) -> Workflow[In]:
         """Park the run until a signal called `signal` (or `signal(ctx)`) arrives.
 
         The signal's payload is the node's result. Signals sent earlier wait in the run's
@@ -310,12 +345,12 @@ class Workflow:
     def parallel(
         self,
         name: str,
-        branches: Mapping[str, Handler],
+        branches: Mapping[str, NodeHandler[In]],
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff = None,
-        compensate: Mapping[str, Handler] | None = None,
-    ) -> Workflow:
+        compensate: Mapping[str, NodeHandler[In]] | None = None,
+    ) -> Workflow[In]:
         """Run every branch as its own job, possibly on different workers.
 
         Each branch commits its own journal row (`name#branch`) in its own transaction, with
@@ -346,12 +381,12 @@ class Workflow:
     def route(
         self,
         name: str,
-        select: Callable[[Context], Any],
-        branches: Mapping[str, Handler],
+        select: Decide[In],
+        branches: Mapping[str, NodeHandler[In]],
         *,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff = None,
-    ) -> Workflow:
+    ) -> Workflow[In]:
         """Run the branch named by `select(ctx)` (sync or async).
 
         The choice is journaled once (`name@route`), so retries run the same branch. The
@@ -375,13 +410,13 @@ class Workflow:
     def loop(
         self,
         name: str,
-        condition: Callable[[Context, int], Any],
-        body: Callable[[LoopContext], Awaitable[Any]],
+        condition: Condition[In],
+        body: LoopBody[In],
         *,
         max_iterations: int = 1000,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         backoff: Backoff = None,
-    ) -> Workflow:
+    ) -> Workflow[In]:
         """Run `body` while `condition(ctx, i)` (sync or async) holds.
 
         Each iteration commits its own journal row (`name#i`) with its own retry budget; the
@@ -413,7 +448,7 @@ class Workflow:
         )
         return self
 
-    def child_workflow(self, name: str, start: Callable[[Context], Any]) -> Workflow:
+    def child_workflow(self, name: str, start: Decide[In]) -> Workflow[In]:
         """Start a child run and wait for it: `start(ctx)` (sync or async) returns
         `(workflow_name, input)`.
 

@@ -24,11 +24,13 @@
 -- live in `limit_slots` and `limit_tokens` (see sql/schema.sql); a step that gets neither
 -- waits with its job at `wake_at` and its run's `limit_wait` set, without an attempt.
 --
--- Every function that reads a run's rows says `SET enable_seqscan = off`. Its statements'
+-- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off`. Its statements'
 -- plans are cached per session, and a plan made while a table looked empty (a fresh
 -- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
 -- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
--- index is always right. (tests/integration/test_claim_plan.py, the drain after VACUUM.)
+-- index is always right (tests/integration/test_stale_plans.py). And `SET jit = off`: a
+-- scan with no index to use (the tiny listeners table) then looks so costly to the planner
+-- that it would JIT-compile the statement, 150 ms for a sub-millisecond query.
 
 -- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
 CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
@@ -48,7 +50,7 @@ $$;
 -- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
 -- PL/pgSQL keeps its plan for the session instead of planning on every call.
 CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql SET enable_seqscan = off STABLE AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off STABLE AS $$
 BEGIN
     RETURN (
         SELECT jsonb_object_agg(e.key, e.result)
@@ -71,7 +73,7 @@ $$;
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 -- Its statements are the same for every run: plan them once per session.
 AS $$
 DECLARE
@@ -234,7 +236,7 @@ RETURNS TABLE (
     branches text[], error text, parent_id text, ending text, now timestamptz,
     results text, replay text, cancel text, suspicious boolean
 )
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -345,6 +347,14 @@ BEGIN
 END
 $$;
 
+-- The version a queue pins its runs to: `order@v2@<digest>` is version 2, and a queue
+-- without a version (`order@<digest>`, as queues were before versions) is version 1.
+-- Workflow names cannot hold '@', so the name never reads as a version.
+CREATE OR REPLACE FUNCTION __SCHEMA__.queue_version_v1(p_queue text) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce((regexp_match(p_queue, '@v([0-9]+)@[^@]*$'))[1]::integer, 1)
+$$;
+
 -- The lock that serialises admissions to the bound of workflow `p_workflow`, key `p_key`
 -- (the two-key advisory space, apart from the runs' one-key locks), for this transaction.
 CREATE OR REPLACE FUNCTION __SCHEMA__.slot_lock_v1(p_workflow text, p_key text) RETURNS void
@@ -355,7 +365,7 @@ $$;
 -- How many runs of workflow `p_workflow` hold a slot of key `p_key` (take the key's lock first).
 CREATE OR REPLACE FUNCTION __SCHEMA__.slots_held_v1(p_workflow text, p_key text)
 RETURNS integer
-LANGUAGE sql STABLE SET enable_seqscan = off AS $$
+LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off AS $$
     SELECT count(*)::integer FROM __SCHEMA__.runs
     WHERE workflow = p_workflow AND concurrency_key = p_key AND slot = 'held'
       AND finished_at IS NULL
@@ -375,7 +385,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v2(
     p_start_at timestamptz, p_concurrency_key text, p_concurrency integer,
     p_singleton text, p_debounce text, p_debounce_seconds float8, p_debounce_max float8
 ) RETURNS text
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -433,22 +443,22 @@ BEGIN
     IF p_key IS NULL AND p_singleton IS NULL THEN
         -- No key another run may hold: a plain insert (cheaper than a speculative one).
         INSERT INTO __SCHEMA__.runs
-            (id, workflow, queue, input, current_node, parent_id, parent_node, priority,
-             not_before, concurrency_key, concurrency, slot, debounce_key)
-        VALUES (p_id, p_workflow, p_queue, p_input::jsonb, p_node, p_parent, p_parent_node,
-                coalesce(p_priority, 0), v_not_before, p_concurrency_key, p_concurrency,
-                v_slot, p_debounce);
+            (id, workflow, queue, version, input, current_node, parent_id, parent_node,
+             priority, not_before, concurrency_key, concurrency, slot, debounce_key)
+        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+                p_input::jsonb, p_node, p_parent, p_parent_node, coalesce(p_priority, 0),
+                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_debounce);
         PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
         RETURN p_id;
     END IF;
     LOOP
         INSERT INTO __SCHEMA__.runs
-            (id, workflow, queue, input, current_node, idempotency_key, parent_id, parent_node,
-             priority, not_before, concurrency_key, concurrency, slot, singleton_key,
-             debounce_key)
-        VALUES (p_id, p_workflow, p_queue, p_input::jsonb, p_node, p_key, p_parent,
-                p_parent_node, coalesce(p_priority, 0), v_not_before, p_concurrency_key,
-                p_concurrency, v_slot, p_singleton, p_debounce)
+            (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
+             parent_node, priority, not_before, concurrency_key, concurrency, slot,
+             singleton_key, debounce_key)
+        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+                p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
+                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce)
         ON CONFLICT DO NOTHING
         RETURNING id INTO v_id;
         IF v_id IS NOT NULL THEN
@@ -460,8 +470,10 @@ BEGIN
             WHERE workflow = p_workflow AND idempotency_key = p_key;
             IF FOUND THEN
                 IF NOT v_same THEN
-                    RAISE EXCEPTION 'durable: idempotency key % names a run with another input',
-                        p_key USING ERRCODE = 'DU003', DETAIL = v_id;
+                    RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
+                        'started with another input; use a new key for a new request',
+                        quote_literal(p_key), quote_literal(p_workflow), v_id
+                        USING ERRCODE = 'DU003', DETAIL = v_id;
                 END IF;
                 RETURN v_id;
             END IF;
@@ -485,24 +497,27 @@ $$;
 
 -- Create a run and its first job; the id of the run that holds the idempotency key when
 -- it is taken with the same input (the caller compares it with `p_id`); DU003 when that
--- run was started with another input. (The start of releases before flow control.)
+-- run was started with another input (durable.db.translate makes it IdempotencyConflict).
+-- (The start of releases before flow control.)
 CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
 ) RETURNS text
-LANGUAGE sql
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
-    SELECT __SCHEMA__.start_run_v2(
+BEGIN
+    RETURN __SCHEMA__.start_run_v2(
         p_id, p_workflow, p_queue, p_input, p_node, p_key, p_parent, p_parent_node,
         0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-    )
+    );
+END
 $$;
 
 -- A slot of workflow `p_workflow`'s bound for key `p_key` freed: give it to the queued
 -- runs next in line (priority, then FIFO), in this transaction.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_next_v1(p_workflow text, p_key text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_next text;
     v_bound integer;
@@ -528,7 +543,7 @@ $$;
 -- The `admit` job of run `p_run` (this transaction holds it and the run): the run takes a
 -- slot of its workflow's bound, or is queued for one. Returns its advance job when due.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     r record;
 BEGIN
@@ -552,7 +567,7 @@ $$;
 -- whoever waits for it (Engine.wait) hears of it, with a small result riding along (a
 -- notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_parent text;
@@ -605,7 +620,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     p_replay boolean, p_cursor integer, p_next text, p_consume bigint, p_job bigint,
     OUT follow bigint, OUT written_by xid, OUT clock timestamptz
 )
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -656,12 +671,11 @@ $$;
 -- a journal row to replay (a retried run), or its workflow is paused; the worker then
 -- rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_run text;
     v_node text;
-    v_workflow text;
 BEGIN
     SELECT run_id INTO v_run FROM __SCHEMA__.jobs
     WHERE id = p_job AND task = 'advance' AND lease_token IS NULL
@@ -672,12 +686,14 @@ BEGIN
     END IF;
     -- Locked in a statement of its own, read in the next (see claim_v1).
     PERFORM 1 FROM __SCHEMA__.runs WHERE id = v_run FOR NO KEY UPDATE;
-    SELECT current_node, workflow INTO v_node, v_workflow
-    FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by;
+    SELECT current_node INTO v_node FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by;
     IF NOT FOUND
        OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
        OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node)
-       OR EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows WHERE workflow = v_workflow) THEN
+       OR EXISTS (
+           SELECT 1 FROM __SCHEMA__.paused_workflows w, __SCHEMA__.runs x
+           WHERE x.id = v_run AND w.workflow = x.workflow
+       ) THEN
         RAISE EXCEPTION 'run % moved since', v_run USING ERRCODE = 'DU040';
     END IF;
 END
@@ -700,7 +716,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_run text, p_key text, p_attempt integer, p_error text, p_started timestamptz,
     p_delay float8, p_job bigint
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
@@ -729,7 +745,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_run text, p_key text, p_node text, p_attempt integer, p_error text,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -756,7 +772,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -772,7 +788,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_run text, p_node text, p_index integer, p_result text, p_attempts integer,
     p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -789,7 +805,7 @@ $$;
 -- A parallel node fans out: its branches `p_branches` each get a job.
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -806,7 +822,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_run text, p_node text, p_branch text, p_result text, p_attempts integer,
     p_started timestamptz, p_job bigint
 ) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_left integer;
@@ -831,7 +847,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -852,7 +868,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v2(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
     p_queue text, p_input text, p_first text, p_concurrency_key text, p_concurrency integer
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     PERFORM __SCHEMA__.start_run_v2(
         p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node,
@@ -888,7 +904,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_run text, p_key text, p_node text, p_status text, p_result text, p_error text,
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
@@ -905,7 +921,7 @@ $$;
 -- End a run as failed or cancelled (its compensation is done).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
@@ -920,7 +936,7 @@ $$;
 -- `cancelled` at once when it did nothing. False when it had finished or was compensating.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
 BEGIN
@@ -957,7 +973,7 @@ $$;
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_child text;
     v_done boolean;
@@ -983,7 +999,7 @@ $$;
 -- unknown run, false when no wait can ever consume it (finished or compensating).
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -1001,11 +1017,39 @@ BEGIN
 END
 $$;
 
+-- signal_v1 with a dedupe key: when the run's mailbox already holds a signal with key
+-- `p_dedupe` (consumed or not), nothing is recorded and the answer is still true. A NULL
+-- key records the signal as signal_v1 does.
+CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
+    p_run text, p_name text, p_payload text, p_dedupe text
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    SELECT status INTO v_status FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_status IN ('completed', 'failed', 'cancelled', 'compensating') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO __SCHEMA__.signals (run_id, name, payload, dedupe_key)
+    VALUES (p_run, p_name, p_payload::jsonb, p_dedupe)
+    ON CONFLICT (run_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
+    IF FOUND THEN
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
+    END IF;
+    RETURN true;
+END
+$$;
+
 -- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,
 -- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_run text;
     v_count integer := 0;
@@ -1045,7 +1089,7 @@ $$;
 -- resume after their committed iterations. False when the run is not failed, NULL when
 -- there is no such run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
     v_shape jsonb;
@@ -1123,7 +1167,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.record_shape_v1(p_queue text, p_workflow text, p_shape text)
 RETURNS void
 LANGUAGE sql AS $$
-    INSERT INTO __SCHEMA__.shapes (queue, workflow, shape) VALUES (p_queue, p_workflow, p_shape::jsonb)
+    INSERT INTO __SCHEMA__.shapes (queue, workflow, version, shape)
+    VALUES (p_queue, p_workflow, __SCHEMA__.queue_version_v1(p_queue), p_shape::jsonb)
     ON CONFLICT (queue) DO NOTHING
 $$;
 
@@ -1245,9 +1290,9 @@ BEGIN
             p_run, quote_literal(v_missing), quote_literal(v_from) USING ERRCODE = 'DU021';
     END IF;
     INSERT INTO __SCHEMA__.runs
-        (id, workflow, queue, input, cursor, current_node, forked_from)
-    VALUES (p_id, r.workflow, r.queue, coalesce(p_input::jsonb, r.input), v_position, v_from,
-            p_run);
+        (id, workflow, queue, version, input, cursor, current_node, forked_from)
+    VALUES (p_id, r.workflow, r.queue, r.version, coalesce(p_input::jsonb, r.input), v_position,
+            v_from, p_run);
     -- Completed work of the earlier nodes (their branches, iterations, choices and child
     -- markers too) replays; what compensation undid in the original is not part of it.
     INSERT INTO __SCHEMA__.journal
@@ -1276,7 +1321,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
     p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
     p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
 )
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_wait text := p_name || chr(31) || p_key;
@@ -1408,7 +1453,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_park_v1(
     p_run text, p_wake_at timestamptz, p_wait text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET wake_at = p_wake_at, limit_wait = p_wait, updated_at = __SCHEMA__.now_v1()
@@ -1420,7 +1465,7 @@ $$;
 -- An attempt holding a slot of `p_wait` (limit name, chr(31), key) ends with this
 -- transaction: the most urgent run waiting for one is due when it commits.
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_wake_v1(p_wait text) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_run text;
 BEGIN
@@ -1505,5 +1550,79 @@ BEGIN
         RETURN true;
     END IF;
     RETURN false;
+END
+$$;
+
+-- Lock run `p_run` for an upgrade and say where it is: the run's advisory lock (which waits
+-- for the worker transaction in flight on it; claims of its jobs then leave it alone), its
+-- jobs (waiting for branches in flight), its row, and the row of the child it waits for
+-- (whose final transaction gives the parent a job without locking the parent: it commits
+-- first, or after the upgrade, and reads the new queue). Returns the run's position, its
+-- recorded shape, the nodes its journal names (first journaled first) and a route choice
+-- at its position; no row for an unknown run. The caller decides, then calls
+-- upgrade_run_v1 in the same transaction.
+CREATE OR REPLACE FUNCTION __SCHEMA__.lock_for_upgrade_v1(p_run text)
+RETURNS TABLE (
+    status text, queue text, version integer, "cursor" integer, current_node text,
+    branches text[], leased boolean, finished boolean, shape text, journaled text[],
+    chosen text
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_child text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM 1 FROM __SCHEMA__.jobs j WHERE j.run_id = p_run ORDER BY j.id FOR UPDATE;
+    SELECT r.child_id INTO v_child FROM __SCHEMA__.runs r WHERE r.id = p_run FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF v_child IS NOT NULL THEN
+        PERFORM 1 FROM __SCHEMA__.runs c WHERE c.id = v_child FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+    SELECT r.status, r.queue, r.version, r.cursor, r.current_node, r.branches,
+           EXISTS (SELECT 1 FROM __SCHEMA__.jobs j
+                   WHERE j.run_id = r.id AND j.lease_token IS NOT NULL),
+           r.finished_at IS NOT NULL,
+           (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue),
+           ARRAY(SELECT e.node FROM __SCHEMA__.journal e WHERE e.run_id = r.id
+                 GROUP BY e.node ORDER BY min(e.seq)),
+           (SELECT e.result #>> '{}' FROM __SCHEMA__.journal e
+             WHERE e.run_id = r.id AND e.key = r.current_node || '@route'
+               AND e.status = 'completed')
+    FROM __SCHEMA__.runs r
+    WHERE r.id = p_run;
+END
+$$;
+
+-- Move unfinished run `p_run`, locked by lock_for_upgrade_v1 in this transaction and found
+-- compatible by the caller, from queue `p_from` to queue `p_to` (another version or shape
+-- of its workflow) with its position at index `p_cursor` of the new shape. Its jobs move
+-- with it; workers of the new queue hear of those that are due. DU010 when the run is no
+-- longer where the caller saw it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.upgrade_run_v1(
+    p_run text, p_from text, p_to text, p_cursor integer
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    UPDATE __SCHEMA__.runs
+    SET queue = p_to, version = __SCHEMA__.queue_version_v1(p_to), cursor = p_cursor,
+        updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run AND queue = p_from AND finished_at IS NULL;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: run % is no longer an unfinished run of queue %', p_run, p_from
+            USING ERRCODE = 'DU010';
+    END IF;
+    UPDATE __SCHEMA__.jobs SET queue = p_to WHERE run_id = p_run AND queue <> p_to;
+    IF EXISTS (
+        SELECT 1 FROM __SCHEMA__.jobs
+        WHERE run_id = p_run AND run_at <= __SCHEMA__.now_v1() AND lease_token IS NULL
+    ) THEN
+        PERFORM __SCHEMA__.notify_jobs_v1();
+    END IF;
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
 END
 $$;

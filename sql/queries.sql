@@ -106,8 +106,9 @@ INSERT INTO __SCHEMA__.migrations (version, name) VALUES ($1, $2);
 
 -- get_run --
 -- A run with the results of its completed nodes.
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
-       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+SELECT r.id, r.workflow, r.version, r.status, r.input::text AS input,
+       r.result::text AS result, r.error, r.current_node, r.parent_id, r.created_at,
+       r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY(SELECT c.id FROM __SCHEMA__.runs c WHERE c.parent_id = r.id ORDER BY c.id)
            AS children,
@@ -117,10 +118,11 @@ WHERE r.id = $1;
 
 -- list_runs --
 -- Runs, newest first (keyset: ids below $7), optionally filtered by status, workflow,
--- creation time and an id or idempotency key ($6). Run with plan_cache_mode =
+-- creation time, an id or idempotency key ($6) and version ($8). Run with plan_cache_mode =
 -- force_custom_plan: a generic plan cannot know which filters are set, nor pick their index.
-SELECT r.id, r.workflow, r.status, r.input::text AS input, r.result::text AS result, r.error,
-       r.current_node, r.parent_id, r.created_at, r.updated_at, r.finished_at,
+SELECT r.id, r.workflow, r.version, r.status, r.input::text AS input,
+       r.result::text AS result, r.error, r.current_node, r.parent_id, r.created_at,
+       r.updated_at, r.finished_at,
        __SCHEMA__.run_results_v1(r.id)::text AS results,
        ARRAY[]::text[] AS children,
        r.paused_at IS NOT NULL AND r.finished_at IS NULL AS paused, r.forked_from
@@ -130,6 +132,7 @@ WHERE ($1::text IS NULL OR r.status = $1) AND ($2::text IS NULL OR r.workflow = 
   AND ($5::timestamptz IS NULL OR r.created_at < $5)
   AND ($6::text IS NULL OR r.id = $6 OR r.idempotency_key = $6)
   AND ($7::text IS NULL OR r.id < $7)
+  AND ($8::integer IS NULL OR r.version = $8)
 ORDER BY r.id DESC
 LIMIT $3;
 
@@ -312,13 +315,14 @@ SELECT __SCHEMA__.start_run_v2(
 );
 
 -- signal --
--- Put a signal in a run's mailbox and wake the run if it waits for it.
-SELECT __SCHEMA__.signal_v1($1, $2, $3);
+-- Put a signal in a run's mailbox (once per dedupe key) and wake the run if it waits for it.
+SELECT __SCHEMA__.signal_v2($1, $2, $3, $4);
 
 -- record_signal --
 -- Put a signal in the mailbox of the run whose handler sends it (that run is not waiting:
--- it runs this handler).
-INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES ($1, $2, $3::jsonb);
+-- it runs this handler), once per dedupe key.
+INSERT INTO __SCHEMA__.signals (run_id, name, payload, dedupe_key) VALUES ($1, $2, $3::jsonb, $4)
+ON CONFLICT (run_id, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
 
 -- cancel --
 -- Cancel a run and its unfinished children (NULL: no such run).
@@ -367,12 +371,43 @@ WHERE id = $1;
 -- The database clock (shifted when a test harness shifts it).
 SELECT __SCHEMA__.now_v1();
 
--- other_shapes --
--- Unfinished runs of these workflows pinned to a shape this worker does not serve.
-SELECT workflow, queue, count(*) AS runs FROM __SCHEMA__.runs
-WHERE workflow = ANY ($1::text[]) AND finished_at IS NULL AND NOT (queue = ANY ($2::text[]))
-GROUP BY workflow, queue
-ORDER BY workflow, queue;
+-- unserved_runs --
+-- Unfinished runs of these workflows pinned to a queue this worker does not serve, by queue,
+-- with the shape recorded for it. (Unfinished by status, which an index covers.)
+SELECT r.workflow, r.version, r.queue, count(*) AS runs,
+       (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue) AS shape
+FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+  AND r.workflow = ANY ($1::text[]) AND NOT (r.queue = ANY ($2::text[]))
+GROUP BY r.workflow, r.version, r.queue
+ORDER BY r.workflow, r.version, r.queue;
+
+-- check_runs --
+-- Every unfinished run by queue: how many, the ids of those of a queue not in $1, and the
+-- shape recorded for the queue.
+SELECT r.workflow, r.version, r.queue, count(*) AS runs,
+       CASE WHEN r.queue = ANY ($1::text[]) THEN ARRAY[]::text[]
+            ELSE array_agg(r.id ORDER BY r.id) END AS ids,
+       (SELECT s.shape::text FROM __SCHEMA__.shapes s WHERE s.queue = r.queue) AS shape
+FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+GROUP BY r.workflow, r.version, r.queue
+ORDER BY r.workflow, r.version, r.queue;
+
+-- upgrade_candidates --
+-- Unfinished runs of workflow $1 at version $2 that are not on queue $3, oldest first.
+SELECT r.id FROM __SCHEMA__.runs r
+WHERE r.status IN ('pending', 'running', 'waiting', 'compensating')
+  AND r.workflow = $1 AND r.version = $2 AND r.queue <> $3
+ORDER BY r.id;
+
+-- lock_for_upgrade --
+-- Lock a run for an upgrade (advisory lock, jobs, run, its child) and read its position.
+SELECT * FROM __SCHEMA__.lock_for_upgrade_v1($1);
+
+-- upgrade_run --
+-- Move a locked run to another queue (version or shape) at a new cursor, with its jobs.
+SELECT __SCHEMA__.upgrade_run_v1($1, $2, $3, $4);
 
 -- run_status --
 -- The status of a run (None when it does not exist).
@@ -609,6 +644,80 @@ ORDER BY 1;
 -- doctor_job_rows --
 -- The planner's estimate of the job table's rows.
 SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('__SCHEMA__.jobs');
+-- declare_schedule --
+-- Write a schedule as declared in code; a new cron or time zone starts again from the next
+-- tick ($9), anything else keeps the row's position. A row already as declared is left alone.
+INSERT INTO __SCHEMA__.schedules AS s
+    (name, workflow, cron, timezone, input, overlap, catch_up, max_catch_up, next_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)
+ON CONFLICT (name) DO UPDATE
+SET workflow = EXCLUDED.workflow, input = EXCLUDED.input, overlap = EXCLUDED.overlap,
+    catch_up = EXCLUDED.catch_up, max_catch_up = EXCLUDED.max_catch_up,
+    next_at = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                   THEN s.next_at ELSE EXCLUDED.next_at END,
+    cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, updated_at = __SCHEMA__.now_v1()
+WHERE (s.workflow, s.cron, s.timezone, s.input, s.overlap, s.catch_up, s.max_catch_up)
+    IS DISTINCT FROM (EXCLUDED.workflow, EXCLUDED.cron, EXCLUDED.timezone, EXCLUDED.input,
+                      EXCLUDED.overlap, EXCLUDED.catch_up, EXCLUDED.max_catch_up);
+
+-- due_schedule --
+-- The most overdue of these schedules that no other scheduler holds, locked, with the clock.
+SELECT name, cron, timezone, overlap, catch_up, max_catch_up, next_at, last_run_id,
+       __SCHEMA__.now_v1() AS now
+FROM __SCHEMA__.schedules
+WHERE name = ANY ($1::text[]) AND NOT paused AND next_at <= __SCHEMA__.now_v1()
+ORDER BY next_at
+LIMIT 1
+FOR UPDATE SKIP LOCKED;
+
+-- lock_schedule --
+-- A schedule locked for a trigger, pause or resume (waits for a scheduler firing it).
+SELECT name, cron, timezone, overlap, catch_up, max_catch_up, next_at, last_run_id, paused,
+       __SCHEMA__.now_v1() AS now
+FROM __SCHEMA__.schedules
+WHERE name = $1
+FOR UPDATE;
+
+-- schedule_seconds_to_next --
+-- Seconds until the first of these schedules is due (NULL if none is active).
+SELECT extract(epoch FROM min(next_at) - __SCHEMA__.now_v1())::float8
+FROM __SCHEMA__.schedules
+WHERE name = ANY ($1::text[]) AND NOT paused;
+
+-- run_active --
+-- Whether a run exists and has not finished.
+SELECT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = $1 AND finished_at IS NULL);
+
+-- schedule_started --
+-- Remember the run a schedule's tick (or trigger) started.
+UPDATE __SCHEMA__.schedules
+SET last_tick = $2, last_run_id = $3, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1;
+
+-- schedule_advance --
+-- Move a schedule past the ticks it handled.
+UPDATE __SCHEMA__.schedules SET next_at = $2, updated_at = __SCHEMA__.now_v1() WHERE name = $1;
+
+-- pause_schedule --
+-- Pause a schedule; its name if it was running.
+UPDATE __SCHEMA__.schedules SET paused = true, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1 AND NOT paused
+RETURNING name;
+
+-- resume_schedule --
+-- Resume a paused schedule from its next tick ($2).
+UPDATE __SCHEMA__.schedules SET paused = false, next_at = $2, updated_at = __SCHEMA__.now_v1()
+WHERE name = $1 AND paused
+RETURNING name;
+
+-- list_schedules --
+-- Every schedule with the status of the run it started last.
+SELECT s.name, s.workflow, s.cron, s.timezone, s.input::text AS input, s.overlap, s.catch_up,
+       s.max_catch_up, s.paused, s.next_at, s.last_tick, s.last_run_id,
+       r.status AS last_run_status, s.created_at, s.updated_at
+FROM __SCHEMA__.schedules s
+LEFT JOIN __SCHEMA__.runs r ON r.id = s.last_run_id
+ORDER BY s.name;
 
 -- pause_workflow --
 -- Stop claiming a workflow's jobs; true unless it was paused already.

@@ -21,8 +21,9 @@ CREATE TABLE __SCHEMA__.migrations (
 -- One row per workflow run, and the one place that says where it is: the node (`cursor`,
 -- `current_node`), the loop `iteration`, the `attempt` of the work at that position, and
 -- what it waits for (`wake_at`, `waiting_for`, `child_id`, parallel `branches`).
--- `queue` is what a worker must serve to claim its jobs; `epoch` counts retries of the run
--- (attempts are numbered per epoch); `ending` is where compensation leads.
+-- `queue` is what a worker must serve to claim its jobs: the workflow, its `version` and a
+-- digest of its shape; `epoch` counts retries of the run (attempts are numbered per epoch);
+-- `ending` is where compensation leads.
 CREATE TABLE __SCHEMA__.runs (
     id text PRIMARY KEY,
     workflow text NOT NULL CHECK (workflow <> ''),
@@ -56,6 +57,7 @@ CREATE TABLE __SCHEMA__.runs (
     paused_at timestamptz,
     -- The run this one was forked from (Engine.fork).
     forked_from text,
+    version integer NOT NULL DEFAULT 1 CHECK (version >= 1),
     -- Flow control (docs/guides/flow-control.md). `priority` orders every job of the run;
     -- `not_before`: its first node is not due before then (a delayed or debounced start).
     priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
@@ -161,6 +163,7 @@ CREATE TABLE __SCHEMA__.cancel_requests (
 );
 
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
+-- A signal sent with a dedupe key is recorded once per run, however often it is sent.
 CREATE TABLE __SCHEMA__.signals (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
@@ -169,11 +172,14 @@ CREATE TABLE __SCHEMA__.signals (
     created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     consumed_by text,
     consumed_at timestamptz,
+    dedupe_key text,
     CHECK ((consumed_by IS NULL) = (consumed_at IS NULL))
 );
 CREATE INDEX signals_pending_idx ON __SCHEMA__.signals (run_id, name, id)
     WHERE consumed_at IS NULL;
 CREATE INDEX signals_run_idx ON __SCHEMA__.signals (run_id);
+CREATE UNIQUE INDEX signals_dedupe_idx ON __SCHEMA__.signals (run_id, dedupe_key)
+    WHERE dedupe_key IS NOT NULL;
 
 -- The job queue. Rows are deleted in the transaction that commits their work, so the table
 -- holds only live jobs. `run_at` is on the database clock; a job leased to a
@@ -226,12 +232,14 @@ CREATE TRIGGER jobs_notify AFTER INSERT ON __SCHEMA__.jobs
     FOR EACH STATEMENT EXECUTE FUNCTION __SCHEMA__.jobs_notify_v1();
 
 -- The shape (ordered node names, kinds and branch keys) of each queue a run was pinned to,
--- recorded when an engine first registers it: what retry reads to find node positions.
+-- recorded when an engine first registers it: what retry reads to find node positions, and
+-- what `check` and `upgrade` compare with the code.
 CREATE TABLE __SCHEMA__.shapes (
     queue text PRIMARY KEY,
     workflow text NOT NULL,
     shape jsonb NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+    recorded_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    version integer NOT NULL DEFAULT 1 CHECK (version >= 1)
 );
 
 -- Running workers, each refreshing its row (heartbeat) while it runs and deleting it when
@@ -248,6 +256,29 @@ CREATE UNLOGGED TABLE __SCHEMA__.workers (
     started_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     heartbeat_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     interval_seconds float8 NOT NULL
+);
+
+-- Cron schedules declared in code (Engine(schedules=...)), one row each, written when an
+-- engine that declares them first needs them. `next_at` is the first tick not yet handled:
+-- a scheduler that locks the row (FOR UPDATE SKIP LOCKED) starts the runs of the ticks due
+-- and moves `next_at` past now in the same transaction, so every tick starts one run
+-- however many workers run the schedule. `last_run_id` is the run the latest tick (or
+-- trigger) started, which the overlap policy looks at.
+CREATE TABLE __SCHEMA__.schedules (
+    name text PRIMARY KEY CHECK (name <> ''),
+    workflow text NOT NULL,
+    cron text NOT NULL,
+    timezone text NOT NULL,
+    input jsonb NOT NULL DEFAULT '{}',
+    overlap text NOT NULL CHECK (overlap IN ('skip', 'allow', 'cancel_previous')),
+    catch_up text NOT NULL CHECK (catch_up IN ('none', 'latest', 'all')),
+    max_catch_up integer NOT NULL CHECK (max_catch_up >= 1),
+    paused boolean NOT NULL DEFAULT false,
+    next_at timestamptz NOT NULL,
+    last_tick timestamptz,
+    last_run_id text REFERENCES __SCHEMA__.runs (id) ON DELETE SET NULL,
+    created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
+    updated_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
 );
 
 -- Workflows whose jobs no worker claims (Engine.pause); runs keep their state and jobs.

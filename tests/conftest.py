@@ -1,27 +1,23 @@
-"""Test database fixtures: one server per session, one migrated template, a clone per test."""
+"""Test database fixtures: durable's own pytest plugin (`durable.testing`) gives each test a
+fresh database cloned from a migrated template, on one server per session. This adds the
+global invariant, checked after every test with a database, and the names the suite uses
+(`server_dsn`, `db`, `pool`)."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from durable.migrate import migrate
-from durable.server import provision
 from tests.invariant import violations
 
-TEMPLATE = "durable_test_template"
-
-
-def with_database(dsn: str, database: str) -> str:
-    """Return `dsn` pointing at another database on the same server."""
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + database))
+pytest_plugins = ["durable.testing"]
 
 
 @dataclass(frozen=True)
@@ -34,47 +30,24 @@ class Database:
 
 
 @pytest.fixture(scope="session")
-def server_dsn() -> Iterator[str]:
-    with provision("DURABLE_TEST_DSN") as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="session")
-async def template_dsn(server_dsn: str) -> str:
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{TEMPLATE}"')
-    finally:
-        await admin.close()
-    dsn = with_database(server_dsn, TEMPLATE)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn, "durable")
-    finally:
-        await conn.close()
-    return dsn
+def server_dsn(durable_server_dsn: str) -> str:
+    return durable_server_dsn
 
 
 @pytest.fixture
-async def db(server_dsn: str, template_dsn: str) -> AsyncIterator[Database]:
-    """A database cloned from the migrated template, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE}"')
-    finally:
-        await admin.close()
-    database = Database(name=name, dsn=with_database(server_dsn, name))
-    yield database
-    # The global invariant (tests/invariant.py), after every test with a database.
-    broken = await violations(database.dsn)
-    admin = await asyncpg.connect(server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+def durable_dsn(durable_dsn: str) -> Iterator[str]:
+    """The plugin's database, checked against the global invariant (tests/invariant.py)
+    after the test, before it is dropped."""
+    yield durable_dsn
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        broken = thread.submit(lambda: asyncio.run(violations(durable_dsn))).result()
     assert not broken, "invariant broken:\n" + "\n".join(broken)
+
+
+@pytest.fixture
+def db(durable_dsn: str) -> Database:
+    """The test's database, by name and DSN."""
+    return Database(name=urlsplit(durable_dsn).path.lstrip("/"), dsn=durable_dsn)
 
 
 @pytest.fixture

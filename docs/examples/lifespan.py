@@ -52,9 +52,11 @@ async def create_request(body: dict[str, Any], request_id: str) -> dict[str, str
     return {"run_id": run_id}
 
 
-async def decide(run_id: str, ok: bool) -> dict[str, bool]:
-    """POST /requests/{run_id}/decision: False when the run had already finished."""
-    return {"accepted": await engine.signal(run_id, "decided", {"ok": ok})}
+async def decide(run_id: str, ok: bool, request_id: str) -> dict[str, bool]:
+    """POST /requests/{run_id}/decision: False when the run had already finished. A retried
+    request (same request_id) records one decision."""
+    accepted = await engine.signal(run_id, "decided", {"ok": ok}, dedupe_key=request_id)
+    return {"accepted": accepted}
 
 
 async def read(run_id: str) -> dict[str, Any]:
@@ -72,12 +74,13 @@ async def main() -> None:
         again = await create_request({"amount": 40}, request_id="req-1")
         assert first == again
         run_id = first["run_id"]
-        assert (await decide(run_id, ok=True)) == {"accepted": True}
+        assert (await decide(run_id, ok=True, request_id="dec-1")) == {"accepted": True}
+        assert (await decide(run_id, ok=True, request_id="dec-1")) == {"accepted": True}
         await engine.wait(run_id, timeout=30)
         state = await read(run_id)
         assert state["status"] == "completed"
         assert state["result"]["apply"] == "applied"
-        assert (await decide(run_id, ok=False)) == {"accepted": False}
+        assert (await decide(run_id, ok=False, request_id="dec-2")) == {"accepted": False}
     print(state)
 
 

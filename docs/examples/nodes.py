@@ -122,7 +122,7 @@ notify.parallel("channels", {"email": email, "sms": sms}, max_attempts=3)
 shipping = durable.Workflow("shipping")
 
 
-def choose(ctx: durable.Context) -> str:
+def choose(ctx: durable.SyncContext) -> str:  # a plain def: run on the engine's threads
     return "air" if ctx.input["express"] else "ground"
 
 
@@ -141,7 +141,7 @@ shipping.route("ship", choose, {"ground": ground, "air": air})
 polling = durable.Workflow("poll")
 
 
-def not_ready(ctx: durable.Context, i: int) -> bool:
+def not_ready(ctx: durable.SyncContext, i: int) -> bool:
     checks = ctx.results["check"]  # the iteration results so far
     return not checks or checks[-1] != "ready"
 
@@ -213,6 +213,9 @@ async def main() -> None:
         # --8<-- [start:send-signal]
         run_id = await engine.start("expense", {"amount": 120})
         accepted = await engine.signal(run_id, "approved", {"by": "ann"})  # True: recorded
+        # A webhook delivered twice: with a dedupe key, the run records the signal once.
+        await engine.signal(run_id, "approved", {"by": "ann"}, dedupe_key="evt_81")
+        await engine.signal(run_id, "approved", {"by": "ann"}, dedupe_key="evt_81")
         result = await engine.wait(run_id, timeout=30)
         # result["approval"] == {"by": "ann"}; result["pay"] == "paid 120, approved by ann"
         # --8<-- [end:send-signal]

@@ -1,5 +1,6 @@
 """Connection pools: an engine on a pool you own (e.g. behind PgBouncer in transaction
-mode) for the web app, and workers with their own DSN (direct or PgBouncer session mode).
+mode) for the web app, workers with their own DSN (direct or PgBouncer session mode), and
+an engine that reads a replica.
 
 `main()` runs both against `DURABLE_DSN` (there is no PgBouncer in between here).
 """
@@ -45,6 +46,18 @@ async def run_worker(dsn: str) -> None:
 # --8<-- [end:worker]
 
 
+# --8<-- [start:replica]
+async def open_engine_with_replica(primary: str, replica: str) -> durable.Engine:
+    # get_run() and list_runs() read the replica, which may lag a little; start(),
+    # signal(), cancel(), retry() and wait() use the primary.
+    engine = durable.Engine(primary, read_dsn=replica, workflows=[reports])
+    await engine.open(migrate=False)
+    return engine
+
+
+# --8<-- [end:replica]
+
+
 async def main() -> None:
     dsn = os.environ["DURABLE_DSN"]
     async with durable.Engine(dsn):  # stands in for `durable migrate` in a deploy step
@@ -54,6 +67,13 @@ async def main() -> None:
     try:
         run_id = await web.start("report", {"month": "2024-05"})
         assert await web.wait(run_id, timeout=30) == {"build": "report 2024-05"}
+        # The primary stands in for a replica here (so there is no lag).
+        dashboard = await open_engine_with_replica(dsn, dsn)
+        try:
+            assert (await dashboard.get_run(run_id)).result == {"build": "report 2024-05"}
+            assert [r.id for r in await dashboard.list_runs(workflow="report")] == [run_id]
+        finally:
+            await dashboard.close()
     finally:
         worker.cancel()
         await asyncio.gather(worker, return_exceptions=True)

@@ -8,29 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from dataclasses import dataclass
 
 import durable
 from durable.server import LocalPostgres
 
+
 # --8<-- [start:workflow]
-signup = durable.Workflow("signup")
+@dataclass
+class Signup:
+    email: str
+
+
+@dataclass
+class Account:
+    account_id: int
+
+
+signup = durable.Workflow("signup", input=Signup)
 
 
 @signup.step
-async def create_account(ctx: durable.Context) -> dict[str, Any]:
+async def create_account(ctx: durable.Context[Signup]) -> Account:
     # ctx.conn is the transaction this step commits in: the INSERT and the step's
     # journal entry commit together, or not at all.
     account_id = await ctx.conn.fetchval(
-        "INSERT INTO accounts (email) VALUES ($1) RETURNING id", ctx.input["email"]
+        "INSERT INTO accounts (email) VALUES ($1) RETURNING id", ctx.input.email
     )
-    return {"account_id": account_id}
+    return Account(account_id)
 
 
 @signup.step(max_attempts=5)
-async def welcome(ctx: durable.Context) -> str:
-    account = ctx.results["create_account"]  # results of the nodes that completed before
-    return f"welcome mail queued for account {account['account_id']}"
+async def welcome(ctx: durable.Context[Signup]) -> str:
+    account = ctx.results["create_account"]  # the Account of the step before
+    return f"welcome mail queued for account {account.account_id}"
 
 
 # --8<-- [end:workflow]
@@ -44,7 +55,7 @@ async def run(dsn: str) -> None:
                 "CREATE TABLE IF NOT EXISTS accounts (id serial PRIMARY KEY, email text)"
             )
         async with engine.worker(concurrency=4):  # a worker in the background
-            run_id = await engine.start("signup", {"email": "ada@example.com"})
+            run_id = await engine.start("signup", Signup(email="ada@example.com"))
             result = await engine.wait(run_id, timeout=30)
     print(result)
     # {'welcome': 'welcome mail queued for account 1', 'create_account': {'account_id': 1}}

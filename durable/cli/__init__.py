@@ -7,6 +7,7 @@
     worker MODULE:ENGINE            run a worker for the engine defined in MODULE
     start WORKFLOW [JSON] --app MODULE:ENGINE [--idempotency-key K] [--wait]
                                     start a run (and wait for its result)
+    check MODULE:ENGINE             can this code continue every unfinished run? (exit 1 if not)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
     runs pause|resume ID            stop a run from being claimed / let it go on
@@ -14,7 +15,11 @@
                                     a new run from a node of ID, with another input
     runs bulk cancel|retry --status S --workflow W ... [--dry-run]
                                     cancel or retry every run a filter matches
+    runs upgrade WORKFLOW --from N [--to M] --app MODULE:ENGINE [--dry-run]
+                                    move unfinished runs to another version
+                                    (both read a replica with --read-dsn)
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
+                                    (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
     pause WORKFLOW                  stop workers claiming a workflow's jobs
@@ -23,18 +28,26 @@
     doctor [--json]                 check for stranded runs, old jobs, long transactions...
     dashboard [MODULE:ENGINE] [--host H] [--port P]
                                     serve the web dashboard, admin API and /metrics
+    schedules list                  cron schedules: next tick, last run, paused or not
+    schedules pause|resume NAME     stop / restart a schedule's ticks
+    schedules trigger NAME --app MODULE:ENGINE
+                                    start a run of a schedule now
     demo                            run the order-saga demo (starts its own PostgreSQL)
 
-`--dsn` defaults to `$DURABLE_DSN`. `worker` and `start` use the DSN of the engine MODULE
-defines; a different `--dsn` is ignored with a warning that names both (passwords hidden).
+`--dsn` defaults to `$DURABLE_DSN`; `runs list` and `runs show` read from `--read-dsn`
+(default `$DURABLE_READ_DSN`, a read replica that may lag) instead when one is given.
+`worker` and `start` use the DSN of the engine MODULE defines; a different `--dsn` is
+ignored with a warning that names both (passwords hidden).
 MODULE:ENGINE names a `durable.Engine`, or a function without parameters annotated
 `-> durable.Engine` (anything else is refused without being called).
 
 Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found the run
-already finished, a retry of a run that had not failed, a pause of a paused workflow or a
-resume of one that was not, a `start --wait` whose run failed,
-was cancelled or did not finish in time); 2 a usage or configuration error, which retrying
-will not fix (unknown run id, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
+already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
+was cancelled or did not finish in time, a `check` that found runs this code cannot
+continue, an `upgrade` that refused runs, a schedule already paused or not paused, a trigger
+that overlap="skip" skipped, a pause of a paused workflow or a resume of one that was not);
+2 a usage or configuration error, which retrying will not fix
+(unknown run id or schedule, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
 schema); 3 the database cannot be reached or does not answer (retrying later may work);
 4 an unexpected internal error. With `--json` an error is also written to stdout as
@@ -56,7 +69,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from durable.cli.app import cmd_start, cmd_worker
+from durable.cli.app import cmd_check, cmd_runs_upgrade, cmd_start, cmd_worker
 from durable.cli.commands import (
     cmd_cancel,
     cmd_doctor,
@@ -91,6 +104,12 @@ from durable.cli.parser import (
     UsageError,
     build_parser,
     parse_duration,
+)
+from durable.cli.schedules import (
+    cmd_schedules_list,
+    cmd_schedules_pause,
+    cmd_schedules_resume,
+    cmd_schedules_trigger,
 )
 from durable.cli.targets import is_engine_factory
 from durable.db import is_connection_error, redact
@@ -162,6 +181,9 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "pause": cmd_pause,
     "resume": cmd_resume,
     "doctor": cmd_doctor,
+    "schedules list": cmd_schedules_list,
+    "schedules pause": cmd_schedules_pause,
+    "schedules resume": cmd_schedules_resume,
 }
 
 
@@ -170,10 +192,18 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     command = args.command
     if command == "runs":
         command = f"runs {args.runs_command}"
+    elif command == "schedules":
+        command = f"schedules {args.schedules_command}"
     if command == "worker":
         return await cmd_worker(args, out)
     if command == "start":
         return await cmd_start(args, out)
+    if command == "check":
+        return await cmd_check(args, out)
+    if command == "runs upgrade":
+        return await cmd_runs_upgrade(args, out)
+    if command == "schedules trigger":
+        return await cmd_schedules_trigger(args, out)
     if command == "demo":
         return await cmd_demo(args, out)
     if command == "dashboard":
@@ -181,9 +211,12 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     handler = _NEEDS_DSN[command]
     if command == "purge":
         parse_duration(args.older_than)  # a bad duration is reported before any connection
-    if not args.dsn:
+    dsn = args.dsn
+    if command.startswith("runs ") and args.read_dsn:
+        dsn = args.dsn_for_errors = args.read_dsn
+    if not dsn:
         raise UsageError(f"no database given: pass --dsn postgresql://... or set {DSN_ENV}")
-    return await handler(args, args.dsn, out)
+    return await handler(args, dsn, out)
 
 
 def _error_json(code: int, exc: BaseException, message: str) -> dict[str, Any]:

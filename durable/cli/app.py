@@ -1,4 +1,5 @@
-"""The commands that run the application's engine (`MODULE:ENGINE`): worker and start."""
+"""The commands that run the application's engine (`MODULE:ENGINE`): worker, start, check
+and runs upgrade."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import Any
 
 import anyio
 
-from durable.cli.output import Out, emit_json, run_to_json
+from durable.cli.output import Out, check_lines, emit_json, run_to_json, upgrade_lines
 from durable.cli.parser import APP_ENV, EXIT_NOT_DONE, EXIT_OK, UsageError
 from durable.cli.targets import open_app_engine, resolve_engine, warn_if_dsn_ignored
 from durable.db import redact
 from durable.engine import Engine
-from durable.errors import RunCancelled, RunFailed
+from durable.errors import RunCancelled, RunFailed, WorkflowNotFound
 
 log = logging.getLogger("durable.cli")
 
@@ -68,7 +69,10 @@ async def cmd_worker(args: argparse.Namespace, out: Out) -> int:
                 installed.append(int(sig))
             log.info(
                 "durable worker ready: workflows=%s concurrency=%d database=%s schema=%s",
-                ",".join(sorted(engine.workflows)),
+                ",".join(
+                    f"{name}(v{',v'.join(map(str, versions))})"
+                    for name, versions in engine.versions.items()
+                ),
                 args.concurrency,
                 redact(engine.dsn) if engine.dsn else "pool",
                 engine.schema,
@@ -108,7 +112,15 @@ async def cmd_start(args: argparse.Namespace, out: Out) -> int:
     args.dsn_for_errors = engine.dsn
     try:
         await open_app_engine(engine, migrate=False)
-        run_id = await engine.start(args.workflow, value, idempotency_key=args.idempotency_key)
+        try:
+            run_id = await engine.start(
+                args.workflow,
+                value,
+                idempotency_key=args.idempotency_key,
+                version=args.workflow_version,
+            )
+        except WorkflowNotFound as exc:  # a version the engine does not register
+            raise UsageError(str(exc)) from None
         if not args.wait:
             if args.json:
                 emit_json(out, {"run_id": run_id})
@@ -148,3 +160,50 @@ async def _wait_and_report(engine: Engine, run_id: str, args: argparse.Namespace
         print(f"run {run_id} completed", file=out)
         print(json.dumps(results, indent=2, default=str), file=out)
     return EXIT_OK
+
+
+async def cmd_check(args: argparse.Namespace, out: Out) -> int:
+    engine = await resolve_engine(args.target)
+    warn_if_dsn_ignored(args, engine, args.target)
+    args.dsn_for_errors = engine.dsn
+    try:
+        await open_app_engine(engine, migrate=False)
+        report = await engine.check()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+    if args.json:
+        emit_json(out, report.as_dict())
+    else:
+        print("\n".join(check_lines(report)), file=out)
+    return EXIT_OK if report.ok else EXIT_NOT_DONE
+
+
+async def cmd_runs_upgrade(args: argparse.Namespace, out: Out) -> int:
+    if not args.app:
+        raise UsageError(
+            "durable runs upgrade needs the engine whose code the runs move to: "
+            f"pass --app MODULE:ENGINE or set {APP_ENV}"
+        )
+    engine = await resolve_engine(args.app)
+    warn_if_dsn_ignored(args, engine, args.app)
+    args.dsn_for_errors = engine.dsn
+    try:
+        await open_app_engine(engine, migrate=False)
+        try:
+            report = await engine.upgrade(
+                args.workflow,
+                from_version=args.from_version,
+                to_version=args.to_version,
+                dry_run=args.dry_run,
+            )
+        except WorkflowNotFound as exc:
+            raise UsageError(f"{args.app}: {exc}") from None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await engine.close()
+    if args.json:
+        emit_json(out, report.as_dict())
+    else:
+        print("\n".join(upgrade_lines(report)), file=out)
+    return EXIT_NOT_DONE if report.refused else EXIT_OK

@@ -50,7 +50,12 @@ async def cmd_migrate(args: argparse.Namespace, dsn: str, out: Out) -> int:
 async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
-        runs = await engine.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        runs = await engine.list_runs(
+            status=args.status,
+            workflow=args.workflow,
+            limit=args.limit,
+            version=args.workflow_version,
+        )
         # A finished run has no current node; for a failed one the journal says which failed.
         failed_at = {
             r.id: failed_node(await engine.get_run(r.id, journal=True))
@@ -80,6 +85,7 @@ async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
         (
             r.id,
             r.workflow,
+            str(r.version),
             r.status.value,
             failed_at.get(r.id) or r.current_node or "-",
             r.parent_id or "-",
@@ -89,7 +95,7 @@ async def cmd_runs_list(args: argparse.Namespace, dsn: str, out: Out) -> int:
         )
         for r in runs
     ]
-    headers = ("ID", "WORKFLOW", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR")
+    headers = ("ID", "WORKFLOW", "VER", "STATUS", "NODE", "PARENT", "CREATED", "UPDATED", "ERROR")
     print(table(headers, rows), file=out)
     return EXIT_OK
 
@@ -119,7 +125,9 @@ async def cmd_signal(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
         try:
-            recorded = await engine.signal(args.run_id, args.name, payload)
+            recorded = await engine.signal(
+                args.run_id, args.name, payload, dedupe_key=args.dedupe_key
+            )
         except ValueError as exc:  # e.g. an empty signal name
             raise UsageError(str(exc)) from None
     finally:

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from durable.model import Run, RunStatus
+from durable.versions import CAUSES, CheckReport, UpgradeReport
 
 Out = TextIO
 
@@ -139,6 +140,7 @@ def run_to_json(run: Run, *, journal: bool = False) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": run.id,
         "workflow": run.workflow,
+        "version": run.version,
         "status": run.status.value,
         "current_node": run.current_node,
         "parent_id": run.parent_id,
@@ -181,7 +183,7 @@ def run_details(run: Run) -> list[str]:
     """A run's fields and its timeline, as `durable runs show` prints them."""
     fields = [
         ("run", run.id),
-        ("workflow", run.workflow),
+        ("workflow", f"{run.workflow} (version {run.version})"),
         ("status", run.status.value),
         ("node", run.current_node or "-"),
         ("parent", run.parent_id or "-"),
@@ -200,6 +202,58 @@ def run_details(run: Run) -> list[str]:
     lines = [f"{name.ljust(width)}  {value}" for name, value in fields]
     lines += ["", "timeline (offset from creation, key, outcome, attempt, duration, error):"]
     lines += timeline_lines(run)
+    return lines
+
+
+# What to do about runs stranded for each cause, as `durable check` suggests it.
+_REMEDIES = {
+    "unknown_workflow": "keep a worker that registers this workflow running until they finish",
+    "unknown_version": (
+        "keep this version registered until they finish, or move them with "
+        "`durable runs upgrade WORKFLOW --from VERSION`"
+    ),
+    "shape_changed": (
+        "bump the version of the changed definition and keep the old one registered, or "
+        "move them with `durable runs upgrade WORKFLOW --from VERSION --to VERSION`"
+    ),
+}
+
+
+def check_lines(report: CheckReport, *, limit: int = 10) -> list[str]:
+    """`durable check`'s report: a summary, then each cause with its runs (the first
+    `limit` ids of each queue) and what to do."""
+    if report.ok:
+        return [
+            f"ok: this code can continue all {report.unfinished} unfinished run(s)",
+        ]
+    stranded = report.unfinished - report.continuable
+    lines = [
+        f"not ok: {stranded} of {report.unfinished} unfinished run(s) cannot be continued "
+        "by this code"
+    ]
+    for cause, groups in report.by_cause().items():
+        lines += ["", f"{CAUSES[cause]} ({_REMEDIES[cause]}):"]
+        for g in groups:
+            lines.append(
+                f"  {g.workflow} version {g.version}: {len(g.run_ids)} run(s) on queue {g.queue}"
+            )
+            if cause == "shape_changed":
+                what = "its shape is not recorded" if g.diff is None else str(g.diff)
+                lines.append(f"    this code's version {g.version}: {what}")
+            shown = ", ".join(g.run_ids[:limit])
+            more = f" and {len(g.run_ids) - limit} more" if len(g.run_ids) > limit else ""
+            lines.append(f"    runs: {shown}{more}")
+    return lines
+
+
+def upgrade_lines(report: UpgradeReport) -> list[str]:
+    """`durable runs upgrade`'s report: what moved (or would), and each refusal."""
+    verb = "would move" if report.dry_run else "moved"
+    lines = [
+        f"{verb} {len(report.moved)} run(s) of {report.workflow} from version "
+        f"{report.from_version} to version {report.to_version}; refused {len(report.refused)}"
+    ]
+    lines += [f"  {r.run_id}: {r.reason}" for r in report.refused]
     return lines
 
 

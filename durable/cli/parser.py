@@ -19,6 +19,7 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERNAL = 4
 
 DSN_ENV = "DURABLE_DSN"
+READ_DSN_ENV = "DURABLE_READ_DSN"
 APP_ENV = "DURABLE_APP"
 
 
@@ -167,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the engine that registers WORKFLOW (default: ${APP_ENV})",
     )
     start.add_argument("--idempotency-key", metavar="KEY", default=None)
+    start.add_argument(
+        "--workflow-version",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="the version of WORKFLOW to start (default: the highest the engine registers)",
+    )
     start.add_argument("--wait", action="store_true", help="wait for the run to finish")
     start.add_argument(
         "--timeout",
@@ -175,16 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds --wait waits (default 60)",
     )
 
+    # Listings may read a replica: they decide nothing, and a replica's lag only delays
+    # what they show.
+    reads = _Parser(add_help=False)
+    reads.add_argument(
+        "--read-dsn",
+        default=os.environ.get(READ_DSN_ENV) or None,
+        metavar="DSN",
+        help=f"read from this replica instead of --dsn (default: ${READ_DSN_ENV}); it may lag",
+    )
     runs = sub.add_parser("runs", parents=[common], help="list and inspect runs")
     runs_sub = runs.add_subparsers(
         dest="runs_command", metavar="ACTION", parser_class=_Parser, required=True
     )
-    runs_list = runs_sub.add_parser("list", parents=[common], help="runs, newest first")
+    runs_list = runs_sub.add_parser("list", parents=[common, reads], help="runs, newest first")
     runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
     runs_list.add_argument("--workflow")
     runs_list.add_argument("--limit", type=_positive_int, default=50)
 
-    runs_show = runs_sub.add_parser("show", parents=[common], help="a run and its timeline")
+    runs_list.add_argument("--workflow-version", metavar="N", type=_positive_int)
+
+    runs_show = runs_sub.add_parser("show", parents=[common, reads], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
 
     for verb, text in (
@@ -225,11 +244,60 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("--search", metavar="ID_OR_KEY", help="a run id or idempotency key")
     bulk.add_argument("--reason", default="cancelled", help="kept as the error (cancel)")
     bulk.add_argument("--dry-run", action="store_true", help="count the runs, change nothing")
+    upgrade = runs_sub.add_parser(
+        "upgrade",
+        parents=[common],
+        help="move unfinished runs to another version of their workflow",
+        description=(
+            "Move the unfinished runs of WORKFLOW at version --from to version --to (default: "
+            "the highest) as the engine --app MODULE:ENGINE (or "
+            f"${APP_ENV}) registers it, with its current shape; --from may equal --to, for "
+            "runs of an older shape of that version. A run moves only when every node its "
+            "journal names is declared by the target before its position with the same kind, "
+            "and the node at its position has the same name and kind; the others are listed "
+            "with the reason. Each run moves in its own transaction, safe while workers run. "
+            "Exit 1 if any run was refused."
+        ),
+    )
+    upgrade.add_argument("workflow", metavar="WORKFLOW")
+    upgrade.add_argument(
+        "--from", dest="from_version", metavar="N", type=_positive_int, required=True
+    )
+    upgrade.add_argument("--to", dest="to_version", metavar="N", type=_positive_int, default=None)
+    upgrade.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine whose code the runs move to (default: ${APP_ENV})",
+    )
+    upgrade.add_argument(
+        "--dry-run", action="store_true", help="say what would move and what not; change nothing"
+    )
+
+    check = sub.add_parser(
+        "check",
+        parents=[common],
+        help="can this code continue every unfinished run? (a deploy gate)",
+        description=(
+            "Import MODULE and take ENGINE from it (as `worker` does), then look at every "
+            "unfinished run in the engine's database: a run can be continued when its "
+            "workflow, version and shape are registered by that engine. Lists the others, "
+            "grouped by cause, and exits 1 if there are any, so that CI/CD can refuse a "
+            "deploy that would strand runs. Writes nothing; the schema must be migrated."
+        ),
+    )
+    check.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
 
     sig = sub.add_parser("signal", parents=[common], help="send a signal to a run")
     sig.add_argument("run_id", metavar="ID")
     sig.add_argument("name", metavar="NAME")
     sig.add_argument("payload", metavar="JSON", nargs="?", default=None, help="a JSON value")
+    sig.add_argument(
+        "--dedupe-key",
+        metavar="KEY",
+        default=None,
+        help="record the signal once per run for this key, however often it is sent",
+    )
 
     cancel = sub.add_parser("cancel", parents=[common], help="cancel a run")
     cancel.add_argument("run_id", metavar="ID")
@@ -309,6 +377,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no token (only with a loopback --host)",
     )
+
+    schedules = sub.add_parser(
+        "schedules",
+        parents=[common],
+        help="list, trigger, pause and resume cron schedules",
+        description=(
+            "Schedules are declared in code (Engine(schedules=[...])) and kept in the "
+            "database. `list`, `pause` and `resume` work on the database (--dsn); `trigger` "
+            "starts a run now and needs the engine that declares the schedule (--app "
+            f"MODULE:ENGINE or ${APP_ENV})."
+        ),
+    )
+    schedules_sub = schedules.add_subparsers(
+        dest="schedules_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    schedules_sub.add_parser("list", parents=[common], help="every schedule, by name")
+    trigger = schedules_sub.add_parser(
+        "trigger", parents=[common], help="start a run now (the schedule's overlap applies)"
+    )
+    trigger.add_argument("name", metavar="NAME")
+    trigger.add_argument(
+        "--app",
+        metavar="MODULE:ENGINE",
+        default=os.environ.get(APP_ENV) or None,
+        help=f"the engine that declares the schedule (default: ${APP_ENV})",
+    )
+    for schedule_verb, text in (
+        ("pause", "stop a schedule's ticks (runs it started go on)"),
+        ("resume", "let a paused schedule tick again, from its next tick"),
+    ):
+        schedules_sub.add_parser(schedule_verb, parents=[common], help=text).add_argument(
+            "name", metavar="NAME"
+        )
 
     sub.add_parser("demo", parents=[common], help="run the order-saga demo")
     return parser

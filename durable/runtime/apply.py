@@ -13,7 +13,7 @@ from datetime import datetime
 from ulid import ULID
 
 from durable import metrics
-from durable.db import Connection
+from durable.db import Connection, translated
 from durable.runtime.transition import (
     Admit,
     BranchDone,
@@ -51,7 +51,17 @@ class Follow:
 async def apply(
     conn: Connection, q: Queries, s: RunState, wf: Workflow, t: Transition
 ) -> Follow | None:
-    """Apply transition `t` of run `s` (a `Lease` or `BranchDone` has its own function)."""
+    """Apply transition `t` of run `s` (a `Lease` or `BranchDone` has its own function).
+
+    A change the database refuses comes out as the `DurableError` it stands for (e.g.
+    `IllegalTransition`), which the worker records as the job's failure."""
+    with translated():
+        return await _write(conn, q, s, wf, t)
+
+
+async def _write(
+    conn: Connection, q: Queries, s: RunState, wf: Workflow, t: Transition
+) -> Follow | None:
     node = s.current_node
     started = s.now
     follow: int | None
@@ -156,12 +166,14 @@ def _count(s: RunState, wf: Workflow, t: Transition) -> None:
 
 async def branch_done(conn: Connection, q: Queries, s: RunState, t: BranchDone) -> int:
     """Journal a committed branch; return how many branches of the node are left."""
-    left: int = await conn.fetchval(
-        q["branch_done"], s.run_id, s.current_node, t.branch, t.text, s.attempt, s.now, s.job_id
-    )
+    with translated():
+        left: int = await conn.fetchval(
+            q["branch_done"], s.run_id, s.current_node, t.branch, t.text, s.attempt, s.now, s.job_id
+        )
     return left
 
 
 async def lease(conn: Connection, q: Queries, s: RunState, token: object, seconds: float) -> None:
     """Lease the run's job to a `transactional=False` attempt for `seconds`."""
-    await conn.execute(q["lease"], s.run_id, token, seconds, s.job_id)
+    with translated():
+        await conn.execute(q["lease"], s.run_id, token, seconds, s.job_id)

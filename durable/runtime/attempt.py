@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from durable.codec import Codec, encoded
 from durable.context import Context, current_run
 from durable.db import dumps
 from durable.errors import SwallowedDatabaseError
@@ -21,7 +22,7 @@ from durable.runtime.transition import Err, Ok, Outcome
 from durable.stepconn import swallowed_error, undo
 
 
-def _cut_off(ctx: Context, what: str, limit: float, own: bool) -> TimeoutError:
+def _cut_off(ctx: Context[Any], what: str, limit: float, own: bool) -> TimeoutError:
     if own:
         return TimeoutError(f"attempt {ctx.attempt} of {what} timed out after {limit:g} s")
     return TimeoutError(
@@ -32,19 +33,23 @@ def _cut_off(ctx: Context, what: str, limit: float, own: bool) -> TimeoutError:
 
 
 async def run_attempt(
-    ctx: Context,
+    ctx: Context[Any],
     what: str,
     call: Callable[[], Awaitable[Any]],
     *,
     timeout: float | None,
     transaction_timeout: float | None,
     store: bool = True,
+    returns: Codec | None = None,
 ) -> Outcome:
     """Run `call` as attempt `ctx.attempt` of `what`; never raises for the call's doing.
 
     `timeout` is the node's own bound; inside a transaction the attempt is also cut off at
     `transaction_timeout` (a stuck handler must not hold locks and pin the vacuum horizon).
-    `store`: the value must be stored, so it must serialize to JSON.
+    A plain `def` handler is held to the same limits: its thread cannot be stopped, but
+    its `ctx.conn` is closed before its writes are rolled back (`durable.runtime.threads`).
+    `store`: the value must be stored, so it must serialize to JSON (through `returns`,
+    the codec of the handler's return annotation, when it names a dataclass or a model).
     """
     limit = transaction_timeout if ctx.conn is not None else None
     own = timeout is not None and (limit is None or timeout <= limit)
@@ -72,7 +77,10 @@ async def run_attempt(
                 f"({type(swallowed).__name__}: {swallowed}); the transaction was aborted, "
                 "so the attempt's writes were rolled back"
             )
-        return Ok(value, dumps(value, f"result of {what}") if store else "")
+        if not store:
+            return Ok(value, "")
+        where = f"result of {what}"
+        return Ok(value, dumps(encoded(returns, value, where), where))
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as exc:

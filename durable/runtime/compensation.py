@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from durable.codec import returns
 from durable.runtime.transition import (
     Compensated,
     Err,
@@ -60,7 +61,10 @@ async def visit(v: Visit, wf: Workflow, rows: list[Any]) -> Transition:
         fn, max_attempts, backoff = found
         target = f"{key}@compensate"
         ctx = v.context(target)
-        out = await v.call(f"compensator {target!r}", ctx, functools.partial(fn, ctx))
+        what = f"compensator {target!r}"
+        out = await v.call(
+            what, ctx, functools.partial(v.invoke, fn, ctx), returns=returns(fn, what)
+        )
         if not isinstance(out, Err):
             return Compensated(target, node_name, "completed", text=out.text)
         verdict = after_failure(s, target, out.error, max_attempts, backoff)

@@ -54,8 +54,7 @@ async def heartbeat(
                 if not is_connection_error(exc):
                     log.exception("worker heartbeat failed", extra={"worker": worker.name})
             with anyio.move_on_after(interval):
-                while not worker.stopping:  # noqa: ASYNC110 - the worker has no stop event to share
-                    await anyio.sleep(min(interval, 0.2))
+                await worker.wait_stopping()
     finally:
         with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
             async with pool.acquire() as conn:

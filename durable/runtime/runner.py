@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, cast
 
 import asyncpg
 
+from durable.codec import returns
 from durable.db import Connection
 from durable.errors import DefinitionChanged
 from durable.flow import Limit
@@ -26,6 +27,7 @@ from durable.runtime import apply, compensation, lease
 from durable.runtime.apply import Follow
 from durable.runtime.attempt import run_attempt
 from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, step
+from durable.runtime.threads import Threads
 from durable.runtime.transition import (
     Admit,
     BranchDone,
@@ -101,12 +103,15 @@ class Runner:
         lease_seconds: float = 30.0,
         transaction_timeout: float | None = 60.0,
         max_claims: int = 5,
+        threads: Threads | None = None,
         limits: Mapping[str, Limit] | None = None,
     ) -> None:
         self.q = queries
         self.pool = pool
-        self.by_name = {wf.name: wf for wf in workflows}
-        self.by_queue = {wf.queue: wf for wf in self.by_name.values()}
+        workflows = list(workflows)
+        self.by_queue = {wf.queue: wf for wf in workflows}
+        # Child runs start at the highest version this worker registers.
+        self.by_name = {wf.name: wf for wf in sorted(workflows, key=lambda w: w.version)}
         self.queues = sorted(self.by_queue)
         self.lease_seconds = lease_seconds
         self.transaction_timeout = transaction_timeout
@@ -115,7 +120,13 @@ class Runner:
         # Follow job id -> what this worker knows of the run it handed on to itself.
         self._memos: dict[int, _Memo] = {}
         self.shared = Shared(
-            queries, transaction_timeout, max_claims, self.by_name, pool, limits or {}
+            queries,
+            transaction_timeout,
+            max_claims,
+            self.by_name,
+            pool,
+            threads or Threads(),
+            limits or {},
         )
 
     # -- claiming --------------------------------------------------------------------------
@@ -158,6 +169,8 @@ class Runner:
         else:
             await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)
+        if row is not None and row["queue"] not in self.by_queue:
+            return None  # the run was upgraded to a queue this worker does not serve
         if row is None or memo is None:
             return job_from_row(row)
         results = memo.results
@@ -344,8 +357,8 @@ class Runner:
         an attempt of the work the job was doing, in a new transaction, so that it counts
         against that node's budget like any other failure (bounded failure everywhere)."""
         again = job_from_row(await conn.fetchrow(self.q["claim_by_id"], job.id, True))
-        if again is None:
-            return  # taken by another worker meanwhile, or gone: nothing to record
+        if again is None or again.queue not in self.by_queue:
+            return  # taken by another worker meanwhile, gone or upgraded: nothing to record
         s: RunState = again.prefetched
         wf = self.by_queue[again.queue]
         if s.status in _FINISHED:
@@ -384,12 +397,14 @@ class Runner:
         ctx = v.detached_context(node.name)
 
         async def attempt() -> Outcome:
+            what = f"step {node.name!r}"
             return await run_attempt(
                 ctx,
-                f"step {node.name!r}",
-                lambda: node.fn(ctx),
+                what,
+                lambda: v.invoke(node.fn, ctx),
                 timeout=node.timeout,
                 transaction_timeout=None,
+                returns=returns(node.fn, what),
             )
 
         async def extend(c: Connection, seconds: float) -> bool:

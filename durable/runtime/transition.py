@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from durable.codec import Codec
 from durable.context import Context
 from durable.db import dumps
 from durable.errors import NonRetryable, SerializationError
-from durable.workflow import MAX_WAIT, Workflow, default_backoff, resolve
+from durable.workflow import MAX_WAIT, Workflow, default_backoff
 
 log = logging.getLogger("durable.runtime")
 
@@ -97,20 +98,27 @@ class Visit(Protocol):
 
     state: RunState
 
-    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
+    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context[Any]:
         """The handler context for `node` (key `node` of this run)."""
         ...
 
     async def call(
         self,
         what: str,
-        ctx: Context,
+        ctx: Context[Any],
         call: Callable[[], Awaitable[Any]],
         *,
         timeout: float | None = None,
         store: bool = True,
+        returns: Codec | None = None,
     ) -> Outcome:
-        """Run user code as one attempt (savepoint, time limit, every exception caught)."""
+        """Run user code as one attempt (savepoint, time limit, every exception caught);
+        a stored value is encoded by `returns` when the handler's result is typed."""
+        ...
+
+    async def invoke(self, fn: Callable[..., Any], ctx: Context[Any], *args: Any) -> Any:
+        """Call user function `fn(ctx, *args)`: awaited if it is `async def`, else run on the
+        engine's threads with a `SyncContext`. Use it inside `call`."""
         ...
 
     async def journal(self, key: str) -> str | None:
@@ -366,9 +374,9 @@ def gathered(parts: Mapping[str, str], order: tuple[str, ...], what: str) -> str
     return dumps({k: json.loads(parts[k]) for k in order}, what)
 
 
-async def computed(v: Visit, what: str, ctx: Context, value: Any) -> Outcome:
+async def computed(v: Visit, what: str, ctx: Context[Any], value: Any) -> Outcome:
     """A node option that is a value or a function of the context: a value is taken as it
     is; a function runs as an attempt of the node."""
     if not callable(value):
         return Ok(value, "")
-    return await v.call(what, ctx, lambda: resolve(value, ctx), store=False)
+    return await v.call(what, ctx, lambda: v.invoke(value, ctx), store=False)

@@ -12,32 +12,84 @@ from typing import Any, cast
 
 import asyncpg
 
+from durable.codec import Codec, returns
 from durable.context import Context
 from durable.db import Connection
-from durable.errors import WorkerLost
+from durable.errors import SerializationError, WorkerLost
 from durable.flow import Limit, wait_key
 from durable.queue import Job
 from durable.runtime.attempt import run_attempt
+from durable.runtime.threads import Threads, invoke
 from durable.runtime.transition import Child, Err, Outcome, RunState, Signal
 from durable.sql import Queries
 from durable.stepconn import StepConnection
-from durable.workflow import Workflow
+from durable.workflow import Loop, Node, Parallel, Route, Step, Workflow
+
+#: Turns a node's stored result (JSON) into what `ctx.results` shows (typed results).
+Decoder = Callable[[Any], Any]
 
 
 @dataclass
 class Shared:
     """What every visit of one worker's runner reads: its queries, limits and workflows,
-    the engine's named limits, and the memo of loops' committed iterations."""
+    the threads plain `def` user code runs on, the engine's named limits, and the memo of
+    loops' committed iterations."""
 
     q: Queries
     transaction_timeout: float | None
     max_claims: int
     by_name: Mapping[str, Workflow]
     pool: asyncpg.Pool
+    threads: Threads = field(default_factory=Threads)
     limits: Mapping[str, Limit] = field(default_factory=dict)
     # (run, loop node, epoch) -> results of its committed iterations, so that an
     # iteration costs O(1), not a read of every earlier one.
     iterations: dict[tuple[str, str, int], list[Any]] = field(default_factory=dict)
+    # workflow queue -> node name -> how `ctx.results` shows that node's typed result
+    decoders: dict[str, dict[str, Decoder]] = field(default_factory=dict)
+
+    def decoders_of(self, wf: Workflow) -> dict[str, Decoder]:
+        """The decoders of `wf`'s nodes whose handlers return dataclasses or models."""
+        found = self.decoders.get(wf.queue)
+        if found is None:
+            found = {}
+            for node in wf.nodes:
+                decoder = _decoder(node)
+                if decoder is not None:
+                    found[node.name] = decoder
+            self.decoders[wf.queue] = found
+        return found
+
+
+def _decoder(node: Node) -> Decoder | None:
+    """How `ctx.results` shows `node`'s result when a handler of it has a typed return: a
+    step's value, a parallel node's branch values, a route's branch value, a loop's
+    iteration values (None when nothing is typed)."""
+    what = f"result of {node.kind} {node.name!r}"
+    if isinstance(node, Step):
+        step = returns(node.fn, what)
+        return None if step is None else lambda value: step.decode(value, what)
+    if isinstance(node, Loop):
+        body = returns(node.body, what)
+        return None if body is None else lambda value: [body.decode(v, what) for v in value]
+    if isinstance(node, Parallel | Route):
+        typed = {k: c for k, fn in node.branches.items() if (c := returns(fn, what)) is not None}
+        if not typed:
+            return None
+        if isinstance(node, Parallel):
+            return lambda value: {
+                k: typed[k].decode(v, f"{what} branch {k!r}") if k in typed else v
+                for k, v in value.items()
+            }
+
+        def route(value: Any) -> Any:
+            codec = typed.get(value.get("branch"))
+            if codec is None:
+                return value
+            return {**value, "result": codec.decode(value["result"], what)}
+
+        return route
+    return None
 
 
 def state_from_row(row: asyncpg.Record, results: Mapping[str, Any] | None = None) -> RunState:
@@ -91,16 +143,21 @@ def job_from_row(
 
 class _Results(Mapping[str, Any]):
     """`ctx.results`: read-only, and a list or dict is copied when read, so what a handler
-    does to a value it read changes nothing that a later node (or this worker) sees."""
+    does to a value it read changes nothing that a later node (or this worker) sees. A
+    typed result is decoded at each read, so it is a fresh instance too."""
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_decoders")
 
-    def __init__(self, data: Mapping[str, Any]) -> None:
+    def __init__(self, data: Mapping[str, Any], decoders: Mapping[str, Decoder]) -> None:
         self._data = data
+        self._decoders = decoders
 
     def __getitem__(self, key: str) -> Any:
         value = self._data[key]
-        return copy.deepcopy(value) if isinstance(value, list | dict) else value
+        if isinstance(value, list | dict):
+            value = copy.deepcopy(value)
+        decoder = self._decoders.get(key)
+        return value if decoder is None or value is None else decoder(value)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -124,27 +181,39 @@ class JobVisit:
         self.wf = wf
         self.lost = lost
         self.conns: list[StepConnection] = []
+        # The stored input does not fit the workflow's `input=` model (it changed since the
+        # run started): raised as the failure of every attempt of user code.
+        self.bad_input: SerializationError | None = None
         #: The limit slot set (name and key) this attempt took a slot of, if any: its end
         #: wakes the next run waiting for one.
         self.holds: str | None = None
 
-    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context:
+    def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context[Any]:
         conn = StepConnection(self.conn)
         self.conns.append(conn)
         return self._context(node, cast(Connection, conn), results)
 
-    def detached_context(self, node: str) -> Context:
+    def detached_context(self, node: str) -> Context[Any]:
         """A context without a connection (a `transactional=False` step)."""
         return self._context(node, None, None)
 
     def _context(
         self, node: str, conn: Connection | None, results: Mapping[str, Any] | None
-    ) -> Context:
+    ) -> Context[Any]:
         s = self.state
+        # Parsed for each context: what one handler does to it no other sees.
+        data = json.loads(s.input)
+        codec = self.wf.input_codec
+        if codec is not None:
+            try:
+                data = codec.decode(data, f"stored input of run {s.run_id}")
+            except SerializationError as exc:
+                self.bad_input = exc
         return Context(
-            # Parsed for each context: what one handler does to it no other sees.
-            input=json.loads(s.input),
-            results=_Results(s.results if results is None else results),
+            input=data,
+            results=_Results(
+                s.results if results is None else results, self.runner.decoders_of(self.wf)
+            ),
             run_id=s.run_id,
             workflow=s.workflow,
             node=node,
@@ -155,11 +224,12 @@ class JobVisit:
     async def call(
         self,
         what: str,
-        ctx: Context,
+        ctx: Context[Any],
         call: Callable[[], Awaitable[Any]],
         *,
         timeout: float | None = None,
         store: bool = True,
+        returns: Codec | None = None,
     ) -> Outcome:
         if self.lost:
             return Err(
@@ -175,7 +245,14 @@ class JobVisit:
             timeout=timeout,
             transaction_timeout=self.runner.transaction_timeout,
             store=store,
+            returns=returns,
         )
+
+    async def invoke(self, fn: Callable[..., Any], ctx: Context[Any], *args: Any) -> Any:
+        """Call user function `fn` with `ctx`: awaited if `async def`, else on a thread."""
+        if self.bad_input is not None:
+            raise self.bad_input
+        return await invoke(self.runner.threads, fn, ctx, *args)
 
     async def journal(self, key: str) -> str | None:
         text: str | None = await self.conn.fetchval(

@@ -166,11 +166,9 @@ async def bulk(engine: Engine, body: dict[str, Any]) -> tuple[int, Any]:
         where, version = run_filter(raw)
         if where.empty and version is None:
             raise BadRequest("a bulk action needs at least one filter")
-        if version not in (None, 1):
-            ids: list[str] = []
-        elif where.empty:  # only version=1, which every run has
-            raise BadRequest("a bulk action needs at least one filter besides 'version'")
-        elif action == "cancel":
+        if version is not None:
+            raise BadRequest("bulk actions do not filter by 'version'; use the other filters")
+        if action == "cancel":
             ids = await engine.cancel_runs(where, reason="cancelled by an operator (bulk)")
         else:
             ids = await engine.retry_runs(where)

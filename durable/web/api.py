@@ -17,7 +17,10 @@ missing or wrong token: 401; read-only token on a POST: 403. Errors are
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from starlette.requests import Request
@@ -66,9 +69,8 @@ async def page_of_runs(engine: Engine, params: dict[str, Any]) -> dict[str, Any]
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
     where, version = run_filter(params)
-    if version not in (None, 1):  # no run has another version yet
-        return {"runs": [], "next": None}
     runs = await engine.list_runs(
+        version=version,
         status=where.status,
         workflow=where.workflow,
         created_after=where.created_after,
@@ -130,8 +132,16 @@ async def workers(request: Request) -> Response:
 
 
 async def schedules(request: Request) -> Response:
-    # Schedules are not declared in this version: the list is empty.
-    return JSONResponse({"schedules": []})
+    infos = await (await _engine(request)).schedules()
+    return JSONResponse({"schedules": [_plain(dataclasses.asdict(i)) for i in infos]})
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON values for a schedule's fields: times in ISO 8601, the status as its name."""
+    return {
+        k: v.isoformat() if isinstance(v, datetime) else (v.value if isinstance(v, Enum) else v)
+        for k, v in row.items()
+    }
 
 
 async def limits(request: Request) -> Response:

@@ -33,6 +33,7 @@ UNREACHABLE = "postgresql://u:secret@127.0.0.1:1/x"
 class Database(Protocol):
     """The `db` fixture of tests/conftest.py: a fresh, migrated database."""
 
+    name: str
     dsn: str
 
 
@@ -65,7 +66,12 @@ class Result:
 
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DURABLE_DSN"}
-    env.update(extra or {})
+    extra = dict(extra or {})
+    if "PYTHONPATH" in extra and os.environ.get("PYTHONPATH"):
+        # The app's directory first, then the caller's path: the command must run the
+        # checkout under test (PYTHONPATH=... pytest), not whichever one is installed.
+        extra["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    env.update(extra)
     return env
 
 
@@ -142,7 +148,17 @@ async def empty_db(server_dsn: str) -> AsyncIterator[str]:
 async def test_help_lists_every_command() -> None:
     result = await cli("--help")
     assert result.code == 0
-    for command in ("migrate", "worker", "runs", "signal", "cancel", "retry", "purge", "demo"):
+    for command in (
+        "migrate",
+        "worker",
+        "runs",
+        "signal",
+        "cancel",
+        "retry",
+        "purge",
+        "demo",
+        "check",
+    ):
         assert command in result.out
 
 
@@ -578,8 +594,23 @@ async def test_worker_runs_jobs_and_stops_gracefully(
                 while "durable worker ready" not in log_path.read_text():  # noqa: ASYNC110
                     await anyio.sleep(0.05)
             # A job in flight when the signal comes finishes before the worker exits.
-            slow = await engine.start("cli_app", {"echo": "slow", "nap": 1.5})
-            await anyio.sleep(0.6)
+            slow = await engine.start("cli_app", {"echo": "slow", "nap": 3})
+
+            async def in_flight() -> bool:  # the worker holds the slow run's job
+                async with engine.pool.acquire() as c, c.transaction():
+                    free = await c.fetchval(
+                        "SELECT count(*) FROM (SELECT 1 FROM durable.jobs WHERE run_id = $1 "
+                        "FOR UPDATE SKIP LOCKED) j",
+                        slow,
+                    )
+                    held = await c.fetchval(
+                        "SELECT count(*) FROM durable.jobs WHERE run_id = $1", slow
+                    )
+                return bool(held and not free)
+
+            with anyio.fail_after(10):
+                while not await in_flight():  # noqa: ASYNC110 - polling the database
+                    await anyio.sleep(0.02)
             proc.send_signal(stop_with)
             assert (await engine.wait(slow, timeout=30))["record"]["echo"] == "slow"
         with anyio.fail_after(30):
@@ -683,6 +714,21 @@ async def test_signal_wakes_a_waiting_run(db: Database) -> None:
     assert_clean_error(unknown, 2, "no run")
 
 
+async def test_signal_with_a_dedupe_key_is_recorded_once(db: Database) -> None:
+    wf = durable.Workflow("cli_dedupe")
+    wf.wait_for_signal("paid", "paid")
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine:
+        run_id = await engine.start("cli_dedupe", {})
+        for _ in range(2):
+            sent = await cli("--dsn", db.dsn, "signal", run_id, "paid", "1", "--dedupe-key", "e1")
+            assert sent.code == 0, sent
+        async with engine.pool.acquire() as conn:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM durable.signals WHERE run_id = $1", run_id
+            )
+    assert n == 1
+
+
 @needs_retry
 async def test_retry_re_runs_a_failed_run(db: Database) -> None:
     wf = durable.Workflow("cli_gate")
@@ -719,7 +765,10 @@ async def test_purge_deletes_old_finished_runs(engine: durable.Engine, db: Datab
     kept = await cli("--dsn", db.dsn, "--json", "purge", "--older-than", "30d")
     assert kept.code == 0, kept
     assert kept.json()["purged"] == 0
-    await anyio.sleep(1.2)
+    # Skip time instead of sleeping: new sessions of this database (the CLI's) see the
+    # database clock five seconds ahead (durable.now_v1).
+    async with engine.pool.acquire() as c:
+        await c.execute(f"ALTER DATABASE \"{db.name}\" SET durable.clock_offset = '5'")
     purged = await cli("--dsn", db.dsn, "purge", "--older-than", "1s")
     assert purged.code == 0, purged
     assert "purged 1" in purged.out
@@ -797,3 +846,119 @@ async def test_a_dsn_the_engine_overrides_is_reported(
     )
     assert from_env.code == 0, from_env
     assert "$DURABLE_DSN postgresql://someone:***@" in from_env.err
+
+
+# -- versions: check and runs upgrade --------------------------------------------------------
+
+VERSIONS_APP = """
+import os
+
+import durable
+
+
+async def step(ctx):
+    return f"{ctx.node} v{ctx.input.get('v', '?')}"
+
+
+def build(version, *names):
+    wf = durable.Workflow("order", version=version)
+    for name in names:
+        if name == "wait":
+            wf.wait_for_signal("wait", "go")
+        else:
+            wf.step(name, step)
+    return wf
+
+
+DSN = os.environ["CLI_APP_DSN"]
+both = durable.Engine(DSN, workflows=[build(1, "a", "wait", "c"), build(2, "a", "wait", "c", "d")])
+new = durable.Engine(DSN, workflows=[build(2, "a", "wait", "c", "d")])
+misfit = durable.Engine(DSN, workflows=[build(2, "wait", "c")])
+"""
+
+
+def _order(version: int, *names: str) -> durable.Workflow:
+    wf = durable.Workflow("order", version=version)
+    for name in names:
+        if name == "wait":
+            wf.wait_for_signal("wait", "go")
+        else:
+
+            async def step(ctx: durable.Context) -> str:
+                return f"{ctx.node} here"
+
+            wf.step(name, step)
+    return wf
+
+
+async def test_check_and_runs_upgrade_gate_and_move_a_deploy(db: Database, tmp_path: Path) -> None:
+    """`durable check` exits 0 when the code serves every unfinished run and 1, grouped by
+    cause, when not; `durable runs upgrade` moves what fits (exit 0), refuses what does not
+    (exit 1, with reasons), and changes nothing with --dry-run."""
+    (tmp_path / "versions_app.py").write_text(VERSIONS_APP)
+    env = {"CLI_APP_DSN": db.dsn, "PYTHONPATH": str(tmp_path)}
+    v1 = _order(1, "a", "wait", "c")
+    async with durable.Engine(db.dsn, workflows=[v1]) as engine, engine.worker():
+        ids = sorted([await engine.start(v1, {}) for _ in range(2)])
+        with anyio.fail_after(10):
+            while {(await engine.get_run(r)).status.value for r in ids} != {"waiting"}:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+
+    ok = await cli("check", "versions_app:both", env=env)
+    assert ok.code == 0, ok
+    assert "ok: this code can continue all 2 unfinished run(s)" in ok.out
+
+    stranded = await cli("check", "versions_app:new", env=env)
+    assert stranded.code == 1, stranded
+    assert "not ok: 2 of 2 unfinished run(s) cannot be continued by this code" in stranded.out
+    assert "version not registered" in stranded.out
+    assert f"order version 1: 2 run(s) on queue {v1.queue}" in stranded.out
+    assert ", ".join(ids) in stranded.out
+    as_json = await cli("--json", "check", "versions_app:new", env=env)
+    assert as_json.code == 1, as_json
+    report = as_json.json()
+    assert (report["ok"], report["unfinished"], report["stranded"]) == (False, 2, 2)
+    (group,) = report["causes"]["unknown_version"]
+    assert (group["workflow"], group["version"], group["run_ids"]) == ("order", 1, ids)
+
+    refused = await cli(
+        "runs", "upgrade", "order", "--from", "1", "--app", "versions_app:misfit", env=env
+    )
+    assert refused.code == 1, refused
+    assert "moved 0 run(s) of order from version 1 to version 2; refused 2" in refused.out
+    assert f"{ids[0]}: journaled node 'a' is not declared by version 2" in refused.out
+
+    dry = await cli(
+        "--json", "runs", "upgrade", "order", "--from", "1", "--app", "versions_app:new",
+        "--dry-run", env=env,
+    )  # fmt: skip
+    assert dry.code == 0, dry
+    assert dry.json()["dry_run"] is True
+    assert dry.json()["moved_ids"] == ids
+    assert (await cli("check", "versions_app:new", env=env)).code == 1  # nothing moved
+
+    unknown = await cli(
+        "runs", "upgrade", "order", "--from", "1", "--to", "5", "--app", "versions_app:new",
+        env=env,
+    )  # fmt: skip
+    assert_clean_error(unknown, 2, "version 5 is not registered")
+
+    moved = await cli(
+        "runs", "upgrade", "order", "--from", "1", "--to", "2", "--app", "versions_app:new",
+        env=env,
+    )  # fmt: skip
+    assert moved.code == 0, moved
+    assert "moved 2 run(s) of order from version 1 to version 2; refused 0" in moved.out
+    assert (await cli("check", "versions_app:new", env=env)).code == 0
+
+    listed = await cli("--dsn", db.dsn, "--json", "runs", "list", "--workflow-version", "2")
+    assert listed.code == 0, listed
+    assert sorted(r["id"] for r in listed.json()) == ids
+    assert {r["version"] for r in listed.json()} == {2}
+
+    started = await cli(
+        "start", "order", "--app", "versions_app:both", "--workflow-version", "1", env=env
+    )
+    assert started.code == 0, started
+    async with durable.Engine(db.dsn) as engine:
+        assert (await engine.get_run(started.out.strip())).version == 1

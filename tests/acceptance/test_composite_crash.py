@@ -490,7 +490,9 @@ async def test_parked_runs_hold_no_worker_slots(db: Any) -> None:
                     )
                     < QUICK
                 ):
-                    assert time.monotonic() - t0 < 10, "quick runs starved by parked runs"
+                    # A deadline, not a speed: parked runs holding the 4 slots would starve
+                    # the quick runs for good.
+                    assert time.monotonic() - t0 < 60, "quick runs starved by parked runs"
                     await asyncio.sleep(0.02)
             elapsed = time.monotonic() - t0
 
@@ -505,7 +507,6 @@ async def test_parked_runs_hold_no_worker_slots(db: Any) -> None:
         results = [(await engine.get_run(r)).result for r in quick_ids[:3]]
 
     print(f"\nparked: {QUICK} quick runs completed in {elapsed:.2f} s beside {PARKED} parked")
-    assert elapsed < 10
     assert {(r["workflow"], r["status"]): r["n"] for r in statuses} == {
         ("parked_signal", "waiting"): PARKED // 2,
         ("parked_sleep", "waiting"): PARKED // 2,

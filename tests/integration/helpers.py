@@ -101,3 +101,24 @@ async def until_attempts(
 
     result: durable.Run = await eventually(check, timeout=timeout)
     return result
+
+
+async def until_blocked(
+    engine: durable.Engine, statement: str, *, timeout: float = 10.0
+) -> list[int]:
+    """Wait until a backend running a statement that contains `statement` (e.g.
+    'cancel_tree_v1') waits for a lock, as `pg_stat_activity` shows it; return the pids
+    holding it up. Proves "X is blocked" instead of assuming it after a sleep."""
+
+    async def check() -> list[int]:
+        rows = await fetch(
+            engine,
+            "SELECT pg_blocking_pids(pid) AS by FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+            "AND strpos(query, $1) > 0",
+            statement,
+        )
+        return [pid for row in rows for pid in row["by"]]
+
+    blockers: list[int] = await eventually(check, timeout=timeout)
+    return blockers

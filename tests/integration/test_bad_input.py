@@ -17,12 +17,13 @@ import socket
 import sys
 import time
 import traceback
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import asyncpg
 import pytest
 from helpers import (
     eventually,
@@ -254,6 +255,116 @@ async def test_nul_in_names_and_keys_is_refused_with_a_clear_error(seeded: Any) 
             await engine.signal(pending, "go\x00", 1)
 
 
+# -- odd arguments to the client operations ------------------------------------------------
+
+# (call, the error it raises, the other base class it must have). `R` is a pending run's id.
+ODD_ARGUMENTS: list[Any] = [
+    pytest.param(lambda e, r: e.get_run(123), durable.ArgumentTypeError, id="get_run-int"),
+    pytest.param(lambda e, r: e.get_run(None), durable.ArgumentTypeError, id="get_run-none"),
+    pytest.param(lambda e, r: e.get_run("a\x00b"), durable.RunNotFound, id="get_run-nul"),
+    pytest.param(lambda e, r: e.get_run("\ud800"), durable.RunNotFound, id="get_run-surrogate"),
+    pytest.param(lambda e, r: e.signal(123, "go"), durable.ArgumentTypeError, id="signal-int-id"),
+    pytest.param(lambda e, r: e.signal("a\x00", "go"), durable.RunNotFound, id="signal-nul-id"),
+    pytest.param(lambda e, r: e.signal(r, 5), durable.ArgumentTypeError, id="signal-int-name"),
+    pytest.param(lambda e, r: e.signal(r, "\ud800"), durable.ArgumentError, id="signal-surrogate"),
+    pytest.param(lambda e, r: e.cancel(123), durable.ArgumentTypeError, id="cancel-int"),
+    pytest.param(lambda e, r: e.cancel("\ud800"), durable.RunNotFound, id="cancel-surrogate"),
+    pytest.param(
+        lambda e, r: e.cancel(r, reason="\ud800"), durable.ArgumentError, id="cancel-reason"
+    ),
+    pytest.param(lambda e, r: e.cancel(r, reason=5), durable.ArgumentTypeError, id="reason-int"),
+    pytest.param(lambda e, r: e.retry(123), durable.ArgumentTypeError, id="retry-int"),
+    pytest.param(lambda e, r: e.retry("\x00"), durable.RunNotFound, id="retry-nul"),
+    pytest.param(lambda e, r: e.wait(123, timeout=5), durable.ArgumentTypeError, id="wait-int"),
+    pytest.param(lambda e, r: e.wait("a\x00", timeout=5), durable.RunNotFound, id="wait-nul"),
+    pytest.param(lambda e, r: e.list_runs(limit="5"), durable.ArgumentTypeError, id="limit-str"),
+    pytest.param(lambda e, r: e.list_runs(limit=True), durable.ArgumentTypeError, id="limit-bool"),
+    pytest.param(
+        lambda e, r: e.list_runs(limit=2**70), durable.ArgumentError, id="limit-too-large"
+    ),
+    pytest.param(
+        lambda e, r: e.list_runs(workflow=5), durable.ArgumentTypeError, id="list-workflow-int"
+    ),
+    pytest.param(lambda e, r: e.list_runs(status="bogus"), durable.ArgumentError, id="status"),
+    pytest.param(lambda e, r: e.purge(older_than=5), durable.ArgumentTypeError, id="purge-int"),
+    pytest.param(
+        lambda e, r: e.purge(older_than=timedelta(days=999_999_999)),
+        durable.ArgumentError,
+        id="purge-before-time",
+    ),
+    pytest.param(
+        lambda e, r: e.purge(older_than=timedelta(days=1), batch_size=1.5),
+        durable.ArgumentTypeError,
+        id="purge-batch-float",
+    ),
+    pytest.param(
+        lambda e, r: e.start("seed", {}, idempotency_key="\ud800"),
+        durable.ArgumentError,
+        id="key-surrogate",
+    ),
+    pytest.param(
+        lambda e, r: e.start("seed", {}, idempotency_key=7),
+        durable.ArgumentTypeError,
+        id="key-int",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error"), ODD_ARGUMENTS)
+async def test_odd_arguments_raise_durable_errors_and_write_nothing(
+    seeded: Any, call: Any, error: type[durable.DurableError]
+) -> None:
+    """Item 11: no raw asyncpg error (DataError, CharacterNotInRepertoireError...) comes
+    out of the client operations. A wrong type is an `ArgumentTypeError` (a TypeError), a
+    value durable cannot take an `ArgumentError` (a ValueError), and a run id that no run
+    can have (NUL, lone surrogate) is a `RunNotFound`. Nothing is written."""
+    async with open_engine(seeded, seed_workflow()) as engine:
+        pending = (await engine.list_runs(status="pending"))[0].id
+        before = await snapshot(engine)
+        with pytest.raises(error) as caught:
+            await call(engine, pending)
+        assert await snapshot(engine) == before
+    refused = caught.value
+    assert type(refused) is error, repr(refused)
+    assert isinstance(refused, durable.DurableError)
+    if error is durable.ArgumentTypeError:
+        assert isinstance(refused, TypeError)
+    if error is durable.ArgumentError:
+        assert isinstance(refused, ValueError)
+    assert not isinstance(refused, asyncpg.PostgresError)
+
+
+async def test_a_workflow_name_no_workflow_can_have_lists_no_runs(seeded: Any) -> None:
+    async with open_engine(seeded, seed_workflow()) as engine:
+        assert await engine.list_runs(workflow="seed\x00") == []
+        assert await engine.list_runs(workflow="\ud800") == []
+        assert len(await engine.list_runs(workflow="seed")) == 2
+
+
+async def test_retrying_a_run_whose_shape_is_not_recorded_is_a_configuration_error(
+    db: Any,
+) -> None:
+    """Item 11: `retry` needs the recorded shape of the run's workflow (DU002 in SQL). An
+    engine that does not register the workflow, on a database where no engine recorded its
+    shape, raises `ConfigurationError` saying what to do, and changes nothing."""
+    wf = durable.Workflow("shapeless")
+
+    @wf.step(max_attempts=1)
+    async def boom(ctx: durable.Context) -> None:
+        raise durable.NonRetryable("boom")
+
+    async with running_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        with pytest.raises(durable.RunFailed):
+            await engine.wait(run_id, timeout=10)
+        await execute(engine, "DELETE FROM durable.shapes")
+    async with open_engine(db, one_step()) as other:
+        with pytest.raises(durable.ConfigurationError, match="not recorded") as caught:
+            await other.retry(run_id)
+        assert "open an Engine that registers this workflow" in str(caught.value)
+        assert await run_status(other, run_id) == "failed"
+
+
 # -- results a handler returns -------------------------------------------------------------
 
 BAD_RESULTS: dict[str, tuple[Any, str]] = {
@@ -464,7 +575,6 @@ async def test_ten_megabyte_input_result_and_signal_payload_round_trip(db: Any) 
         "more": True,
         "check": False,
     }
-    assert sum(timings.values()) < 60, timings
 
 
 # -- hostile names and payloads ------------------------------------------------------------
@@ -586,11 +696,12 @@ async def test_a_run_whose_workflow_no_worker_knows_waits_pending_for_one_that_d
         orphan = await starter.start("orphan", {"sku": "A1"})
         job_before = await fetch(starter, "SELECT to_jsonb(j)::text FROM durable.jobs j")
 
-    # A worker that knows only `known` is busy for a while and leaves `orphan` alone.
+    # A worker that knows only `known` runs five of its runs and leaves `orphan` alone. Not
+    # a matter of time: the orphan's job is older than every job of `known`, and a claim
+    # takes the most urgent due job first, so each of these claims passed it over.
     async with running_engine(db, known, poll_interval=0.05) as other:
         for _ in range(5):
             assert await other.wait(await other.start("known"), timeout=10) == {"ran": "known ran"}
-        await anyio.sleep(0.5)  # ten polling periods
         run = await other.get_run(orphan, journal=True)
         pending = await other.list_runs(status="pending")
         listed = await other.list_runs()
@@ -608,7 +719,7 @@ async def test_a_run_whose_workflow_no_worker_knows_waits_pending_for_one_that_d
     code, out, err = await cli("--dsn", db.dsn, "runs", "list")
     assert code == 0, err
     line = next(ln for ln in out.splitlines() if ln.startswith(orphan))
-    assert line.split()[:4] == [orphan, "orphan", "pending", "work"]
+    assert line.split()[:5] == [orphan, "orphan", "1", "pending", "work"]
     code, out, err = await cli("--dsn", db.dsn, "--json", "runs", "list", "--status", "pending")
     assert code == 0, err
     assert [(r["id"], r["workflow"], r["status"]) for r in json.loads(out)] == [
@@ -707,7 +818,8 @@ async def test_a_changed_definition_never_touches_runs_pinned_to_the_old_shape(
     assert [e.key for e in run.journal] == ["a"]
     assert not any(entry.startswith(run_id[-6:]) for entry in log), log
     assert any(
-        "1 unfinished run(s) of workflow 'change' are pinned to a shape" in r.getMessage()
+        "workflow 'change' version 1 changed shape" in r.getMessage()
+        and "while 1 unfinished run(s) use the old one" in r.getMessage()
         for r in caplog.records
     )
     async with running_engine(db, old) as engine:

@@ -284,5 +284,5 @@ async def test_a_child_of_an_unregistered_workflow_fails_the_node(db: Any) -> No
 
     assert "'nobody'" in (info.value.run.error or "")
     assert "not registered" in (info.value.run.error or "")
-    assert "workflow_name, input_dict" in (bad_info.value.run.error or "")
+    assert "start must return (workflow_name, input)" in (bad_info.value.run.error or "")
     assert children == 0

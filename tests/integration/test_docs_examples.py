@@ -23,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
 SNIPPET = re.compile(r'^\s*--8<-- "(docs/examples/[^":]+\.py)(?::[^"]*)?"', re.MULTILINE)
-# Pages another change converts to self-contained blocks; until then mkdocs includes them.
-NOT_YET_SELF_CONTAINED = {"docs/guides/deploying.md"}
 
 sys.path.insert(0, str(DOCS))
 import sync_docs  # noqa: E402  (docs/sync_docs.py is a script, not a package module)
@@ -93,9 +91,7 @@ def test_pages_show_the_example_files_as_they_are(page: Path) -> None:
     assert text == expected, f"{_name(page)} is out of date: run `python docs/sync_docs.py`"
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if _name(p) not in NOT_YET_SELF_CONTAINED], ids=_name
-)
+@pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_pages_read_as_plain_markdown(page: Path) -> None:
     text = page.read_text(encoding="utf-8")
     assert not SNIPPET.findall(text), f"{_name(page)} has include directives GitHub cannot show"

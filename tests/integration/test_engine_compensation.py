@@ -16,6 +16,7 @@ from helpers import (
     open_engine,
     running_engine,
     until_attempts,
+    until_blocked,
 )
 
 import durable
@@ -489,7 +490,7 @@ async def test_cancel_during_a_running_handler_waits_for_it_then_compensates(db:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel)
-            await anyio.sleep(0.1)  # cancel is now blocked on the in-flight job
+            await until_blocked(engine, "cancel_tree_v1")  # on the in-flight job's lock
             assert cancelled == []
             release_b.set()
         with pytest.raises(durable.RunCancelled):

@@ -9,11 +9,43 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from helpers import open_engine, running_engine, until_attempts
+from helpers import eventually, fetchval, open_engine, running_engine, until_attempts
 
 import durable
+import durable.waiting
 
 UNKNOWN = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
+HOUR = 3600.0
+
+
+@pytest.fixture
+def no_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Engine.wait` re-reads its run once an hour instead of every few seconds, so that
+    only a notification can wake it within a test's deadline."""
+    monkeypatch.setattr(durable.waiting, "_WAIT_RECHECK", HOUR)
+
+
+def reading(engine: durable.Engine, read: anyio.Event) -> None:
+    """Set `read` when `engine.wait` has read its run (and so waits for a notification)."""
+    fetch_run = engine._fetch_run
+
+    async def spy(run_id: str, *, primary: bool, journal: bool = False) -> durable.Run:
+        run = await fetch_run(run_id, primary=primary, journal=journal)
+        read.set()
+        return run
+
+    engine._fetch_run = spy  # type: ignore[method-assign]
+
+
+async def until_watched(engine: durable.Engine, run_id: str) -> None:
+    """Wait until someone is in `Engine.wait` for the run (its `watched` flag is set)."""
+
+    async def check() -> bool:
+        return bool(
+            await fetchval(engine, "SELECT watched FROM durable.runs WHERE id = $1", run_id)
+        )
+
+    await eventually(check)
 
 
 def simple(name: str, *, fail: bool = False) -> durable.Workflow:
@@ -215,7 +247,7 @@ async def test_wait_raises_run_cancelled(db: Any) -> None:
                     outcome.append(exc)
 
             tg.start_soon(waiter)
-            await anyio.sleep(0.05)
+            await until_watched(engine, run_id)  # the waiter is in wait()
             assert await engine.cancel(run_id) is True
     (exc,) = outcome
     assert isinstance(exc, durable.RunCancelled)
@@ -228,9 +260,9 @@ async def test_wait_times_out(db: Any) -> None:
     async with open_engine(db, wf) as engine:  # no worker: the run stays pending
         run_id = await engine.start(wf)
         began = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with anyio.fail_after(30), pytest.raises(TimeoutError):
             await engine.wait(run_id, timeout=0.3)
-        assert 0.25 <= time.monotonic() - began < 2
+        assert time.monotonic() - began >= 0.25  # it waited for its timeout, not less
         assert (await engine.get_run(run_id)).status is durable.RunStatus.PENDING
 
 
@@ -240,26 +272,24 @@ async def test_wait_for_an_unknown_run(db: Any) -> None:
             await engine.wait(UNKNOWN, timeout=3)
 
 
-async def test_wait_is_woken_by_the_runs_final_transaction(db: Any) -> None:
-    """Neither the worker's polling (5 s) nor wait's re-check can explain a prompt return."""
+async def test_wait_is_woken_by_the_runs_final_transaction(db: Any, no_polls: None) -> None:
+    """The run finishes only once its waiter has read it and waits. Nothing but the run's
+    final transaction can wake that waiter within the deadline: the worker polls once an
+    hour and `wait` re-reads the run once an hour (`no_polls`)."""
     wf = durable.Workflow("prompt")
-    finished: list[float] = []
+    read = anyio.Event()
 
     @wf.step
     async def work(ctx: durable.Context) -> str:
-        await anyio.sleep(0.3)
-        finished.append(time.monotonic())
+        with anyio.fail_after(10):
+            await read.wait()
         return "done"
 
-    async with running_engine(db, wf, poll_interval=5.0) as engine:
-        began = time.monotonic()
+    async with running_engine(db, wf, poll_interval=HOUR) as engine:
+        reading(engine, read)
         run_id = await engine.start(wf)
-        assert await engine.wait(run_id, timeout=10) == {"work": "done"}
-        returned = time.monotonic()
-
-    (handler_done,) = finished
-    assert returned - handler_done < 0.5, f"wait returned {returned - handler_done:.3f} s late"
-    assert returned - began < 2.0
+        with anyio.fail_after(30):
+            assert await engine.wait(run_id, timeout=None) == {"work": "done"}
 
 
 async def test_many_waiters_on_one_run(db: Any) -> None:
@@ -284,21 +314,75 @@ async def test_many_waiters_on_one_run(db: Any) -> None:
     assert results == [{"work": 7}] * 5
 
 
-async def test_engine_with_a_pool_waits_promptly(db: Any) -> None:
+async def test_engine_with_a_pool_waits_promptly(db: Any, no_polls: None) -> None:
+    """An engine on a caller's pool listens too: its waiter is woken by the run's final
+    transaction (no poll or re-read could do it within the deadline, see `no_polls`)."""
     wf = durable.Workflow("pooled")
+    read = anyio.Event()
 
     @wf.step
     async def work(ctx: durable.Context) -> int:
+        with anyio.fail_after(10):
+            await read.wait()
         return 1
 
     pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=10)
     assert pool is not None
     try:
         engine = durable.Engine(pool=pool, workflows=[wf])
-        async with engine, engine.worker(concurrency=2, poll_interval=5.0, grace_period=2):
+        async with engine, engine.worker(concurrency=2, poll_interval=HOUR, grace_period=2):
+            reading(engine, read)
             run_id = await engine.start(wf)
-            began = time.monotonic()
-            assert await engine.wait(run_id, timeout=10) == {"work": 1}
-            assert time.monotonic() - began < 2.0
+            with anyio.fail_after(30):
+                assert await engine.wait(run_id, timeout=None) == {"work": 1}
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["dsn", "pool"])
+async def test_wait_listens_again_after_losing_its_listener(
+    db: Any, monkeypatch: pytest.MonkeyPatch, pooled: bool
+) -> None:
+    """The LISTEN connection dies (a terminated backend, a failover) while wait() waits:
+    wait() listens again and re-reads the run, so the run's final NOTIFY still wakes it.
+    Without that only the periodic re-check (made an hour here) would."""
+    monkeypatch.setattr("durable.waiting._WAIT_RECHECK", 3600.0)
+    wf = durable.Workflow("relisten")
+    wf.wait_for_signal("go", "go")
+    pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=12) if pooled else None
+    engine = (
+        durable.Engine(pool=pool, workflows=[wf])
+        if pool
+        else durable.Engine(db.dsn, workflows=[wf])
+    )
+    try:
+        async with engine, engine.worker(concurrency=2, poll_interval=0.05, grace_period=2):
+            run_id = await engine.start(wf)
+            outcome: list[Any] = []
+
+            async def waiter() -> None:
+                outcome.append(await engine.wait(run_id, timeout=30))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter)
+                listen_sql = f"LISTEN %{engine.queries.schema}_runs%"
+
+                async def listener(besides: int | None = None) -> int | None:
+                    pid: int | None = await engine.pool.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query ILIKE $1 AND pid IS DISTINCT FROM $2",
+                        listen_sql,
+                        besides,
+                    )
+                    return pid
+
+                old = await eventually(listener)
+                assert await engine.pool.fetchval("SELECT pg_terminate_backend($1)", old)
+                await eventually(lambda: listener(besides=old))  # listening again
+                sent = time.monotonic()
+                assert await engine.signal(run_id, "go", {"ok": 1})
+            assert outcome == [{"go": {"ok": 1}}]
+            assert time.monotonic() - sent < 5
+    finally:
+        if pool is not None:
+            await pool.close()

@@ -4,7 +4,6 @@ non-transactional steps (SPEC, Semantics: step)."""
 from __future__ import annotations
 
 import contextlib
-import time
 from datetime import datetime
 from typing import Any
 
@@ -233,8 +232,7 @@ async def test_retry_is_scheduled_on_the_db_clock_with_the_backoff(db: Any) -> N
     # (both read from the database clock)...
     assert (starts[1] - tx_starts[0]).total_seconds() >= 0.3
     assert (starts[2] - tx_starts[1]).total_seconds() >= 0.3
-    # ...and not much later: the worker comes back for it when it is due.
-    assert (starts[2] - starts[0]).total_seconds() < 3
+    # (That the worker comes back for it when it is due, not at a poll, is the next tests'.)
     entry = {e.key: e for e in run.journal}["flaky"]
     assert entry.started_at is not None
     assert entry.attempts == 3
@@ -273,15 +271,12 @@ async def test_retry_runs_after_its_backoff_not_at_the_next_poll(db: Any) -> Non
             raise RuntimeError("first attempt fails")
         return ctx.attempt
 
-    async with running_engine(db, wf, poll_interval=5.0) as engine:
-        run_id = await engine.start(wf)
-        began = time.monotonic()
-        assert await engine.wait(run_id, timeout=10) == {"once": 2}
-        elapsed = time.monotonic() - began
-
     # The retry is an UPDATE of the job row (no NOTIFY): the worker must still come back
-    # for it when it is due rather than at the next poll.
-    assert elapsed < 2.0, f"a 0.3 s backoff took {elapsed:.2f} s with poll_interval=5"
+    # for it when it is due. Its next poll is an hour away, so only that explains the run
+    # completing within the deadline.
+    async with running_engine(db, wf, poll_interval=3600.0) as engine:
+        run_id = await engine.start(wf)
+        assert await engine.wait(run_id, timeout=30) == {"once": 2}
 
 
 async def test_non_retryable_fails_at_once_and_compensates(db: Any) -> None:
@@ -358,14 +353,12 @@ async def test_timeout_fails_a_long_attempt_and_then_retries(db: Any) -> None:
         return ctx.attempt
 
     async with running_engine(db, wf) as engine:
-        began = time.monotonic()
         run_id = await engine.start(wf)
+        # Within 10 s although the first attempt sleeps 30 s: the timeout cut it off.
         assert await engine.wait(run_id, timeout=10) == {"sometimes_slow": 2}
-        elapsed = time.monotonic() - began
         run = await engine.get_run(run_id, journal=True)
 
     assert attempts == [1, 2]
-    assert elapsed < 5
     (failed,) = run.attempts
     assert failed.attempt == 1
     assert "TimeoutError" in failed.error
@@ -745,21 +738,35 @@ async def test_jobs_for_a_failed_run_do_nothing(db: Any) -> None:
 
 
 async def test_heartbeat_keeps_the_lease_of_a_long_non_transactional_step(db: Any) -> None:
-    """The attempt outlives its lease several times over; heartbeats keep other slots off it."""
+    """The attempt outlives its lease several times over; heartbeats keep other slots off it:
+    at its end, the lease still runs (its expiry was pushed past the first one)."""
     wf = durable.Workflow("long_call")
     attempts: list[int] = []
+    leases: list[tuple[Any, Any]] = []  # (expiry, database clock) at the attempt's end
+    engines: list[durable.Engine] = []
 
     @wf.step(transactional=False, max_attempts=3, backoff=0)
     async def call(ctx: durable.Context) -> int:
         attempts.append(ctx.attempt)
         await anyio.sleep(1.5)
+        row = await fetch(
+            engines[0],
+            "SELECT run_at, now() FROM durable.jobs WHERE run_id = $1 AND lease_token IS NOT NULL",
+            ctx.run_id,
+        )
+        leases.extend((r[0], r[1]) for r in row)
         return ctx.attempt
 
     async with running_engine(db, wf, concurrency=4, lease_seconds=0.6) as engine:
+        engines.append(engine)
         run_id = await engine.start(wf)
         assert await engine.wait(run_id, timeout=10) == {"call": 1}
         run = await engine.get_run(run_id, journal=True)
 
+    # 1.5 s into a 0.6 s lease, the job is still leased to this attempt, until later: no
+    # other slot could have claimed it (a claim needs run_at <= now).
+    ((expiry, now),) = leases
+    assert expiry > now
     assert attempts == [1]
     assert run.attempts == ()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import eventually, fetch, fetchval, running_engine, until_attempts
+from helpers import eventually, fetch, fetchval, running_engine
 
 import durable
 from durable.errors import DurableError
@@ -226,19 +226,17 @@ async def test_a_transactional_handler_over_the_limit_is_cut_off_and_retried(db:
         await ctx.conn.execute("INSERT INTO side VALUES ($1)", f"attempt {ctx.attempt}")
         settings.append(await ctx.conn.fetchval("SHOW idle_in_transaction_session_timeout"))
         if ctx.attempt == 1:
-            await anyio.sleep(5)  # e.g. an HTTP call made inside the transaction
+            # e.g. an HTTP call made inside the transaction: longer than the test's deadline,
+            # so only the limit can end this attempt in time.
+            await anyio.sleep(60)
         return "done"
 
     wf.step("stuck", stuck, backoff=0)
     async with running_engine(db, wf, setup=SIDE, transaction_timeout=LIMIT) as engine:
-        began = time.monotonic()
         run_id = await engine.start("slow")
-        run = await until_attempts(engine, run_id, "stuck", 1)
-        cut_after = time.monotonic() - began
         assert await engine.wait(run_id, timeout=10) == {"stuck": "done"}
         run = await engine.get_run(run_id, journal=True)
         side = [r[0] for r in await fetch(engine, "SELECT v FROM side")]
-    assert cut_after < 3, cut_after
     assert [(a.key, a.attempt, a.error) for a in run.attempts] == [("stuck", 1, LIMIT_ERROR)]
     assert [(e.key, e.attempts) for e in run.journal] == [("stuck", 2)]
     assert side == ["attempt 2"]  # the cut-off attempt's writes rolled back
@@ -314,12 +312,11 @@ async def test_a_step_timeout_above_the_limit_is_capped_by_the_limit(db: Any) ->
 
     wf.step("stuck", stuck, timeout=10, backoff=0)
     async with running_engine(db, wf, transaction_timeout=LIMIT) as engine:
-        began = time.monotonic()
         run_id = await engine.start("capped")
         assert await engine.wait(run_id, timeout=10) == {"stuck": "done"}
-        elapsed = time.monotonic() - began
         run = await engine.get_run(run_id, journal=True)
-    assert elapsed < 3, elapsed
+    # Uncapped, the first attempt would have slept its 5 s and succeeded (its timeout is
+    # 10 s): it failed at the limit instead.
     assert [a.error for a in run.attempts] == [LIMIT_ERROR]
 
 

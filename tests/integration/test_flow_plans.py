@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from test_claim_plan import explain, scans_of
+from plans import explain_query, scans_of
 
 DELAYED = 19_500
 DUE = 500
@@ -142,6 +142,6 @@ async def test_flow_control_lookups_use_their_indexes(loaded: asyncpg.Connection
         ),
     ]
     for index, sql in checks:
-        scans = scans_of(await explain(loaded, sql), "runs")
+        scans = scans_of(await explain_query(loaded, sql), "runs")
         assert any(name == index for _, name in scans), (index, scans)
         assert ("Seq Scan", None) not in scans, (index, scans)

@@ -262,3 +262,62 @@ async def test_inputs_json_would_change_are_refused_before_any_write(db: Any, ba
         with pytest.raises(durable.SerializationError):
             await engine.start(wf, bad)
         assert await fetchval(engine, "SELECT count(*) FROM durable.runs") == 0
+
+
+async def test_an_illegal_status_change_by_the_runtime_is_an_illegal_transition(db: Any) -> None:
+    """Item 11: a handler that marks its own run `completed` behind durable's back makes the
+    node's commit an illegal change (completed -> running). The database refuses it; the
+    worker's failure is an `IllegalTransition` naming the run and both statuses (not
+    asyncpg's CheckViolationError), recorded as a failed attempt of the node."""
+    wf = durable.Workflow("tamper")
+
+    @wf.step(max_attempts=1)
+    async def tamper(ctx: durable.Context) -> int:
+        assert ctx.conn is not None
+        await ctx.conn.execute(
+            "UPDATE durable.runs SET status = 'completed', finished_at = now() WHERE id = $1",
+            ctx.run_id,
+        )
+        return 1
+
+    @wf.step
+    async def after(ctx: durable.Context) -> None:
+        raise AssertionError("ran after a refused commit")
+
+    async with running_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        with pytest.raises(durable.RunFailed) as info:
+            await engine.wait(run_id, timeout=10)
+    error = info.value.run.error or ""
+    assert f"IllegalTransition: run {run_id} cannot move from 'completed' to 'running'" in error
+    assert "CheckViolation" not in error
+
+
+async def test_an_illegal_status_change_through_the_engine_raises_illegal_transition(
+    db: Any,
+) -> None:
+    """Item 11: a status change the guard refuses, made on a connection of the engine,
+    raises `IllegalTransition` carrying the run id and the statuses; the run is unchanged."""
+    wf = durable.Workflow("guarded")
+
+    @wf.step
+    async def one(ctx: durable.Context) -> int:
+        return 1
+
+    async with running_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        await engine.wait(run_id, timeout=10)
+        with pytest.raises(durable.IllegalTransition) as info:
+            async with engine._acquire() as conn:  # how every Engine method borrows one
+                await conn.execute(
+                    "UPDATE durable.runs SET status = 'running' WHERE id = $1", run_id
+                )
+        assert (await engine.get_run(run_id)).status is durable.RunStatus.COMPLETED
+    refused = info.value
+    assert isinstance(refused, durable.DurableError)
+    assert (refused.run_id, refused.from_status, refused.to_status) == (
+        run_id,
+        "completed",
+        "running",
+    )
+    assert isinstance(refused.__cause__, asyncpg.CheckViolationError)

@@ -10,7 +10,14 @@ import anyio
 import pytest
 
 import durable
-from tests.integration.helpers import eventually, execute, fetchval, open_engine, running_engine
+from tests.integration.helpers import (
+    eventually,
+    execute,
+    fetchval,
+    open_engine,
+    running_engine,
+    until_blocked,
+)
 
 # -- a zoo of runs in every status --------------------------------------------------------
 
@@ -108,7 +115,8 @@ async def test_cancel_a_running_run_waits_for_the_handler_then_compensates(db: A
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(cancel)
-            await anyio.sleep(0.2)  # the cancel is blocked on the job's lock meanwhile
+            # The cancel waits in the database for the lock of the node in flight.
+            await until_blocked(engine, "cancel_tree_v1")
             assert outcome == []
             release.set()
         assert outcome == [True]

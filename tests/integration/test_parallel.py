@@ -6,7 +6,6 @@ and branches of one node run side by side on different workers
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from typing import Any
 
@@ -114,15 +113,13 @@ async def test_branches_have_their_own_transactions_and_run_side_by_side(db: Any
                 "(SELECT count(*) FROM calls) AS visible"
             )
             assert info is not None
-            entered = time.monotonic()
             with anyio.fail_after(10):
-                await barrier.wait()  # all three must be in flight at once
+                await barrier.wait()  # passes only when all three are in flight at once
             # The run as the rest of the world sees it while its branches are in flight.
             status = await fetchval(
                 engines[0], "SELECT status FROM durable.runs WHERE id = $1", ctx.run_id
             )
-            seen[name] = {**dict(info), "status": status, "entered": entered}
-            seen[name]["left"] = time.monotonic()
+            seen[name] = {**dict(info), "status": status}
             return name.upper()
 
         return handler
@@ -141,7 +138,6 @@ async def test_branches_have_their_own_transactions_and_run_side_by_side(db: Any
     assert len({s["pid"] for s in seen.values()}) == 3
     assert len({s["xid"] for s in seen.values()}) == 3
     assert {s["visible"] for s in seen.values()} == {1}
-    assert max(s["entered"] for s in seen.values()) < min(s["left"] for s in seen.values())
     assert {s["status"] for s in seen.values()} == {"running"}
 
 
@@ -306,10 +302,9 @@ def _spread(label: str, barrier: asyncio.Barrier, seen: dict[str, dict[str, Any]
 
     def branch(name: str) -> Any:
         async def handler(ctx: durable.Context) -> str:
-            entered = time.monotonic()
             with anyio.fail_after(10):
-                await barrier.wait()  # all three branches must be in flight at once
-            seen[name] = {"worker": label, "entered": entered, "left": time.monotonic()}
+                await barrier.wait()  # passes only when all three branches are in flight
+            seen[name] = {"worker": label}
             return label
 
         return handler
@@ -341,5 +336,4 @@ async def test_branches_of_one_node_run_concurrently_on_different_workers(db: An
     assert set(workers) == {"one", "two"}, workers
     assert sorted(workers.values()) == [1, 2]
     assert result == {"fan": {n: seen[n]["worker"] for n in ("p", "q", "r")}}
-    assert max(s["entered"] for s in seen.values()) < min(s["left"] for s in seen.values())
     assert sorted(e.key for e in run.journal) == ["fan", "fan#p", "fan#q", "fan#r"]

@@ -327,14 +327,11 @@ async def test_an_old_worker_does_not_complete_a_run_started_by_code_with_more_n
     async with open_engine(db, new) as new_engine, open_engine(db, old) as old_engine:
         run_id = await new_engine.start(new)
         async with old_engine.worker(concurrency=2, poll_interval=0.05):
-
-            async def old_code_went_as_far_as_it_can() -> bool:
-                run = await new_engine.get_run(run_id, journal=True)
-                return run.status.terminal or any(
-                    e.key == "b" and e.status == "completed" for e in run.journal
-                )
-
-            await poll(old_code_went_as_far_as_it_can, timeout=3)
+            # The old worker runs a run of its own code to the end. A claim takes the most
+            # urgent due job first and the new run's job is older, so every claim that
+            # worker made passed it over: no waiting "long enough" involved.
+            probe = await old_engine.start(old)
+            assert await old_engine.wait(probe, timeout=10) == {"a": "a", "b": "b"}
         run = await new_engine.get_run(run_id)
         assert not run.status.terminal, (
             f"the old worker ended the run {run.status.value} (c ran {calls['c']} times): "
@@ -345,7 +342,7 @@ async def test_an_old_worker_does_not_complete_a_run_started_by_code_with_more_n
             run = await until_finished(new_engine, run_id, timeout=8)
         assert run.status.value == "completed", await describe(new_engine, run_id)
         assert sorted(run.results) == ["a", "b", "c"]
-        assert calls == {"a": 1, "b": 1, "c": 1}
+        assert calls == {"a": 2, "b": 2, "c": 1}  # a and b ran once more, for the probe
         assert await jobs_of(new_engine, run_id) == 0
 
 
@@ -380,19 +377,21 @@ async def test_a_parallel_branch_added_while_branches_are_in_flight_does_not_str
         "p", {b: counting(b, new_calls) for b in ("x", "y", "z")}, max_attempts=3, backoff=0
     )
 
-    async with open_engine(db, old) as old_engine, open_engine(db, new) as new_engine:
+    probe = durable.Workflow("probe")
+    probe.step("done", counting("probe", Counter()))
+
+    async with open_engine(db, old) as old_engine, open_engine(db, new, probe) as new_engine:
         run_id = await old_engine.start(old)
         async with old_engine.worker(concurrency=2, poll_interval=0.05, grace_period=0.2):
             with anyio.fail_after(5):
                 await both_in_flight.wait()
         # The old worker is gone; its branch transactions rolled back: x, y are due again.
 
-        async def finished_or_jobless() -> bool:
-            run = await new_engine.get_run(run_id)
-            return run.status.terminal or await jobs_of(new_engine, run_id) == 0
-
         async with new_engine.worker(concurrency=4, poll_interval=0.05):
-            await poll(finished_or_jobless, timeout=5)
+            # The new worker runs a later run to the end: its claims, which take the most
+            # urgent due job first, had x and y before them all along.
+            later = await new_engine.start(probe)
+            assert await new_engine.wait(later, timeout=10) == {"done": "probe"}
             run = await new_engine.get_run(run_id, journal=True)
         if not run.status.terminal:
             assert await jobs_of(new_engine, run_id) > 0, (
@@ -755,12 +754,13 @@ async def test_a_crash_while_cancelling_a_parent_does_not_leave_its_child_runnin
             )
             locker_pid = await locker.fetchval("SELECT pg_backend_pid()")
             done = anyio.Event()
+            committed: list[bool] = []
 
             async def cancel() -> None:
                 try:
-                    await engine.cancel(parent_id)
-                except Exception:  # its connection was killed under it
-                    pass
+                    committed.append(await engine.cancel(parent_id))
+                except Exception:  # its connection was killed under it: rolled back
+                    committed.append(False)
                 finally:
                     done.set()
 
@@ -773,15 +773,11 @@ async def test_a_crash_while_cancelling_a_parent_does_not_leave_its_child_runnin
                     await done.wait()
             await tx.rollback()
 
-        async def both_settled() -> bool:
-            p = await engine.get_run(parent_id)
-            c = await engine.get_run(child_id)
-            return p.status.terminal and c.status.terminal
-
-        await poll(both_settled, timeout=4)
+        # The cancel is over, committed or rolled back: whatever it did is visible now.
         p = await engine.get_run(parent_id)
         c = await engine.get_run(child_id)
-        if p.status.value in ("compensating", "cancelled"):
+        assert committed == [p.status.value in ("compensating", "cancelled")], (committed, p)
+        if committed == [True]:
             assert c.status.value == "cancelled", (
                 f"parent is {p.status.value} but its child is {c.status.value}: "
                 + await describe(engine, child_id)

@@ -4,7 +4,6 @@ the run is parked without a job due or a worker slot held, and an early delivery
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -281,13 +280,12 @@ async def test_a_sleeping_run_holds_no_worker_slot(db: Any) -> None:
         sleeping = [await engine.start(sleeper) for _ in range(3)]
         for run_id in sleeping:
             await _parked(engine, run_id, "long")
-        t0 = time.monotonic()
+        # One slot and three runs asleep for an hour: the quick runs complete only if no
+        # sleeper holds the slot.
         quick_ids = [await engine.start(quick) for _ in range(5)]
         for run_id in quick_ids:
-            assert await engine.wait(run_id, timeout=5) == {"only": 1}
-        elapsed = time.monotonic() - t0
+            assert await engine.wait(run_id, timeout=10) == {"only": 1}
         statuses = {(await engine.get_run(r)).status for r in sleeping}
-    assert elapsed < 3.0
     assert statuses == {durable.RunStatus.WAITING}
 
 

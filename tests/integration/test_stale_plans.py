@@ -51,3 +51,22 @@ async def test_a_drain_after_vacuum_analyze_of_empty_tables_scans_no_history(db:
     scans = {t: after[t] - before[t] for t in HISTORY}
     # A handful for the engine's own start-up queries; not one (or two) per job.
     assert all(n < RUNS // 10 for n in scans.values()), scans
+
+
+async def test_no_runtime_function_that_disables_seq_scans_can_be_jit_compiled(db: Any) -> None:
+    """With seq scans disabled, a scan of a table without a usable index looks so costly
+    that PostgreSQL JIT-compiles the statement (150 ms per call, measured on a start)."""
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT p.proname, p.proconfig FROM pg_proc p"
+            " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'durable'"
+        )
+    finally:
+        await conn.close()
+    seqscan_off = {r["proname"]: r["proconfig"] for r in rows if r["proconfig"]}
+    assert "claim_v1" in seqscan_off
+    assert "start_run_v1" in seqscan_off
+    for name, config in seqscan_off.items():
+        if "enable_seqscan=off" in config:
+            assert "jit=off" in config, name

@@ -32,6 +32,7 @@ from durable.worker import Handler, Worker, retry_delay
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_PROC = ROOT / "tests" / "acceptance" / "queue_worker_proc.py"
 Q = "q"
+HOUR = 3600.0  # a poll interval no test waits for: what happens in time happens otherwise
 QUERIES = Queries("durable")
 JOBS = JobQueue(QUERIES)
 
@@ -284,7 +285,8 @@ async def test_a_job_without_handler_is_kept_and_retried(
 async def test_a_failed_job_is_retried_when_its_backoff_elapses_not_at_the_next_poll(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    """The retry is a delayed job: an idle worker must wake when it is due (1 s), not 5 s later."""
+    """The retry is a delayed job: an idle worker must wake when it is due (1 s), not at the
+    next poll (an hour away: only the due time can explain the retry within the deadline)."""
     attempts_at: dict[int, float] = {}
 
     async def fail_first(job: Job) -> None:
@@ -304,14 +306,13 @@ async def test_a_failed_job_is_retried_when_its_backoff_elapses_not_at_the_next_
         {"t": insert_effect(then=fail_first)},
         queues=[Q],
         concurrency=4,
-        poll_interval=5.0,
+        poll_interval=HOUR,
         claim=probe,
     )
     async with running(worker):
         await poll(lambda: _count_is(conn, 0), timeout=15)
-    gap = attempts_at[1] - attempts_at[0]
-    assert gap >= retry_delay(1) - 0.05
-    assert gap < retry_delay(1) + 0.5, f"retry ran {gap:.2f} s after the failure"
+    # Not before its backoff either.
+    assert attempts_at[1] - attempts_at[0] >= retry_delay(1) - 0.05
 
 
 async def test_a_failed_job_is_not_claimable_by_others_before_its_backoff(
@@ -399,7 +400,7 @@ async def test_a_delayed_job_runs_when_due_on_the_database_clock(
         {"t": insert_effect()},
         queues=[Q],
         concurrency=4,
-        poll_interval=5.0,
+        poll_interval=HOUR,
         claim=probe,
     )
     run_at: dict[int, Any] = {}
@@ -408,9 +409,11 @@ async def test_a_delayed_job_runs_when_due_on_the_database_clock(
         for item, delay in enumerate((0.5, 1.0, 1.5)):
             run_at[item] = await _enqueue_delayed(conn, item, delay)
             await poll(lambda: _count_is(conn, 0), timeout=delay + 3)
+    # Due by the database clock, never before; and run within the deadline although the
+    # worker polls once an hour: it woke for the due time.
     late = await _lateness(conn, run_at)
     for item, seconds in late.items():
-        assert 0 <= seconds < 0.1, f"job {item} ran {seconds:+.3f} s from its run_at"
+        assert seconds >= 0, f"job {item} ran {-seconds:.3f} s before its run_at"
 
 
 async def test_delayed_jobs_enqueued_together_each_run_when_due(
@@ -423,7 +426,7 @@ async def test_delayed_jobs_enqueued_together_each_run_when_due(
         {"t": insert_effect()},
         queues=[Q],
         concurrency=4,
-        poll_interval=5.0,
+        poll_interval=HOUR,
         claim=probe,
     )
     run_at: dict[int, Any] = {}
@@ -433,9 +436,11 @@ async def test_delayed_jobs_enqueued_together_each_run_when_due(
             for item, delay in enumerate((0.5, 1.0, 1.5)):
                 run_at[item] = await _enqueue_delayed(conn, item, delay)
         await poll(lambda: _count_is(conn, 0), timeout=12)
+    # Due by the database clock, never before; and run within the deadline although the
+    # worker polls once an hour: it woke for the due time.
     late = await _lateness(conn, run_at)
     for item, seconds in late.items():
-        assert 0 <= seconds < 0.1, f"job {item} ran {seconds:+.3f} s from its run_at"
+        assert seconds >= 0, f"job {item} ran {-seconds:.3f} s before its run_at"
 
 
 async def test_a_job_falling_due_during_an_empty_claim_is_not_left_to_the_next_poll(
@@ -462,7 +467,7 @@ async def test_a_job_falling_due_during_an_empty_claim_is_not_left_to_the_next_p
         {"t": insert_effect()},
         queues=[Q],
         concurrency=4,
-        poll_interval=5.0,
+        poll_interval=HOUR,
         claim=probe,
     )
     async with running(worker):
@@ -470,8 +475,9 @@ async def test_a_job_falling_due_during_an_empty_claim_is_not_left_to_the_next_p
         armed = True
         run_at[0] = await _enqueue_delayed(conn, 0, 0.3)  # its NOTIFY starts the slow claim
         await poll(lambda: _count_is(conn, 0), timeout=8)
+    # Run within the deadline although the worker polls once an hour: it did not sleep a poll.
     late = await _lateness(conn, run_at)
-    assert late[0] < 0.5, f"the job ran {late[0]:.2f} s after its run_at"
+    assert late[0] >= 0, f"the job ran {-late[0]:.3f} s before its run_at"
 
 
 # -- NOTIFY --------------------------------------------------------------------------------
@@ -480,10 +486,12 @@ async def test_a_job_falling_due_during_an_empty_claim_is_not_left_to_the_next_p
 async def test_an_idle_worker_picks_a_new_job_up_on_notify_not_on_poll(
     pool: asyncpg.Pool, conn: asyncpg.Connection
 ) -> None:
-    picked: list[float] = []
+    """The worker polls once an hour: only the NOTIFY of the enqueuing transaction can
+    explain each pick-up within the deadline."""
+    picked: list[int] = []
 
     async def record(job: Job) -> None:
-        picked.append(time.monotonic())
+        picked.append(job.id)
 
     probe = ClaimProbe()
     worker = Worker(
@@ -492,7 +500,7 @@ async def test_an_idle_worker_picks_a_new_job_up_on_notify_not_on_poll(
         {"t": insert_effect(then=record)},
         queues=[Q],
         concurrency=4,
-        poll_interval=5.0,
+        poll_interval=HOUR,
         claim=probe,
     )
     async with running(worker):
@@ -502,9 +510,7 @@ async def test_an_idle_worker_picks_a_new_job_up_on_notify_not_on_poll(
             await tx.start()
             await JOBS.enqueue(conn, Q, "t", {"item": item})
             await tx.commit()
-            committed = time.monotonic()
-            await poll(lambda: _count_is(conn, 0), timeout=4.5, interval=0.005)
-            assert picked[-1] - committed < 0.5
+            await poll(lambda: _count_is(conn, 0), timeout=10, interval=0.005)
             await poll(lambda n=item: _effects_at_least(conn, n + 1), timeout=2)
     assert len(picked) == 3
 
@@ -599,9 +605,10 @@ async def test_stop_lets_the_inflight_job_finish_and_claims_nothing_new(
             await wait_idle(probe, conn)
         worker.stop()
         second = await enqueue(conn, {"item": 2})
-        with anyio.move_on_after(0.3):
-            await returned.wait()
         assert not returned.is_set(), "run() returned while a job was in flight"
+        # No need to watch run() for a while: it cannot return while the slot runs (a task
+        # group), so it either waits for this release or cancels the job, which would roll
+        # its effect back and leave the job queued (both checked below, once run() is done).
         release.set()
         with anyio.fail_after(5):
             await returned.wait()
@@ -641,11 +648,10 @@ async def test_stop_releases_a_job_that_outlives_the_grace_period(
             await started.wait()
         worker.stop()
         stopped = time.monotonic()
-        with anyio.move_on_after(grace + 4):
+        with anyio.fail_after(grace + 10):
             await returned.wait()
-        elapsed = time.monotonic() - stopped
-        assert returned.is_set(), f"run() still running {elapsed:.1f} s after stop()"
-        assert elapsed < grace + 1
+        # It gave the job its grace period before releasing it.
+        assert time.monotonic() - stopped >= grace - 0.05
 
     # The job is back in the queue, claimable at once by anyone, and its effect rolled back.
     async def claimable() -> bool:
@@ -679,7 +685,7 @@ async def test_worker_survives_its_connections_being_terminated(
             {"t": insert_effect()},
             queues=[Q],
             concurrency=4,
-            poll_interval=5.0,
+            poll_interval=HOUR,
             claim=probe,
         )
         async with running(worker) as returned:
@@ -698,15 +704,56 @@ async def test_worker_survives_its_connections_being_terminated(
             await poll(drained, timeout=20, interval=0.05)
             assert not returned.is_set(), "worker.run() ended after losing its connections"
 
-            # The listener is back: a new job is picked up on NOTIFY, not on the next poll.
+            # The listener is back: a new job is picked up on NOTIFY (the next poll is an
+            # hour away).
             await wait_idle(probe, admin)
             async with admin.transaction():
                 await JOBS.enqueue(admin, Q, "t", {"item": 21})
-            committed = time.monotonic()
-            await poll(drained, timeout=6, interval=0.005)
-            assert time.monotonic() - committed < 1.0
+            await poll(drained, timeout=10, interval=0.005)
         items = [r[0] for r in await admin.fetch("SELECT item FROM effects ORDER BY item")]
         assert items == list(range(22))
+    finally:
+        await admin.close()
+
+
+async def test_after_its_listener_reconnects_the_worker_asks_for_notifications_again(
+    db: Any, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    """What a failover leaves behind: the LISTEN connection gone, and the worker's row in the
+    unlogged `listeners` table too (a promoted standby starts with it empty). Once the
+    listener is back the worker registers again at once, not at its next tick (an hour
+    here), so a new job's NOTIFY reaches it."""
+    admin = await asyncpg.connect(db.dsn)
+    try:
+        probe = ClaimProbe()
+        worker = Worker(
+            pool,
+            QUERIES,
+            {"t": insert_effect()},
+            queues=[Q],
+            concurrency=2,
+            poll_interval=3600.0,
+            claim=probe,
+        )
+        async with running(worker):
+            await wait_idle(probe, admin)
+            await admin.execute("DELETE FROM durable.listeners")
+            killed = await admin.fetchval(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND query ILIKE 'LISTEN%') t"
+            )
+            assert killed == 1
+            await poll(lambda: listening(admin), timeout=5)
+            await wait_idle(probe, admin)
+            async with admin.transaction():
+                await JOBS.enqueue(admin, Q, "t", {"item": 1})
+            committed = time.monotonic()
+
+            async def drained() -> bool:
+                return await admin.fetchval("SELECT count(*) FROM durable.jobs") == 0
+
+            await poll(drained, timeout=5, interval=0.005)
+            assert time.monotonic() - committed < 1.0
     finally:
         await admin.close()
 

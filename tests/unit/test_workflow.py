@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import pickle
 import types
 
 import pytest
 
 import durable
+import durable.errors
 from durable.nodes import MAX_NAME, Step
 
 
@@ -19,7 +21,7 @@ async def undo(ctx: durable.Context) -> None:
     return None
 
 
-def sync_handler(ctx: durable.Context) -> int:
+def sync_handler(ctx: durable.SyncContext) -> int:
     return 1
 
 
@@ -76,29 +78,33 @@ def test_duplicate_node_names_via_the_decorator_are_refused() -> None:
 # -- handlers ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [sync_handler, lambda ctx: 1, "handler", 42])
-def test_handlers_must_be_async(fn: object) -> None:
+@pytest.mark.parametrize("fn", ["handler", 42])
+def test_handlers_must_be_functions(fn: object) -> None:
     wf = durable.Workflow("w")
     with pytest.raises(durable.DefinitionError):
         wf.step("a", fn)  # type: ignore[call-overload]
     assert wf.nodes == ()
 
 
-@pytest.mark.parametrize("fn", [sync_handler, lambda ctx: 1, "undo", 42])
-def test_compensators_must_be_async(fn: object) -> None:
+@pytest.mark.parametrize("fn", ["undo", 42])
+def test_compensators_must_be_functions(fn: object) -> None:
     wf = durable.Workflow("w")
     with pytest.raises(durable.DefinitionError):
         wf.step("a", handler, compensate=fn)  # type: ignore[arg-type]
     assert wf.nodes == ()
 
 
-def test_sync_function_through_the_decorator_is_refused() -> None:
+def test_plain_functions_are_handlers_too() -> None:
+    # They run on the engine's threads (tests/integration/test_sync_handlers.py).
     wf = durable.Workflow("w")
-    with pytest.raises(durable.DefinitionError):
-        wf.step(sync_handler)  # type: ignore[type-var]
-    with pytest.raises(durable.DefinitionError):
-        wf.step(max_attempts=2)(sync_handler)  # type: ignore[type-var]
-    assert wf.nodes == ()
+    wf.step(sync_handler)
+    wf.step("b", lambda ctx: 1, compensate=sync_handler)
+    wf.loop("c", lambda ctx, i: i < 2, sync_handler)
+    wf.parallel("d", {"x": sync_handler, "y": handler})
+    assert [n.name for n in wf.nodes] == ["sync_handler", "b", "c", "d"]
+    node = wf.nodes[0]
+    assert isinstance(node, Step)
+    assert node.fn is sync_handler
 
 
 def test_async_callable_objects_are_handlers() -> None:
@@ -380,17 +386,36 @@ def test_engine_repr_hides_the_password() -> None:
 
 
 def test_errors_are_durable_errors() -> None:
-    for name in (
-        "DefinitionError",
-        "WorkflowNotFound",
-        "RunNotFound",
-        "SerializationError",
-        "RunFailed",
-        "RunCancelled",
-        "NonRetryable",
-        "ConfigurationError",
-    ):
-        assert issubclass(getattr(durable, name), durable.DurableError), name
+    """Every exception class of durable.errors, not a list that could miss a new one: a
+    DurableError, exported, with a docstring saying when it is raised."""
+    classes = [
+        value
+        for value in vars(durable.errors).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == "durable.errors"
+    ]
+    assert len(classes) >= 19, classes
+    for cls in classes:
+        assert issubclass(cls, durable.DurableError), cls
+        assert getattr(durable, cls.__name__) is cls, cls
+        assert (cls.__doc__ or "").startswith("Raise"), cls
+
+
+def test_illegal_transition_carries_the_run_and_both_statuses() -> None:
+    error = durable.IllegalTransition("01RUN", "completed", "running")
+    assert (error.run_id, error.from_status, error.to_status) == ("01RUN", "completed", "running")
+    assert str(error) == (
+        "run 01RUN cannot move from 'completed' to 'running' (the database refuses that "
+        "status change)"
+    )
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.run_id, again.from_status, again.to_status, str(again)) == (
+        "01RUN",
+        "completed",
+        "running",
+        str(error),
+    )
 
 
 def test_run_status_values() -> None:

@@ -4,8 +4,8 @@ when its final transaction wakes the parent."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 
+from durable.codec import input_text
 from durable.errors import ChildFailed
 from durable.flow import concurrency_key_of
 from durable.runtime.transition import (
@@ -16,9 +16,8 @@ from durable.runtime.transition import (
     Transition,
     Visit,
     after_failure,
-    to_json,
 )
-from durable.workflow import ChildWorkflow, resolve
+from durable.workflow import ChildWorkflow
 
 
 def _fail(v: Visit, node: ChildWorkflow, exc: BaseException) -> Transition:
@@ -36,18 +35,18 @@ async def visit(v: Visit, node: ChildWorkflow) -> Transition:
     if child_id is None:
         ctx = v.context(node.name)
         out = await v.call(
-            f"child_workflow {node.name!r}", ctx, lambda: resolve(node.start, ctx), store=False
+            f"child_workflow {node.name!r}", ctx, lambda: v.invoke(node.start, ctx), store=False
         )
         if isinstance(out, Err):
             return _fail(v, node, out.error)
         spec = out.value
-        if not (isinstance(spec, tuple | list) and len(spec) == 2 and isinstance(spec[1], Mapping)):
+        if not (isinstance(spec, tuple | list) and len(spec) == 2):
             return _fail(
                 v,
                 node,
                 TypeError(
                     f"child_workflow {node.name!r}: start must return (workflow_name, "
-                    f"input_dict), got {spec!r}"
+                    f"input), got {spec!r}"
                 ),
             )
         name, child_input = spec
@@ -59,8 +58,8 @@ async def visit(v: Visit, node: ChildWorkflow) -> Transition:
                 LookupError(f"child_workflow {node.name!r}: workflow {name!r} is not registered"),
             )
         try:
-            text = to_json(dict(child_input), f"input of child workflow {name!r}")
-            key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, dict(child_input))
+            text = input_text(wf.input_codec, child_input, f"input of child workflow {name!r}")
+            key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, json.loads(text))
         except Exception as exc:
             return _fail(v, node, exc)
         return StartChild(wf, text, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from durable.codec import encoded, returns
 from durable.context import LoopContext
 from durable.errors import NonRetryable
 from durable.runtime.transition import (
@@ -16,7 +17,7 @@ from durable.runtime.transition import (
     after_failure,
     to_json,
 )
-from durable.workflow import Loop, resolve
+from durable.workflow import Loop
 
 
 async def visit(v: Visit, node: Loop) -> Transition:
@@ -28,7 +29,7 @@ async def visit(v: Visit, node: Loop) -> Transition:
     key = f"{node.name}#{i}"
 
     async def iteration() -> tuple[bool, Any]:
-        if not await resolve(node.condition, ctx, i):
+        if not await v.invoke(node.condition, ctx, i):
             return False, None
         if i >= node.max_iterations:
             raise NonRetryable(
@@ -45,7 +46,7 @@ async def visit(v: Visit, node: Loop) -> Transition:
             conn=ctx.conn,
             iteration=i,
         )
-        return True, await node.body(body_ctx)
+        return True, await v.invoke(node.body, body_ctx)
 
     out = await v.call(f"loop {node.name!r}", ctx, iteration, store=False)
     if isinstance(out, Err):
@@ -54,7 +55,8 @@ async def visit(v: Visit, node: Loop) -> Transition:
     if not more:
         return Complete(to_json(so_far, f"result of loop {node.name!r}"))
     try:
-        text = to_json(value, f"result of {key!r}")
+        what = f"result of {key!r}"
+        text = to_json(encoded(returns(node.body, what), value, what), what)
     except Exception as exc:
         return after_failure(s, key, exc, node.max_attempts, node.backoff)
     return Iterate(i, text)

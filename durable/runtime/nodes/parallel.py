@@ -3,6 +3,7 @@ completes when the last branch commits."""
 
 from __future__ import annotations
 
+from durable.codec import returns
 from durable.runtime.transition import (
     BranchDone,
     Complete,
@@ -36,7 +37,8 @@ async def branch(v: Visit, node: Parallel, key: str) -> Transition:
         return Noop("the run is not fanning out this branch")
     journal_key = f"{node.name}#{key}"
     ctx = v.context(journal_key)
-    out = await v.call(f"branch {journal_key!r}", ctx, lambda: handler(ctx))
+    what = f"branch {journal_key!r}"
+    out = await v.call(what, ctx, lambda: v.invoke(handler, ctx), returns=returns(handler, what))
     if isinstance(out, Err):
         return after_failure(s, journal_key, out.error, node.max_attempts, node.backoff)
     return BranchDone(key, out.text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from durable.codec import returns
 from durable.errors import DefinitionChanged
 from durable.runtime.transition import (
     Choose,
@@ -15,7 +16,7 @@ from durable.runtime.transition import (
     after_failure,
     to_json,
 )
-from durable.workflow import Route, resolve
+from durable.workflow import Route
 
 
 async def visit(v: Visit, node: Route) -> Transition:
@@ -25,7 +26,7 @@ async def visit(v: Visit, node: Route) -> Transition:
     decided = await v.journal(f"{node.name}@route")
     if decided is None:
         out = await v.call(
-            f"route {node.name!r} select", ctx, lambda: resolve(node.select, ctx), store=False
+            f"route {node.name!r} select", ctx, lambda: v.invoke(node.select, ctx), store=False
         )
         if isinstance(out, Err):
             return after_failure(s, node.name, out.error, node.max_attempts, node.backoff)
@@ -44,7 +45,8 @@ async def visit(v: Visit, node: Route) -> Transition:
             "declares"
         )
         return after_failure(s, node.name, changed, 1, lambda _: 0.0)
-    out = await v.call(f"route {node.name!r} branch {branch!r}", ctx, lambda: handler(ctx))
+    what = f"route {node.name!r} branch {branch!r}"
+    out = await v.call(what, ctx, lambda: v.invoke(handler, ctx), returns=returns(handler, what))
     if isinstance(out, Err):
         return after_failure(s, node.name, out.error, node.max_attempts, node.backoff)
     return Complete(

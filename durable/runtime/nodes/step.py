@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+from durable.codec import returns
 from durable.errors import DurableError, WorkerLost
 from durable.flow import limit_key_text, wait_key
 from durable.runtime.transition import (
@@ -39,7 +40,14 @@ async def visit(v: Visit, step: Step) -> Transition:
     if token is not None:
         return Lease(token)
     ctx = v.context(step.name)
-    out = await v.call(f"step {step.name!r}", ctx, lambda: step.fn(ctx), timeout=step.timeout)
+    what = f"step {step.name!r}"
+    out = await v.call(
+        what,
+        ctx,
+        lambda: v.invoke(step.fn, ctx),
+        timeout=step.timeout,
+        returns=returns(step.fn, what),
+    )
     if isinstance(out, Err):
         return after_failure(s, step.name, out.error, step.max_attempts, step.backoff)
     return Complete(out.text)
