@@ -999,34 +999,13 @@ END
 $$;
 
 -- Put a signal in a run's mailbox and wake the run if it waits for that name. NULL for an
--- unknown run, false when no wait can ever consume it (finished or compensating).
-CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
-RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
-DECLARE
-    v_status text;
-BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
-    SELECT status INTO v_status FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    IF v_status IN ('completed', 'failed', 'cancelled', 'compensating') THEN
-        RETURN false;
-    END IF;
-    INSERT INTO __SCHEMA__.signals (run_id, name, payload) VALUES (p_run, p_name, p_payload::jsonb);
-    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
-    RETURN true;
-END
-$$;
-
--- signal_v1 with a dedupe key: when the run's mailbox already holds a signal with key
--- `p_dedupe` (consumed or not), nothing is recorded and the answer is still true. A NULL
--- key records the signal as signal_v1 does.
+-- unknown run, false when no wait can ever consume it (finished or compensating). When the
+-- run's mailbox already holds a signal with key `p_dedupe` (consumed or not), nothing is
+-- recorded and the answer is still true; a NULL key always records.
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
     p_run text, p_name text, p_payload text, p_dedupe text
 ) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -1046,6 +1025,14 @@ BEGIN
     END IF;
     RETURN true;
 END
+$$;
+
+-- signal_v2 without a dedupe key, kept for workers of an older release during a rolling
+-- deploy.
+CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
+RETURNS boolean
+LANGUAGE sql AS $$
+    SELECT __SCHEMA__.signal_v2(p_run, p_name, p_payload, NULL)
 $$;
 
 -- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,

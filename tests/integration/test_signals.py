@@ -612,3 +612,14 @@ async def test_a_timeout_counts_from_when_the_claim_got_the_run_not_from_before_
                     engine, "SELECT wake_at FROM durable.runs WHERE id = $1", run_id
                 )
         assert wake_at >= released + timedelta(seconds=30)
+
+
+async def test_signal_v1_of_an_older_release_still_records_and_wakes(db: Any) -> None:
+    """Workers and clients of the previous release call signal_v1 during a rolling deploy."""
+    async with running_engine(db, _two_waits()) as engine:
+        run_id = await engine.start("twice", {})
+        await _until_waiting(engine, run_id, "first")
+        assert await fetchval(engine, "SELECT durable.signal_v1($1, 'go', '1')", run_id) is True
+        await _until_waiting(engine, run_id, "second")
+        assert await fetchval(engine, "SELECT durable.signal_v1('nope', 'go', '1')") is None
+        assert (await _mailbox(engine, run_id))[0] == ("go", 1, "first")
