@@ -201,7 +201,6 @@ class Runner:
             and follow.written_by is not None
             and follow.clock is not None
             and isinstance(nxt, Step)
-            and nxt.limit is None  # a limited step takes its slot on a fresh claim
         ):
             moved = dataclasses.replace(
                 s,
