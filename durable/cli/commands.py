@@ -181,19 +181,30 @@ async def cmd_retry(args: argparse.Namespace, dsn: str, out: Out) -> int:
     return EXIT_OK if retried else EXIT_NOT_DONE
 
 
+def answer(out: Out, as_json: bool, payload: dict[str, Any], done: bool, yes: str, no: str) -> int:
+    """Print the outcome of an action that may find nothing to do (JSON or a line), and
+    give its exit code: 0 done, 1 not done."""
+    if as_json:
+        emit_json(out, payload)
+    else:
+        print(yes if done else no, file=out)
+    return EXIT_OK if done else EXIT_NOT_DONE
+
+
 async def cmd_pause(args: argparse.Namespace, dsn: str, out: Out) -> int:
     engine = await _open_engine(dsn, args.schema)
     try:
         paused = await engine.pause(args.workflow)
     finally:
         await engine.close()
-    if args.json:
-        emit_json(out, {"workflow": args.workflow, "paused": paused})
-    elif paused:
-        print(f"workflow {args.workflow!r} paused: workers stop claiming its jobs", file=out)
-    else:
-        print(f"workflow {args.workflow!r} is already paused", file=out)
-    return EXIT_OK if paused else EXIT_NOT_DONE
+    return answer(
+        out,
+        args.json,
+        {"workflow": args.workflow, "paused": paused},
+        paused,
+        f"workflow {args.workflow!r} paused: workers stop claiming its jobs",
+        f"workflow {args.workflow!r} is already paused",
+    )
 
 
 async def cmd_resume(args: argparse.Namespace, dsn: str, out: Out) -> int:
@@ -202,13 +213,14 @@ async def cmd_resume(args: argparse.Namespace, dsn: str, out: Out) -> int:
         resumed = await engine.resume(args.workflow)
     finally:
         await engine.close()
-    if args.json:
-        emit_json(out, {"workflow": args.workflow, "resumed": resumed})
-    elif resumed:
-        print(f"workflow {args.workflow!r} resumed: workers claim its jobs again", file=out)
-    else:
-        print(f"workflow {args.workflow!r} was not paused", file=out)
-    return EXIT_OK if resumed else EXIT_NOT_DONE
+    return answer(
+        out,
+        args.json,
+        {"workflow": args.workflow, "resumed": resumed},
+        resumed,
+        f"workflow {args.workflow!r} resumed: workers claim its jobs again",
+        f"workflow {args.workflow!r} was not paused",
+    )
 
 
 async def cmd_purge(args: argparse.Namespace, dsn: str, out: Out) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 
+from durable.cli.commands import answer
 from durable.cli.output import Out, emit_json, local_time, table
 from durable.cli.parser import APP_ENV, EXIT_NOT_DONE, EXIT_OK, UsageError
 from durable.cli.targets import open_app_engine, resolve_engine, warn_if_dsn_ignored
@@ -92,13 +93,14 @@ async def cmd_schedules_pause(args: argparse.Namespace, dsn: str, out: Out) -> i
         paused = await engine.pause_schedule(args.name)
     finally:
         await engine.close()
-    if args.json:
-        emit_json(out, {"schedule": args.name, "paused": paused})
-    elif paused:
-        print(f"schedule {args.name!r} paused", file=out)
-    else:
-        print(f"schedule {args.name!r} was already paused", file=out)
-    return EXIT_OK if paused else EXIT_NOT_DONE
+    return answer(
+        out,
+        args.json,
+        {"schedule": args.name, "paused": paused},
+        paused,
+        f"schedule {args.name!r} paused",
+        f"schedule {args.name!r} was already paused",
+    )
 
 
 async def cmd_schedules_resume(args: argparse.Namespace, dsn: str, out: Out) -> int:
@@ -109,20 +111,18 @@ async def cmd_schedules_resume(args: argparse.Namespace, dsn: str, out: Out) -> 
     finally:
         await engine.close()
     next_at = found[0].next_at if found else None
-    if args.json:
-        emit_json(
-            out,
-            {
-                "schedule": args.name,
-                "resumed": resumed,
-                "next_at": next_at.isoformat() if next_at else None,
-            },
-        )
-    elif resumed:
-        print(f"schedule {args.name!r} resumed, next tick {local_time(next_at)}", file=out)
-    else:
-        print(f"schedule {args.name!r} was not paused", file=out)
-    return EXIT_OK if resumed else EXIT_NOT_DONE
+    return answer(
+        out,
+        args.json,
+        {
+            "schedule": args.name,
+            "resumed": resumed,
+            "next_at": next_at.isoformat() if next_at else None,
+        },
+        resumed,
+        f"schedule {args.name!r} resumed, next tick {local_time(next_at)}",
+        f"schedule {args.name!r} was not paused",
+    )
 
 
 async def cmd_schedules_trigger(args: argparse.Namespace, out: Out) -> int:
