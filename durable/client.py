@@ -223,15 +223,16 @@ class Client(Waiting):
         replica, when it has one)."""
         return self._acquire()
 
-    async def get_run(self, run_id: str, *, journal: bool = False) -> Run:
+    async def get_run(self, run_id: str, *, journal: bool = False, primary: bool = False) -> Run:
         """The run `run_id`; with `journal=True` also its journal and failed attempts.
 
         Its input, results and journal are in their JSON form (what is stored), also for a
         workflow with an `input=` model and handlers with typed results. With
         `Engine(read_dsn=...)` it reads the replica, which may lag: a run just started may
-        not be there yet (`RunNotFound`), or show an older state.
+        not be there yet (`RunNotFound`), or show an older state; `primary=True` reads the
+        primary instead (to show the outcome of a change just made).
         """
-        return await self._fetch_run(run_id, primary=False, journal=journal)
+        return await self._fetch_run(run_id, primary=primary, journal=journal)
 
     async def _fetch_run(self, run_id: str, *, primary: bool, journal: bool = False) -> Run:
         run_id = run_id_arg(run_id)

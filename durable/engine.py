@@ -47,9 +47,10 @@ class Engine(Operations, ScheduleClient):
     before its attempt is recorded as failed with `WorkerLost`. `connect_timeout`: seconds
     to wait for a server that accepts the connection but does not answer (with a
     multi-host DSN, for all its hosts together).
-    `read_dsn`: a read replica (a streaming standby) for `get_run` and `list_runs`, on a
-    pool of its own (`pool_size` connections at most); it may lag behind the primary.
-    Everything that changes a run, and `wait()`, uses the primary.
+    `read_dsn`: a read replica (a streaming standby) for the reads that only show runs
+    (`get_run`, `list_runs`, the dashboard's pages), on a pool of its own (`pool_size`
+    connections at most); it may lag behind the primary. Everything that changes a run,
+    and `wait()`, uses the primary.
     `schedules`: `durable.Schedule`s whose workflows are registered here; every worker of
     the engine runs them (see `schedules()`, `trigger`, `pause_schedule`).
     `threads`: how many plain `def` handlers (and other sync user functions) run at once,
@@ -176,6 +177,12 @@ class Engine(Operations, ScheduleClient):
         if self._pool is None:
             raise ConfigurationError("the engine is not open: use 'async with engine:'")
         return self._pool
+
+    @property
+    def read_pool(self) -> asyncpg.Pool:
+        """The pool for reads that may lag behind the primary: the read replica's with
+        `read_dsn`, else `pool` (open the engine first)."""
+        return self._read_pool if self._read_pool is not None else self.pool
 
     @property
     def _listen_dsn(self) -> str | None:

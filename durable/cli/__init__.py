@@ -10,6 +10,7 @@
     check MODULE:ENGINE             can this code continue every unfinished run? (exit 1 if not)
     runs list [--status S] ...      list runs, newest first
     runs show ID                    a run and its journal as a timeline
+                                    (both read a replica with --read-dsn)
     runs pause|resume ID            stop a run from being claimed / let it go on
     runs fork ID [--from-node N] [--input JSON]
                                     a new run from a node of ID, with another input
@@ -17,7 +18,6 @@
                                     cancel or retry every run a filter matches
     runs upgrade WORKFLOW --from N [--to M] --app MODULE:ENGINE [--dry-run]
                                     move unfinished runs to another version
-                                    (both read a replica with --read-dsn)
     signal ID NAME [JSON]           send a signal (payload: a JSON value) to a run
                                     (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)

@@ -144,7 +144,7 @@ async def _wait_and_report(engine: Engine, run_id: str, args: argparse.Namespace
             print(f"run {run_id} {run.status.value}: {run.error}", file=out)
         return EXIT_NOT_DONE
     except TimeoutError:
-        status = (await engine.get_run(run_id)).status.value
+        status = (await engine.get_run(run_id, primary=True)).status.value
         if args.json:
             emit_json(out, {"run_id": run_id, "status": status, "timed_out": True})
         else:

@@ -51,6 +51,10 @@ async def cmd_dashboard(args: argparse.Namespace, out: Out) -> int:
         args.dsn_for_errors = engine.dsn
         await open_app_engine(engine, migrate=False)
         source: Engine | str = engine
+    elif args.dsn and args.read_dsn:
+        engine = Engine(args.dsn, read_dsn=args.read_dsn, schema=args.schema)
+        await engine.open(migrate=False)
+        source = engine
     elif args.dsn:
         source = args.dsn
     else:

@@ -377,6 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no token (only with a loopback --host)",
     )
+    dash.add_argument(
+        "--read-dsn",
+        default=os.environ.get(READ_DSN_ENV) or None,
+        metavar="DSN",
+        help=(
+            f"with --dsn: a read replica for the pages and listings (default: ${READ_DSN_ENV}); "
+            "actions go to --dsn"
+        ),
+    )
 
     schedules = sub.add_parser(
         "schedules",

@@ -136,7 +136,7 @@ async def _act(engine: Engine, run_id: str, action: str, body: dict[str, Any]) -
         done = await engine.resume_run(run_id)
     else:
         raise BadRequest(f"unknown action {action!r}")
-    run = await engine.get_run(run_id)
+    run = await engine.get_run(run_id, primary=True)  # the outcome, not a replica's past
     if not done:
         why = {
             "cancel": f"it is {run.status.value}",

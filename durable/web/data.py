@@ -1,6 +1,8 @@
 """What the admin API and the dashboard read, as JSON-ready dicts: runs, a run with its
 journal, attempts, mailbox and relatives, workflows with their counts and throughput,
-workers and queues. The same dicts feed the JSON API and the templates."""
+workers and queues. The same dicts feed the JSON API and the templates. They only show
+what is there, so they read the engine's read replica when it has one (`read_dsn`), all
+but the workers' registry, which no replica has."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ async def run_detail(engine: Engine, run_id: str) -> dict[str, Any]:
     `RunNotFound`)."""
     run = await engine.get_run(run_id, journal=True)
     data = {**run_to_json(run, journal=True), **summary(run), "result": run.result}
-    async with engine.pool.acquire() as conn:
+    async with engine.read_pool.acquire() as conn:
         mailbox = await conn.fetch(engine.queries["run_mailbox"], run_id)
         relatives = await conn.fetch(engine.queries["run_relatives"], run_id)
     data["mailbox"] = [
@@ -76,7 +78,7 @@ async def _node_names(engine: Engine, run: Run) -> list[str]:
     wf = engine.workflows.get(run.workflow)
     if wf is not None:
         return [n.name for n in wf.nodes]
-    async with engine.pool.acquire() as conn:
+    async with engine.read_pool.acquire() as conn:
         text = await conn.fetchval(engine.queries["run_shape"], run.id)
     return [n[0] for n in json.loads(text)] if text else []
 
@@ -140,7 +142,7 @@ def timeline(run: Run) -> list[dict[str, Any]]:
 
 async def workflows(engine: Engine) -> list[dict[str, Any]]:
     """Every workflow the database or this engine knows: versions, counts by status."""
-    async with engine.pool.acquire() as conn:
+    async with engine.read_pool.acquire() as conn:
         counts = await conn.fetch(engine.queries["workflow_counts"])
         shapes = await conn.fetch(engine.queries["workflow_shapes"])
     found: dict[str, dict[str, Any]] = {}
@@ -176,7 +178,7 @@ async def throughput(engine: Engine, minutes: int = 60) -> dict[str, Any]:
     """Runs finished per minute over the last `minutes`, completed and failed, for the
     charts: {"minutes": [epoch seconds], "completed": [...], "failed": [...],
     "cancelled": [...], "failure_rate": [...]}."""
-    async with engine.pool.acquire() as conn:
+    async with engine.read_pool.acquire() as conn:
         rows = await conn.fetch(engine.queries["throughput"], minutes)
         now = await conn.fetchval(engine.queries["db_now"])
     by_minute: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -196,6 +198,7 @@ async def throughput(engine: Engine, minutes: int = 60) -> dict[str, Any]:
 
 async def workers(engine: Engine) -> list[dict[str, Any]]:
     """The registered workers, alive (a recent heartbeat) or not."""
+    # From the primary: the registry is UNLOGGED (heartbeats), so no replica has it.
     async with engine.pool.acquire() as conn:
         rows = await conn.fetch(engine.queries["list_workers"])
     return [
@@ -218,7 +221,7 @@ async def workers(engine: Engine) -> list[dict[str, Any]]:
 
 async def queues(engine: Engine) -> list[dict[str, Any]]:
     """Due jobs per queue and the age of the oldest."""
-    async with engine.pool.acquire() as conn:
+    async with engine.read_pool.acquire() as conn:
         rows = await conn.fetch(engine.queries["queue_stats"])
     return [
         {"queue": r["queue"], "due": r["due"], "oldest_age_seconds": r["oldest_age"]} for r in rows

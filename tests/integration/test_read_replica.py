@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 import durable
+from durable.web import data
 from tests.cluster import SKIP_REASON, Cluster, replication_bin_dir
 
 BIN = replication_bin_dir()
@@ -166,6 +167,23 @@ async def test_listings_read_the_standby_and_wait_reads_the_primary() -> None:
                 listed = await asyncio.to_thread(_cli, "runs", "list", "--dsn", primary_dsn)
                 assert [r["id"] for r in listed] == [second, first]
                 assert list_sql in _log(primary_log)
+
+                # get_run(primary=True): what the dashboard reads after an action.
+                assert (await engine.get_run(second, primary=True)).result == {"only": {"n": 2}}
+
+                # The dashboard's and admin API's reads go to the replica too.
+                logged = primary_log.stat().st_size
+                detail = await data.run_detail(engine, first)
+                assert detail["id"] == first
+                assert detail["mailbox"] == []
+                assert [w["name"] for w in await data.workflows(engine)] == ["replica_demo"]
+                assert len(await data.workers(engine)) == 1  # the primary's (UNLOGGED) registry
+                await data.queues(engine)
+                seen_by_primary = _log(primary_log, logged)
+                for name in ("run_mailbox", "run_relatives", "workflow_counts", "queue_stats"):
+                    sql = engine.queries[name]
+                    assert sql in _log(standby_log), name
+                    assert sql not in seen_by_primary, f"{name} reached the primary"
 
                 await standby.execute("SELECT pg_wal_replay_resume()")
                 await cluster.wait_replayed(
