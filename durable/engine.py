@@ -324,6 +324,8 @@ class Engine(Operations, ScheduleClient):
             limits=self._limits,
             threads=self._threads,
         )
+        for wf in runner.by_queue.values():
+            metrics.declare(wf.name, (node.name for node in wf.nodes))
         worker = Worker(
             pool,
             self.queries,

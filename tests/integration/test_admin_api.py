@@ -431,6 +431,22 @@ async def test_metrics_in_prometheus_text_format(db: Any) -> None:
         await engine.cancel(waiting)
 
 
+async def test_a_workers_node_series_exist_from_zero_before_any_job(db: Any) -> None:
+    """A worker creates its workflows' per-node series when it starts: Prometheus sees
+    them at 0, and the first job of each node does not pay for making them."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    wf = durable.Workflow("declared_nodes")
+    wf.step("never_ran", lambda ctx: None)
+    async with durable.Engine(db.dsn, workflows=[wf]) as engine, engine.worker(concurrency=1):
+        text = generate_latest(REGISTRY).decode()
+    assert 'durable_node_attempts_total{node="never_ran",workflow="declared_nodes"} 0.0' in text
+    assert (
+        'durable_node_duration_seconds_count{node="never_ran",workflow="declared_nodes"} 0.0'
+        in text
+    )
+
+
 # -- no secrets ----------------------------------------------------------------------------
 
 
