@@ -1163,6 +1163,9 @@ class Data:
     sent: dict[tuple[str, str], list[asyncpg.Record]]
     cancels: dict[str, list[asyncpg.Record]]
     retries: dict[str, list[asyncpg.Record]]
+    #: Attempts failed because workers died holding the job `max_claims` times in a row:
+    #: the engine's bounded failure, which the chaos may trip on any node (runs go on).
+    died: int = 0
 
 
 def _by_epoch() -> defaultdict[str, defaultdict[int, Counter[str]]]:
@@ -1183,7 +1186,11 @@ async def _read(conn: asyncpg.Connection) -> Data:
     ):
         before_retry[r["run_id"]][r["key"]] = r
     attempts = _by_epoch()
-    for r in await conn.fetch("SELECT run_id, key, epoch FROM durable.attempts"):
+    died = 0
+    for r in await conn.fetch("SELECT run_id, key, epoch, error FROM durable.attempts"):
+        if r["error"].startswith("WorkerLost: workers died"):
+            died += 1
+            continue
         attempts[r["run_id"]][r["epoch"]][r["key"]] += 1
     effects = _by_epoch()
     effect_info: dict[tuple[str, str], set[str | None]] = defaultdict(set)
@@ -1225,6 +1232,7 @@ async def _read(conn: asyncpg.Connection) -> Data:
         sent,
         cancels,
         retries,
+        died,
     )
 
 
@@ -1236,6 +1244,7 @@ async def check(conn: asyncpg.Connection, expected_runs: int, v: Violations) -> 
         "parent_id, parent_node, idempotency_key, finished_at, epoch FROM durable.runs"
     )
     d = await _read(conn)
+    counts["attempts failed by workers dying in a row (max_claims)"] = d.died
 
     by_id = {r["id"]: r for r in runs}
     parents = [r for r in runs if r["workflow"] == "soak"]
