@@ -35,6 +35,9 @@ SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[dict[str, Any]]]] = {
     "chain": scenarios.chain,
     "loop": scenarios.loop,
     "fan-out": scenarios.fanout,
+    "fan-out-keyed": scenarios.fanout_keyed,
+    "fan-out-limited": scenarios.fanout_limited,
+    "fan-out-limited-1": scenarios.fanout_limited_one,
     "drain": scenarios.drain,
     "start": scenarios.start,
     "latency": scenarios.latency,
@@ -199,6 +202,19 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
                 min_ratio=0.8,
             )
         )
+    for name in ("fan-out-keyed", "fan-out-limited", "fan-out-limited-1"):
+        if name in results:
+            rows.append(
+                _rate_row(
+                    name,
+                    results[name],
+                    unit="steps/s",
+                    base_name="fan-out",
+                    base=results.get("fan-out"),
+                    min_ratio=0.7,
+                    base_unit="steps/s",
+                )
+            )
     if "drain" in results:
         rows.append(_rate_row("drain", results["drain"], unit="runs/s", minimum=3000))
     if "start" in results:

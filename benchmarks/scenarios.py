@@ -94,8 +94,15 @@ async def _fanout_once(
     return {"value": runs * steps / elapsed, "seconds": elapsed}
 
 
-async def _fanout(dsn: str, sizes: Sizes, label: str) -> dict[str, Any]:
-    engine = durable.Engine(dsn, workflows=[workflows.fanout(sizes.fanout_steps)], pool_size=16)
+async def _fanout(
+    dsn: str,
+    sizes: Sizes,
+    label: str,
+    wf: durable.Workflow | None = None,
+    limits: dict[str, durable.Limit] | None = None,
+) -> dict[str, Any]:
+    wf = wf or workflows.fanout(sizes.fanout_steps)
+    engine = durable.Engine(dsn, workflows=[wf], pool_size=16, limits=limits)
     async with engine:
         watch = await asyncpg.connect(dsn)
         try:
@@ -121,6 +128,27 @@ async def fanout(dsn: str, sizes: Sizes) -> dict[str, Any]:
     worker starts; steps/s from the worker's start to the last run's completion (seen by
     polling the runs table every 10 ms). Median of `repeats` rounds."""
     return await _fanout(dsn, sizes, "fan-out")
+
+
+async def fanout_keyed(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """The fan-out, its workflow bounded to one active run per key over 1,000 keys (runs
+    take a slot at start and give it to the next of their key as they finish)."""
+    return await _fanout(dsn, sizes, "fan-out-keyed", workflows.fanout_keyed(sizes.fanout_steps))
+
+
+async def fanout_limited(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """The fan-out, every step taking a token of a rate limit set far above the achievable
+    rate (the cost of the limit's bookkeeping, not of waiting): each such step leaves the
+    two-round-trip path (a claim instead of a re-lock, and the token's round trip)."""
+    wf = workflows.fanout_limited(sizes.fanout_steps, sizes.fanout_steps)
+    return await _fanout(dsn, sizes, "fan-out-limited", wf, workflows.bench_limits())
+
+
+async def fanout_limited_one(dsn: str, sizes: Sizes) -> dict[str, Any]:
+    """The fan-out with one step of each run (the first) under that rate limit: a run that
+    makes one rate-limited call among plain steps."""
+    wf = workflows.fanout_limited(sizes.fanout_steps, 1)
+    return await _fanout(dsn, sizes, "fan-out-limited-1", wf, workflows.bench_limits())
 
 
 # -- drain ---------------------------------------------------------------------------------

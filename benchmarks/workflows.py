@@ -35,6 +35,33 @@ def fanout(steps: int) -> durable.Workflow:
     return wf
 
 
+#: Keys of the fan-out with a per-key bound: each run counts under `i % KEYS`.
+KEYS = 1000
+#: The limit of the limited fan-out: far above what one worker achieves.
+BENCH_LIMIT = "bench_rate"
+
+
+def fanout_keyed(steps: int) -> durable.Workflow:
+    """The fan-out's runs under a bound of one active run per key, over `KEYS` keys."""
+    wf = durable.Workflow(FANOUT, concurrency=1, concurrency_key=lambda i: i["i"] % KEYS)
+    for i in range(steps):
+        wf.step(f"s{i}", noop)
+    return wf
+
+
+def fanout_limited(steps: int, limited: int) -> durable.Workflow:
+    """The fan-out's runs with their first `limited` steps taking a token of `BENCH_LIMIT`."""
+    wf = durable.Workflow(FANOUT)
+    for i in range(steps):
+        wf.step(f"s{i}", noop, limit=BENCH_LIMIT if i < limited else None)
+    return wf
+
+
+def bench_limits() -> dict[str, durable.Limit]:
+    """A rate limit set above the achievable rate (a million starts a second)."""
+    return {BENCH_LIMIT: durable.Limit(rate=1_000_000, per=1.0)}
+
+
 def one_step() -> durable.Workflow:
     """A run of a single no-op step (drain, start, latency)."""
     return durable.Workflow(ONE_STEP).step("only", noop)

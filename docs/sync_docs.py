@@ -127,6 +127,14 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
             ],
         ),
         (
+            "Flow control",
+            [
+                ("durable.Limit", durable.Limit),
+                ("durable.Debounce", durable.Debounce),
+                ("durable.LimitUsage", durable.LimitUsage),
+            ],
+        ),
+        (
             "Inside a handler",
             [
                 ("durable.Context", durable.Context),

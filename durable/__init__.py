@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from durable.client import LimitUsage
 from durable.context import Context, LoopContext, SyncContext, SyncLoopContext
 from durable.engine import Engine
 from durable.errors import (
@@ -26,6 +27,7 @@ from durable.errors import (
     WorkerLost,
     WorkflowNotFound,
 )
+from durable.flow import Debounce, Limit
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
 from durable.runtime.threads import SyncConnection
@@ -42,6 +44,7 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "DatabaseUnavailable",
+    "Debounce",
     "DefinitionChanged",
     "DefinitionError",
     "DurableError",
@@ -49,6 +52,8 @@ __all__ = [
     "IdempotencyConflict",
     "IllegalTransition",
     "JournalEntry",
+    "Limit",
+    "LimitUsage",
     "LoopContext",
     "Node",
     "NonRetryable",

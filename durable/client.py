@@ -9,7 +9,9 @@ exactly the jobs its state needs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +29,7 @@ from durable.errors import (
     RunNotFound,
     WorkflowNotFound,
 )
+from durable.flow import Debounce, check_start, concurrency_key_of
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.versions import CheckReport, UpgradeReport
 from durable.versions import check as check_runs
@@ -35,6 +38,20 @@ from durable.waiting import Waiting
 from durable.workflow import WaitForSignal, Workflow
 
 log = logging.getLogger("durable.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """What a named limit uses now for one key (`Engine.limit_usage`): `in_flight` attempts
+    hold a slot, of `slots` there are so far; `tokens` rate tokens exist, the last taken at
+    `last_start` (None if never)."""
+
+    name: str
+    key: str
+    in_flight: int
+    slots: int
+    tokens: int
+    last_start: datetime | None
 
 
 def _run_from_record(row: asyncpg.Record) -> Run:
@@ -130,6 +147,11 @@ class Client(Waiting):
         idempotency_key: str | None = None,
         conn: Connection | None = None,
         version: int | None = None,
+        priority: int = 0,
+        delay: float | None = None,
+        start_at: datetime | None = None,
+        singleton_key: str | None = None,
+        debounce: Debounce | None = None,
     ) -> str:
         """Create a run and its first job in one transaction; return the run id (a ULID).
 
@@ -142,12 +164,46 @@ class Client(Waiting):
         registered and the input is valid. With `conn`, the run commits (or rolls back) with
         the caller's transaction. With an `idempotency_key`, a second start with the same
         key returns the first run's id.
+
+        Flow control (docs/guides/flow-control.md): `priority` (-100 to 100, higher first)
+        orders every job of the run; `delay` (seconds) or `start_at` (an aware datetime)
+        make its first node due then, on the database clock; while a run with the same
+        `singleton_key` is active, its id is returned instead of a new run; `debounce`
+        coalesces starts with the same key into one pending run with the latest input.
+        A workflow with a `concurrency` bound evaluates `concurrency_key(input)` here, on
+        the input's JSON form.
         """
         wf = self._workflow(workflow, version)
         text = input_text(wf.input_codec, input, f"input of workflow {wf.name!r}")
         if idempotency_key is not None:
             text_arg(idempotency_key, "idempotency_key", empty=False)
-        args = (str(ULID()), wf.name, wf.queue, text, wf.nodes[0].name, idempotency_key)
+        flow = check_start(
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+            singleton_key=singleton_key,
+            debounce=debounce,
+            idempotency_key=idempotency_key,
+        )
+        key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, json.loads(text))
+        d = flow.debounce
+        args = (
+            str(ULID()),
+            wf.name,
+            wf.queue,
+            text,
+            wf.nodes[0].name,
+            idempotency_key,
+            flow.priority,
+            flow.delay,
+            flow.start_at,
+            key,
+            wf.concurrency,
+            flow.singleton_key,
+            None if d is None else d.key,
+            None if d is None else d.seconds,
+            None if d is None else d.max_wait,
+        )
         if conn is not None:
             return await self._start(conn, wf, args)
         async with self._acquire() as c:
@@ -327,6 +383,46 @@ class Client(Waiting):
             raise ArgumentError(
                 f"no wait of workflow {wf.name!r} waits for signal {name!r} (it waits for: {known})"
             )
+
+    # -- flow control ----------------------------------------------------------------------
+
+    async def pause(self, workflow: str | Workflow) -> bool:
+        """Stop workers from claiming the jobs of `workflow` (any name: it need not be
+        registered here). Attempts in flight finish; runs keep their state and jobs, and new
+        runs can still be started. Returns False if it was paused already."""
+        name = self._flow_name(workflow)
+        async with self._acquire() as conn:
+            changed: bool = await conn.fetchval(self.queries["pause_workflow"], name)
+        if changed:
+            log.info("workflow %s paused", name, extra={"workflow": name})
+        return changed
+
+    async def resume(self, workflow: str | Workflow) -> bool:
+        """Let workers claim the jobs of a paused `workflow` again (idle workers are woken).
+        Returns False if it was not paused."""
+        name = self._flow_name(workflow)
+        async with self._acquire() as conn:
+            changed: bool = await conn.fetchval(self.queries["resume_workflow"], name)
+        if changed:
+            log.info("workflow %s resumed", name, extra={"workflow": name})
+        return changed
+
+    async def paused(self) -> list[str]:
+        """The names of the paused workflows."""
+        async with self._acquire() as conn:
+            return [r["workflow"] for r in await conn.fetch(self.queries["paused_workflows"])]
+
+    async def limit_usage(self) -> list[LimitUsage]:
+        """What each named limit uses now, per key (keys that were never used are absent)."""
+        async with self._acquire() as conn:
+            rows = await conn.fetch(self.queries["limit_usage"])
+        return [LimitUsage(**dict(r)) for r in rows]
+
+    def _flow_name(self, workflow: str | Workflow) -> str:
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ArgumentError(f"workflow must be a name or a Workflow, got {workflow!r}")
+        return name
 
     # -- cancelling ------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncpg
 from durable import metrics
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
+from durable.flow import Limit, check_limits
 from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
@@ -24,7 +25,7 @@ from durable.scheduler import ScheduleClient, Scheduler
 from durable.sql import Queries
 from durable.versions import announce
 from durable.worker import Worker
-from durable.workflow import Workflow
+from durable.workflow import Step, Workflow
 
 log = logging.getLogger("durable.engine")
 
@@ -55,6 +56,7 @@ class Engine(Operations, ScheduleClient):
     on a thread pool the engine's workers share; more wait for a thread, within their
     attempt's time limits. `server_settings`: PostgreSQL settings for every session the
     engine and its workers open (`application_name`, `statement_timeout`, ...).
+    `limits`: the named `durable.Limit`s that steps use with `step(limit=name)`.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Engine(Operations, ScheduleClient):
         threads: int = DEFAULT_THREADS,
         server_settings: Mapping[str, str] | None = None,
         read_dsn: str | None = None,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ConfigurationError("Engine needs exactly one of a DSN or an asyncpg pool")
@@ -87,6 +90,7 @@ class Engine(Operations, ScheduleClient):
         self._read_pool: asyncpg.Pool | None = None
         self.queries = Queries(schema)
         self.schema = schema
+        self._limits = check_limits(limits)
         self._versions = {}
         for wf in workflows:
             self.register(wf)
@@ -127,6 +131,14 @@ class Engine(Operations, ScheduleClient):
             raise DefinitionError(
                 f"workflow {workflow.name!r} version {workflow.version} is already registered"
             )
+        for node in workflow.nodes:
+            if isinstance(node, Step) and node.limit is not None and node.limit not in self._limits:
+                known = ", ".join(repr(n) for n in sorted(self._limits)) or "none"
+                raise DefinitionError(
+                    f"step {node.name!r} of workflow {workflow.name!r} uses limit "
+                    f"{node.limit!r}, which the engine does not declare (limits: {known}); "
+                    "pass it in Engine(limits={...})"
+                )
         versions[workflow.version] = workflow
 
     def _add_schedule(self, schedule: Schedule) -> None:
@@ -152,6 +164,11 @@ class Engine(Operations, ScheduleClient):
     def versions(self) -> Mapping[str, Mapping[int, Workflow[Any]]]:
         """Every registered workflow by name, then version."""
         return {name: dict(sorted(v.items())) for name, v in sorted(self._versions.items())}
+
+    @property
+    def limits(self) -> Mapping[str, Limit]:
+        """The declared named limits by name."""
+        return dict(self._limits)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -297,12 +314,15 @@ class Engine(Operations, ScheduleClient):
             lease_seconds=self.lease_seconds,
             transaction_timeout=self.transaction_timeout,
             max_claims=self.max_claims,
+            limits=self._limits,
             threads=self._threads,
         )
         worker = Worker(
             pool,
             self.queries,
-            dict.fromkeys(("advance", "branch", "compensate"), metrics.timed(runner.handle)),
+            dict.fromkeys(
+                ("advance", "branch", "compensate", "admit"), metrics.timed(runner.handle)
+            ),
             queues=runner.queues,
             concurrency=concurrency,
             poll_interval=poll_interval or self.poll_interval,

@@ -134,6 +134,10 @@ class Step(Node):
     compensate: Handler | None
     timeout: float | None
     transactional: bool
+    #: The engine's named `Limit` the step's attempts take a slot and a token of, and the
+    #: function of the context that gives the key they count under (None: one for all).
+    limit: str | None = None
+    limit_key: Callable[[Context], Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar, overload
 from durable.codec import Codec, model_codec
 from durable.context import Context, In, LoopContext, SyncContext, SyncLoopContext
 from durable.errors import DefinitionError
+from durable.flow import check_concurrency, check_step_limit
 from durable.nodes import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_WAIT,
@@ -82,10 +83,26 @@ class Workflow(Generic[In]):
     validates the input (a mapping or an instance) and stores its JSON form, and handlers
     get `ctx.input` as an instance: annotate them `ctx: durable.Context[Model]` and a type
     checker knows its fields. Without it, the input is a JSON object (`dict[str, Any]`).
+
+    `concurrency`: at most that many runs of the workflow are active (started, not
+    finished) at once, per `concurrency_key(input)` when given (evaluated once, at start,
+    on the input's JSON form); the others stay `pending` and start in priority, then FIFO,
+    order as slots free.
     """
 
-    def __init__(self, name: str, *, version: int = 1, input: type[In] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: int = 1,
+        input: type[In] | None = None,
+        concurrency: int | None = None,
+        concurrency_key: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.name = validate_name(name, "workflow")
+        self.concurrency, self.concurrency_key = check_concurrency(
+            concurrency, concurrency_key, f"workflow {self.name!r}"
+        )
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise DefinitionError(
                 f"workflow {self.name!r}: version must be an integer >= 1, got {version!r}"
@@ -169,6 +186,8 @@ class Workflow(Generic[In]):
         compensate: NodeHandler[In] | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
+        limit: str | None = ...,
+        limit_key: Callable[[Context], Any] | None = ...,
     ) -> Workflow[In]: ...
 
     @overload
@@ -183,6 +202,8 @@ class Workflow(Generic[In]):
         compensate: NodeHandler[In] | None = ...,
         timeout: float | None = ...,
         transactional: bool = ...,
+        limit: str | None = ...,
+        limit_key: Callable[[Context], Any] | None = ...,
     ) -> Callable[[H], H]: ...
 
     def step(
@@ -196,6 +217,8 @@ class Workflow(Generic[In]):
         compensate: Handler | None = None,
         timeout: float | None = None,
         transactional: bool = True,
+        limit: str | None = None,
+        limit_key: Callable[[Context], Any] | None = None,
     ) -> Any:
         """Declare a step.
 
@@ -208,24 +231,24 @@ class Workflow(Generic[In]):
         the failed attempt number, or None for `min(2 ** n, 60)`; `compensate` runs if a later
         node fails terminally; `timeout` bounds one attempt in seconds; `transactional=False`
         runs the handler outside any transaction under a heartbeat lease (`ctx.conn` is None).
+        `limit` names a `durable.Limit` of the engine: each attempt takes a slot and a token
+        of it first (per `limit_key(ctx)` when given), and waits, without using an attempt,
+        while there is none.
         """
+        options = (max_attempts, backoff, compensate, timeout, transactional, limit, limit_key)
         if callable(name) and fn is None:
             handler = name
-            self._add_step(
-                handler.__name__, handler, max_attempts, backoff, compensate, timeout, transactional
-            )
+            self._add_step(handler.__name__, handler, *options)
             return handler
         if fn is None:
 
             def decorator(handler: H) -> H:
                 node_name = name if isinstance(name, str) else handler.__name__
-                self._add_step(
-                    node_name, handler, max_attempts, backoff, compensate, timeout, transactional
-                )
+                self._add_step(node_name, handler, *options)
                 return handler
 
             return decorator
-        self._add_step(name, fn, max_attempts, backoff, compensate, timeout, transactional)
+        self._add_step(name, fn, *options)
         return self
 
     def _add_step(
@@ -237,6 +260,8 @@ class Workflow(Generic[In]):
         compensate: object,
         timeout: object,
         transactional: object,
+        limit: object,
+        limit_key: object,
     ) -> None:
         node_name = validate_name(name, "node")
         what = f"step {node_name!r} of workflow {self.name!r}"
@@ -246,6 +271,7 @@ class Workflow(Generic[In]):
         timeout = check_timeout(timeout, what)
         if not isinstance(transactional, bool):
             raise DefinitionError(f"{what}: transactional must be True or False")
+        limit_name, key_fn = check_step_limit(limit, limit_key, what)
         self._add(
             Step(
                 name=node_name,
@@ -256,6 +282,8 @@ class Workflow(Generic[In]):
                 compensate=compensate,  # type: ignore[arg-type]
                 timeout=timeout,
                 transactional=transactional,
+                limit=limit_name,
+                limit_key=key_fn,
             )
         )
 

@@ -14,7 +14,17 @@
 -- its state needs. Lock order everywhere: a client's advisory lock on the run, then jobs,
 -- then the run row; a worker locks its job, then the run.
 --
--- Every function that reads a run's rows says `SET enable_seqscan = off`. Its statements'
+-- Flow control. A run of a workflow with a bound on its active runs counts under its
+-- `concurrency_key`: its `slot` is 'held' while it is active, 'queued' while it waits for
+-- one (no job), NULL until admitted (an `admit` job, due at `not_before`, takes a slot or
+-- queues it). Admissions and releases of one key take its advisory lock (slot_lock_v1), in
+-- the transaction that starts, admits or finishes a run, so a bound holds across
+-- processes; that lock is taken after the caller's own job and run, and its holder never
+-- waits for another run's lock except a queued run's. A named limit's slots and tokens
+-- live in `limit_slots` and `limit_tokens` (see sql/schema.sql); a step that gets neither
+-- waits with its job at `wake_at` and its run's `limit_wait` set, without an attempt.
+--
+-- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off`. Its statements'
 -- plans are cached per session, and a plan made while a table looked empty (a fresh
 -- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
 -- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
@@ -52,11 +62,13 @@ END
 $$;
 
 -- Give run `p_run` exactly the jobs its state needs: none when it is finished or paused
--- (a lease in flight is its holder's to settle), one
--- `compensate` job while it compensates, one `branch` job per uncommitted branch while a
--- parallel node fans out, else one `advance` job, due when the run's state says (its wake
--- time or retry backoff, now when an awaited signal or child is there or a cancel was
--- requested) or none while it waits for a signal, a child or branches. Jobs another
+-- (a lease in flight is its holder's to settle), one `compensate` job while it
+-- compensates, an `admit` job (due at `not_before`) while a run of a bounded workflow is
+-- not admitted, none while it is queued for a slot of its workflow's bound, one `branch`
+-- job per uncommitted branch while a parallel node fans out, else one `advance` job, due
+-- when the run's state says (its wake time or retry backoff, now when an awaited signal
+-- or child is there or a cancel was requested) or none while it waits for a signal, a
+-- child or branches. Jobs another
 -- transaction holds are left alone: their worker reads the run after that transaction
 -- and finds nothing to do. Returns the run's advance or compensate job when it is due
 -- now, so that the caller may continue the run on the same worker.
@@ -80,7 +92,9 @@ BEGIN
     -- them), in one statement: this runs at the end of every transition.
     SELECT x.id, x.queue, x.status, x.current_node, x.wake_at, x.waiting_for, x.child_id,
            x.branches, x.finished_at IS NOT NULL AS finished,
-           x.paused_at IS NOT NULL AS paused,
+           x.paused_at IS NOT NULL AS paused, x.priority, x.not_before,
+           x.concurrency_key IS NOT NULL AND x.slot IS DISTINCT FROM 'held' AS unadmitted,
+           x.slot,
            EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = x.id)
                AS cancel,
            (SELECT array_agg(ROW(j.id, j.task, j.branch, j.run_at, j.lease_token IS NOT NULL)
@@ -106,6 +120,12 @@ BEGIN
     ELSIF r.cancel THEN
         v_task := 'advance';  -- a worker applies the cancel
         v_due := v_now;
+    ELSIF r.unadmitted THEN
+        -- Not admitted yet: an `admit` job when due; none while queued for a slot.
+        IF r.slot IS NULL THEN
+            v_task := 'admit';
+            v_due := greatest(v_now, r.not_before);
+        END IF;
     ELSIF r.branches IS NOT NULL THEN
         v_task := NULL;
         -- the branches that have not committed: one job each
@@ -135,7 +155,7 @@ BEGIN
         END IF;
     ELSE
         v_task := 'advance';
-        v_due := coalesce(r.wake_at, v_now);
+        v_due := greatest(coalesce(r.wake_at, v_now), r.not_before);
     END IF;
 
     -- The run's jobs against what the state needs.
@@ -163,8 +183,8 @@ BEGIN
 
     IF v_task IS NOT NULL THEN
         IF v_job IS NULL THEN
-            INSERT INTO __SCHEMA__.jobs (queue, task, run_id, run_at)
-            VALUES (r.queue, v_task, p_run, v_due)
+            INSERT INTO __SCHEMA__.jobs (queue, task, run_id, run_at, priority)
+            VALUES (r.queue, v_task, p_run, v_due, r.priority)
             ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
             DO NOTHING
             RETURNING id, run_at INTO v_job, v_run_at;
@@ -186,8 +206,8 @@ BEGIN
             RETURN v_job;
         END IF;
     ELSIF v_open IS NOT NULL THEN
-        INSERT INTO __SCHEMA__.jobs (queue, task, run_id, branch)
-        SELECT r.queue, 'branch', p_run, b FROM unnest(v_open) AS b
+        INSERT INTO __SCHEMA__.jobs (queue, task, run_id, branch, priority)
+        SELECT r.queue, 'branch', p_run, b, r.priority FROM unnest(v_open) AS b
         WHERE NOT EXISTS (
             SELECT 1 FROM __SCHEMA__.jobs j
             WHERE j.run_id = p_run AND j.task = 'branch' AND j.branch = b
@@ -205,6 +225,7 @@ $$;
 -- advisory lock) is left to that client; the job skipped stays locked until this
 -- transaction ends, and whoever claims it next finds the run as the client left it. The
 -- results mapping is only read when `p_results` is set (a worker continuing a run knows it).
+-- Jobs of paused workflows are not claimed, except by the holder of a lease settling it.
 CREATE OR REPLACE FUNCTION __SCHEMA__.claim_v1(
     p_queues text[], p_job bigint, p_token uuid, p_results boolean
 )
@@ -232,6 +253,15 @@ DECLARE
     c refcursor;
 BEGIN
     IF p_job IS NULL THEN
+        IF EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows) THEN
+            -- A queue is `workflow@shape`: leave out those of paused workflows.
+            p_queues := ARRAY(
+                SELECT q FROM unnest(p_queues) AS q
+                WHERE split_part(q, '@', 1) NOT IN (
+                    SELECT w.workflow FROM __SCHEMA__.paused_workflows w
+                )
+            );
+        END IF;
         OPEN c FOR
             SELECT jobs.id, jobs.queue, jobs.task, jobs.branch, jobs.run_id, jobs.lease_token,
                    jobs.xmax AS locker
@@ -269,6 +299,9 @@ BEGIN
         v_found := FOUND AND (
             j.task = 'branch'
             OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0))
+        ) AND NOT EXISTS (
+            SELECT 1 FROM __SCHEMA__.paused_workflows w
+            WHERE w.workflow = split_part(j.queue, '@', 1)
         );
     END IF;
     IF NOT v_found THEN
@@ -322,46 +355,217 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT coalesce((regexp_match(p_queue, '@v([0-9]+)@[^@]*$'))[1]::integer, 1)
 $$;
 
+-- The lock that serialises admissions to the bound of workflow `p_workflow`, key `p_key`
+-- (the two-key advisory space, apart from the runs' one-key locks), for this transaction.
+CREATE OR REPLACE FUNCTION __SCHEMA__.slot_lock_v1(p_workflow text, p_key text) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtext('durable.slot'), hashtext(p_workflow || chr(31) || p_key))
+$$;
+
+-- How many runs of workflow `p_workflow` hold a slot of key `p_key` (take the key's lock first).
+CREATE OR REPLACE FUNCTION __SCHEMA__.slots_held_v1(p_workflow text, p_key text)
+RETURNS integer
+LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off AS $$
+    SELECT count(*)::integer FROM __SCHEMA__.runs
+    WHERE workflow = p_workflow AND concurrency_key = p_key AND slot = 'held'
+      AND finished_at IS NULL
+$$;
+
+-- Create a run and its first job, as start_run_v1, with flow control: `p_priority` for all
+-- its jobs; its first node due `p_delay` seconds from now or at `p_start_at`; a slot of
+-- its workflow's bound `p_concurrency` for key `p_concurrency_key` (taken now when the run
+-- is due now, else by its `admit` job when it is); the id of the active run holding
+-- singleton key `p_singleton`; with debounce key `p_debounce`, the id of the newest
+-- pending run of that key, which takes this input and becomes due `p_debounce_seconds`
+-- from now but no later than `p_debounce_max` seconds after its first start, unless a
+-- worker holds it (its window closed as it was claimed): then a new run.
+CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v2(
+    p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
+    p_parent text, p_parent_node text, p_priority integer, p_delay float8,
+    p_start_at timestamptz, p_concurrency_key text, p_concurrency integer,
+    p_singleton text, p_debounce text, p_debounce_seconds float8, p_debounce_max float8
+) RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_now timestamptz := __SCHEMA__.now_v1();
+    v_id text;
+    v_same boolean;
+    v_not_before timestamptz := coalesce(v_now + make_interval(secs => p_delay), p_start_at);
+    v_slot text;
+    v_job bigint;
+    v_tries integer := 0;
+BEGIN
+    IF p_debounce IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(
+            hashtext('durable.debounce'), hashtext(p_workflow || chr(31) || p_debounce)
+        );
+        SELECT r.id INTO v_id FROM __SCHEMA__.runs r
+        WHERE r.workflow = p_workflow AND r.debounce_key = p_debounce AND r.status = 'pending'
+        ORDER BY r.created_at DESC
+        LIMIT 1;
+        IF v_id IS NOT NULL THEN
+            -- Jobs before runs: its job (if it has one: none while queued for a slot) must
+            -- be free, or a worker is starting it.
+            SELECT j.id INTO v_job FROM __SCHEMA__.jobs j WHERE j.run_id = v_id
+            FOR UPDATE SKIP LOCKED;
+            IF v_job IS NOT NULL
+               OR NOT EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id = v_id) THEN
+                UPDATE __SCHEMA__.runs
+                SET input = p_input::jsonb, updated_at = v_now,
+                    not_before = least(
+                        v_now + make_interval(secs => p_debounce_seconds),
+                        created_at + make_interval(secs => p_debounce_max)
+                    )
+                WHERE id = (
+                    SELECT id FROM __SCHEMA__.runs
+                    WHERE id = v_id AND status = 'pending'
+                    FOR NO KEY UPDATE SKIP LOCKED
+                );
+                IF FOUND THEN
+                    PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
+                    RETURN v_id;
+                END IF;
+            END IF;
+        END IF;
+        v_not_before := least(
+            v_now + make_interval(secs => p_debounce_seconds),
+            v_now + make_interval(secs => p_debounce_max)
+        );
+    END IF;
+    IF p_concurrency_key IS NOT NULL AND (v_not_before IS NULL OR v_not_before <= v_now) THEN
+        -- Due now: admitted now, or queued behind the runs that hold the key's slots.
+        PERFORM __SCHEMA__.slot_lock_v1(p_workflow, p_concurrency_key);
+        v_slot := CASE
+            WHEN __SCHEMA__.slots_held_v1(p_workflow, p_concurrency_key) < p_concurrency
+            THEN 'held' ELSE 'queued' END;
+    END IF;
+    IF p_key IS NULL AND p_singleton IS NULL THEN
+        -- No key another run may hold: a plain insert (cheaper than a speculative one).
+        INSERT INTO __SCHEMA__.runs
+            (id, workflow, queue, version, input, current_node, parent_id, parent_node,
+             priority, not_before, concurrency_key, concurrency, slot, debounce_key)
+        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+                p_input::jsonb, p_node, p_parent, p_parent_node, coalesce(p_priority, 0),
+                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_debounce);
+        PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+        RETURN p_id;
+    END IF;
+    LOOP
+        INSERT INTO __SCHEMA__.runs
+            (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
+             parent_node, priority, not_before, concurrency_key, concurrency, slot,
+             singleton_key, debounce_key)
+        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+                p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
+                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce)
+        ON CONFLICT DO NOTHING
+        RETURNING id INTO v_id;
+        IF v_id IS NOT NULL THEN
+            PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
+            RETURN v_id;
+        END IF;
+        IF p_key IS NOT NULL THEN
+            SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
+            WHERE workflow = p_workflow AND idempotency_key = p_key;
+            IF FOUND THEN
+                IF NOT v_same THEN
+                    RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
+                        'started with another input; use a new key for a new request',
+                        quote_literal(p_key), quote_literal(p_workflow), v_id
+                        USING ERRCODE = 'DU003', DETAIL = v_id;
+                END IF;
+                RETURN v_id;
+            END IF;
+        END IF;
+        IF p_singleton IS NOT NULL THEN
+            SELECT id INTO v_id FROM __SCHEMA__.runs
+            WHERE workflow = p_workflow AND singleton_key = p_singleton AND finished_at IS NULL;
+            IF FOUND THEN
+                RETURN v_id;
+            END IF;
+        END IF;
+        -- The run that held the key finished (or was purged) meanwhile: try again.
+        v_tries := v_tries + 1;
+        IF v_tries > 10 THEN
+            RAISE EXCEPTION 'durable: run % could not be created', p_id
+                USING ERRCODE = 'unique_violation';
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Create a run and its first job; the id of the run that holds the idempotency key when
 -- it is taken with the same input (the caller compares it with `p_id`); DU003 when that
 -- run was started with another input (durable.db.translate makes it IdempotencyConflict).
+-- (The start of releases before flow control.)
 CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_id text, p_workflow text, p_queue text, p_input text, p_node text, p_key text,
     p_parent text, p_parent_node text
 ) RETURNS text
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
-DECLARE
-    v_id text;
-    v_same boolean;
 BEGIN
-    INSERT INTO __SCHEMA__.runs (
-        id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
-        parent_node
-    )
-    VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue), p_input::jsonb,
-            p_node, p_key, p_parent, p_parent_node)
-    ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id INTO v_id;
-    IF v_id IS NULL THEN
-        SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
-        WHERE workflow = p_workflow AND idempotency_key = p_key;
-        IF NOT v_same THEN
-            RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
-                'started with another input; use a new key for a new request',
-                quote_literal(p_key), quote_literal(p_workflow), v_id
-                USING ERRCODE = 'DU003', DETAIL = v_id;
-        END IF;
-        RETURN v_id;
+    RETURN __SCHEMA__.start_run_v2(
+        p_id, p_workflow, p_queue, p_input, p_node, p_key, p_parent, p_parent_node,
+        0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    );
+END
+$$;
+
+-- A slot of workflow `p_workflow`'s bound for key `p_key` freed: give it to the queued
+-- runs next in line (priority, then FIFO), in this transaction.
+CREATE OR REPLACE FUNCTION __SCHEMA__.admit_next_v1(p_workflow text, p_key text)
+RETURNS void
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_next text;
+    v_bound integer;
+BEGIN
+    PERFORM __SCHEMA__.slot_lock_v1(p_workflow, p_key);
+    LOOP
+        -- Waits, rather than skips, for a queued run a client holds (a signal, a debounced
+        -- start, a cancel): skipping it could leave it queued by a free slot.
+        SELECT r.id, r.concurrency INTO v_next, v_bound FROM __SCHEMA__.runs r
+        WHERE r.workflow = p_workflow AND r.concurrency_key = p_key AND r.slot = 'queued'
+          AND r.finished_at IS NULL AND r.paused_at IS NULL
+        ORDER BY r.priority DESC, r.created_at, r.id
+        LIMIT 1
+        FOR NO KEY UPDATE;
+        EXIT WHEN NOT FOUND OR __SCHEMA__.slots_held_v1(p_workflow, p_key) >= v_bound;
+        UPDATE __SCHEMA__.runs SET slot = 'held', updated_at = __SCHEMA__.now_v1()
+        WHERE id = v_next;
+        PERFORM __SCHEMA__.ensure_jobs_v1(v_next);
+    END LOOP;
+END
+$$;
+
+-- The `admit` job of run `p_run` (this transaction holds it and the run): the run takes a
+-- slot of its workflow's bound, or is queued for one. Returns its advance job when due.
+CREATE OR REPLACE FUNCTION __SCHEMA__.admit_v1(p_run text) RETURNS bigint
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    r record;
+BEGIN
+    SELECT workflow, concurrency_key, concurrency, slot, finished_at INTO r
+    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF FOUND AND r.finished_at IS NULL AND r.concurrency_key IS NOT NULL AND r.slot IS NULL THEN
+        PERFORM __SCHEMA__.slot_lock_v1(r.workflow, r.concurrency_key);
+        UPDATE __SCHEMA__.runs
+        SET slot = CASE
+                WHEN __SCHEMA__.slots_held_v1(r.workflow, r.concurrency_key) < r.concurrency
+                THEN 'held' ELSE 'queued' END,
+            updated_at = __SCHEMA__.now_v1()
+        WHERE id = p_run;
     END IF;
-    PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
-    RETURN v_id;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
 END
 $$;
 
 -- What a finished run's transaction owes others: its jobs go, a parent waiting for it
--- gets its job, and whoever waits for it (Engine.wait) hears of it, with a small result
--- riding along (a notification holds at most 8000 bytes).
+-- gets its job, the slot it held of its workflow's bound goes to the next queued run, and
+-- whoever waits for it (Engine.wait) hears of it, with a small result riding along (a
+-- notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
@@ -370,21 +574,29 @@ DECLARE
     v_queue text;
     v_watched boolean;
     v_result text;
+    v_workflow text;
+    v_slot_key text;
+    v_priority smallint;
 BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
-    SELECT p.id, p.queue INTO v_parent, v_queue
+    SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
     FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
     WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL
       AND p.paused_at IS NULL;
     IF v_parent IS NOT NULL THEN
         -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
-        INSERT INTO __SCHEMA__.jobs (queue, task, run_id) VALUES (v_queue, 'advance', v_parent)
+        INSERT INTO __SCHEMA__.jobs (queue, task, run_id, priority)
+        VALUES (v_queue, 'advance', v_parent, v_priority)
         ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
         DO NOTHING;
     END IF;
-    SELECT watched, CASE WHEN status = 'completed' THEN result::text END
-    INTO v_watched, v_result
+    SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
+           CASE WHEN slot = 'held' THEN concurrency_key END
+    INTO v_watched, v_result, v_workflow, v_slot_key
     FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_slot_key IS NOT NULL THEN
+        PERFORM __SCHEMA__.admit_next_v1(v_workflow, v_slot_key);
+    END IF;
     IF v_watched THEN
         PERFORM pg_notify(
             '__SCHEMA_NAME___runs',
@@ -455,8 +667,9 @@ $$;
 -- transaction that moved the run to its next node: the worker goes on with the run as
 -- it wrote it, without reading it back. Sent in one message with that COMMIT and the next
 -- BEGIN. Raises DU040 when that is not safe: another worker took the job, a client holds
--- the run, someone wrote the run row since, a cancel was requested, or the node there has
--- a journal row to replay (a retried run); the worker then rolls back and claims afresh.
+-- the run, someone wrote the run row since, a cancel was requested, the node there has
+-- a journal row to replay (a retried run), or its workflow is paused; the worker then
+-- rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 AS $$
@@ -476,7 +689,11 @@ BEGIN
     SELECT current_node INTO v_node FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by;
     IF NOT FOUND
        OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
-       OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node) THEN
+       OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node)
+       OR EXISTS (
+           SELECT 1 FROM __SCHEMA__.paused_workflows w, __SCHEMA__.runs x
+           WHERE x.id = v_run AND w.workflow = x.workflow
+       ) THEN
         RAISE EXCEPTION 'run % moved since', v_run USING ERRCODE = 'DU040';
     END IF;
 END
@@ -510,7 +727,7 @@ BEGIN
         RETURN NULL;
     END IF;
     UPDATE __SCHEMA__.runs
-    SET attempt = p_attempt + 1,
+    SET attempt = p_attempt + 1, limit_wait = NULL,
         wake_at = __SCHEMA__.now_v1() + make_interval(secs => p_delay),
         status = CASE WHEN status = 'pending' THEN 'running' ELSE status END,
         updated_at = __SCHEMA__.now_v1()
@@ -543,7 +760,7 @@ BEGIN
     UPDATE __SCHEMA__.runs
     SET status = 'compensating', ending = 'failed', error = p_error, current_node = p_node,
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-        updated_at = __SCHEMA__.now_v1()
+        limit_wait = NULL, updated_at = __SCHEMA__.now_v1()
     WHERE id = p_run;
     UPDATE __SCHEMA__.jobs SET lease_token = NULL
     WHERE run_id = p_run AND lease_token IS NOT NULL;
@@ -643,16 +860,20 @@ BEGIN
 END
 $$;
 
--- Start child run `p_child` of node `p_node`, journal the marker that names it, and park
--- the parent until the child finishes (the child's final transaction gives it its job).
-CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v1(
+-- Start child run `p_child` of node `p_node` (with the parent's priority, under its
+-- workflow's bound `p_concurrency` for key `p_concurrency_key`), journal the marker that
+-- names it, and park the parent until the child finishes (the child's final transaction
+-- gives it its job).
+CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v2(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
-    p_queue text, p_input text, p_first text
+    p_queue text, p_input text, p_first text, p_concurrency_key text, p_concurrency integer
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
-    PERFORM __SCHEMA__.start_run_v1(
-        p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node
+    PERFORM __SCHEMA__.start_run_v2(
+        p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node,
+        (SELECT priority FROM __SCHEMA__.runs WHERE id = p_run), NULL, NULL,
+        p_concurrency_key, p_concurrency, NULL, NULL, NULL, NULL
     );
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
     VALUES (p_run, p_node || '@child', p_node, 'completed',
@@ -663,6 +884,19 @@ BEGIN
     WHERE id = p_run;
     RETURN __SCHEMA__.ensure_jobs_v1(p_run);
 END
+$$;
+
+-- Start child run `p_child` of node `p_node`, journal the marker that names it, and park
+-- the parent until the child finishes (the child's final transaction gives it its job).
+-- (The child start of releases before flow control.)
+CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v1(
+    p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
+    p_queue text, p_input text, p_first text
+) RETURNS bigint
+LANGUAGE sql AS $$
+    SELECT __SCHEMA__.start_child_v2(
+        p_run, p_node, p_attempts, p_child, p_workflow, p_queue, p_input, p_first, NULL, NULL
+    )
 $$;
 
 -- Journal the outcome of one compensator and go on to the next.
@@ -691,7 +925,7 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
-        child_id = NULL, branches = NULL, finished_at = __SCHEMA__.now_v1(),
+        child_id = NULL, branches = NULL, limit_wait = NULL, finished_at = __SCHEMA__.now_v1(),
         updated_at = __SCHEMA__.now_v1(), error = coalesce(error, p_error)
     WHERE id = p_run;
     PERFORM __SCHEMA__.finished_v1(p_run);
@@ -718,14 +952,14 @@ BEGIN
         UPDATE __SCHEMA__.runs
         SET status = 'compensating', ending = 'cancelled', error = p_reason, attempt = 1,
             wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
-            paused_at = NULL, updated_at = __SCHEMA__.now_v1()
+            paused_at = NULL, limit_wait = NULL, updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     ELSE
         UPDATE __SCHEMA__.runs
         SET status = 'cancelled', error = p_reason, current_node = NULL, wake_at = NULL,
             waiting_for = NULL, child_id = NULL, branches = NULL, paused_at = NULL,
-            finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
+            limit_wait = NULL, finished_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
         WHERE id = p_run;
         PERFORM __SCHEMA__.finished_v1(p_run);
     END IF;
@@ -919,7 +1153,10 @@ BEGIN
     SET status = 'running', error = NULL, finished_at = NULL, ending = NULL,
         cursor = v_position, current_node = v_node, iteration = v_iteration, attempt = 1,
         epoch = epoch + 1, wake_at = NULL, waiting_for = NULL, child_id = NULL,
-        branches = NULL, result = NULL, paused_at = NULL, updated_at = __SCHEMA__.now_v1()
+        branches = NULL, result = NULL, paused_at = NULL, limit_wait = NULL,
+        updated_at = __SCHEMA__.now_v1(),
+        -- active again: a bounded run takes a slot anew (its `admit` job)
+        slot = NULL
     WHERE id = p_run;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     RETURN true;
@@ -960,18 +1197,27 @@ END
 $$;
 
 -- Resume paused run `p_run`: it gets the jobs its state needs (a signal that arrived
--- meanwhile wakes it now). NULL for an unknown run, false when it was not paused.
+-- meanwhile wakes it now; a run queued for a slot of its workflow's bound, which no
+-- admission gives a paused run, takes one if it is free). NULL for an unknown run, false
+-- when it was not paused.
 CREATE OR REPLACE FUNCTION __SCHEMA__.resume_run_v1(p_run text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
     v_done boolean;
+    v_workflow text;
+    v_queued_key text;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
     UPDATE __SCHEMA__.runs SET paused_at = NULL, updated_at = __SCHEMA__.now_v1()
-    WHERE id = p_run AND paused_at IS NOT NULL AND finished_at IS NULL;
+    WHERE id = p_run AND paused_at IS NOT NULL AND finished_at IS NULL
+    RETURNING workflow, CASE WHEN slot = 'queued' THEN concurrency_key END
+    INTO v_workflow, v_queued_key;
     v_done := FOUND;
     IF NOT v_done AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs WHERE id = p_run) THEN
         RETURN NULL;
+    END IF;
+    IF v_queued_key IS NOT NULL THEN
+        PERFORM __SCHEMA__.admit_next_v1(v_workflow, v_queued_key);
     END IF;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     RETURN v_done;
@@ -1059,6 +1305,251 @@ BEGIN
     ORDER BY e.seq;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
     RETURN p_id;
+END
+$$;
+
+-- Take, for the attempt this transaction runs of the step at run `p_run`'s position, a slot
+-- of limit `p_name` for key `p_key` (when it has `p_concurrency`) and a token (when it has
+-- a rate of `p_rate` starts per `p_per` seconds). A transactional attempt holds its slot
+-- row locked until it ends; a leased one (`p_token`, the lease of job `p_job`) as long as
+-- that lease lives. `wake_at` NULL: taken; else the time to try again: when the token the
+-- run is in line for frees, or (for a slot, which a holder that lets go wakes it for) a
+-- fallback for holders that die, later the further back in line the run is. `grow`: the
+-- key has fewer slot or token rows than the limit allows and none free: add them in a
+-- transaction of their own (limit_grow_v1), then ask again.
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
+    p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
+    p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
+)
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_now timestamptz := __SCHEMA__.now_v1();
+    v_wait text := p_name || chr(31) || p_key;
+    v_per interval := make_interval(secs => p_per);
+    v_slot integer;
+    v_rows integer;
+    v_from integer;
+    v_ahead integer;
+    v_next timestamptz;
+    v_full text;  -- what there is none of: 'slot' or 'token'
+BEGIN
+    IF p_concurrency IS NOT NULL THEN
+        SELECT s.slot INTO v_slot FROM __SCHEMA__.limit_slots s
+        WHERE s.name = p_name AND s.key = p_key AND s.slot < p_concurrency
+          AND (s.holder_job IS NULL OR NOT EXISTS (
+              SELECT 1 FROM __SCHEMA__.jobs j
+              WHERE j.id = s.holder_job AND j.lease_token = s.holder_token
+                AND j.run_at > v_now
+          ))
+        ORDER BY s.slot
+        LIMIT 1
+        FOR NO KEY UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_slots
+            WHERE name = p_name AND key = p_key AND slot < p_concurrency;
+            IF v_rows < p_concurrency THEN
+                grow := 'slot';
+                RETURN;
+            END IF;
+            v_full := 'slot';
+        END IF;
+    END IF;
+    IF v_full IS NULL AND p_rate IS NOT NULL THEN
+        -- Token rows are numbered 0 .. v_rows - 1. Look for a free one from a random row
+        -- on (then before it), so that attempts at once do not all want the same row;
+        -- `used_at` is in no index, so taking a row is a HOT update.
+        SELECT coalesce(max(t.slot) + 1, 0) INTO v_rows FROM __SCHEMA__.limit_tokens t
+        WHERE t.name = p_name AND t.key = p_key;
+        v_rows := least(v_rows, p_rate);
+        v_from := floor(random() * v_rows)::integer;
+        UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
+        WHERE name = p_name AND key = p_key AND slot = (
+            SELECT t.slot FROM __SCHEMA__.limit_tokens t
+            WHERE t.name = p_name AND t.key = p_key AND t.slot >= v_from AND t.slot < v_rows
+              AND t.used_at <= v_now - v_per
+            ORDER BY t.slot
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED
+        );
+        IF NOT FOUND AND v_from > 0 THEN
+            UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
+            WHERE name = p_name AND key = p_key AND slot = (
+                SELECT t.slot FROM __SCHEMA__.limit_tokens t
+                WHERE t.name = p_name AND t.key = p_key AND t.slot < v_from
+                  AND t.used_at <= v_now - v_per
+                ORDER BY t.slot
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            );
+        END IF;
+        IF NOT FOUND THEN
+            IF v_rows < p_rate THEN
+                grow := 'token';
+                RETURN;
+            END IF;
+            v_full := 'token';
+        END IF;
+    END IF;
+    IF v_full IS NOT NULL THEN
+        -- In line behind the runs waiting for this limit and key that are more urgent.
+        SELECT count(*) INTO v_ahead
+        FROM __SCHEMA__.runs me, __SCHEMA__.runs w
+        WHERE me.id = p_run AND w.limit_wait = v_wait AND w.id <> me.id
+          AND (w.priority > me.priority
+               OR (w.priority = me.priority AND (w.created_at, w.id) < (me.created_at, me.id)));
+        IF v_full = 'slot' THEN
+            wake_at := v_now + make_interval(secs => least(1.0 + 0.5 * v_ahead, 30.0));
+            RETURN;
+        END IF;
+        -- The token this run is in line for: the (v_ahead + 1)-th to free, a window later
+        -- for every `p_rate` runs ahead.
+        SELECT t.used_at INTO v_next FROM __SCHEMA__.limit_tokens t
+        WHERE t.name = p_name AND t.key = p_key AND t.slot < p_rate AND t.used_at > v_now - v_per
+        ORDER BY t.used_at
+        OFFSET v_ahead % p_rate
+        LIMIT 1;
+        wake_at := greatest(
+            coalesce(v_next, v_now) + v_per * (1 + v_ahead / p_rate),
+            v_now + interval '1 millisecond'
+        );
+        RETURN;
+    END IF;
+    IF p_token IS NOT NULL AND v_slot IS NOT NULL THEN
+        UPDATE __SCHEMA__.limit_slots SET holder_job = p_job, holder_token = p_token
+        WHERE name = p_name AND key = p_key AND slot = v_slot;
+    END IF;
+    UPDATE __SCHEMA__.runs SET limit_wait = NULL WHERE id = p_run AND limit_wait IS NOT NULL;
+END
+$$;
+
+-- Add slot rows (`p_kind` 'slot': up to `p_n`) or token rows ('token': doubling, up to
+-- `p_n`) for limit `p_name`, key `p_key`, in a transaction of its own, so that they are
+-- there for every attempt at once. Rows are numbered from 0 without gaps; never more than
+-- the limit allows below `p_n` (rows beyond it, of a larger limit before, are not used).
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_grow_v1(
+    p_name text, p_key text, p_kind text, p_n integer
+) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_rows integer;
+BEGIN
+    IF p_kind = 'slot' THEN
+        INSERT INTO __SCHEMA__.limit_slots (name, key, slot)
+        SELECT p_name, p_key, g FROM generate_series(0, p_n - 1) AS g
+        ON CONFLICT DO NOTHING;
+    ELSE
+        SELECT count(*) INTO v_rows FROM __SCHEMA__.limit_tokens
+        WHERE name = p_name AND key = p_key AND slot < p_n;
+        INSERT INTO __SCHEMA__.limit_tokens (name, key, slot)
+        SELECT p_name, p_key, g
+        FROM generate_series(v_rows, least(p_n, greatest(2 * v_rows, 64)) - 1) AS g
+        ON CONFLICT DO NOTHING;
+    END IF;
+END
+$$;
+
+-- The step at run `p_run`'s position waits for limit slot or token `p_wait` (limit name,
+-- chr(31), key) until `p_wake_at`, without an attempt.
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_park_v1(
+    p_run text, p_wake_at timestamptz, p_wait text
+) RETURNS bigint
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+BEGIN
+    UPDATE __SCHEMA__.runs
+    SET wake_at = p_wake_at, limit_wait = p_wait, updated_at = __SCHEMA__.now_v1()
+    WHERE id = p_run;
+    RETURN __SCHEMA__.ensure_jobs_v1(p_run);
+END
+$$;
+
+-- An attempt holding a slot of `p_wait` (limit name, chr(31), key) ends with this
+-- transaction: the most urgent run waiting for one is due when it commits.
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_wake_v1(p_wait text) RETURNS void
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_run text;
+BEGIN
+    SELECT id INTO v_run FROM __SCHEMA__.runs
+    WHERE limit_wait = p_wait AND wake_at > __SCHEMA__.now_v1()
+    ORDER BY priority DESC, created_at, id
+    LIMIT 1
+    FOR NO KEY UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        UPDATE __SCHEMA__.runs SET wake_at = NULL WHERE id = v_run;
+        PERFORM __SCHEMA__.ensure_jobs_v1(v_run);
+    END IF;
+END
+$$;
+
+-- Whether transaction `p_xid` (a row's xmax) is still running. (PostgreSQL 15 has no xid ->
+-- xid8 cast: the epoch comes from the current snapshot, as an xmax is never in the future.)
+CREATE OR REPLACE FUNCTION __SCHEMA__.xact_running_v1(p_xid xid) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_xid bigint := p_xid::text::bigint;
+    v_next bigint;
+BEGIN
+    IF v_xid < 3 THEN
+        RETURN false;
+    END IF;
+    v_next := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    v_xid := (v_next & ~4294967295::bigint) | v_xid;
+    IF v_xid >= v_next THEN
+        v_xid := v_xid - 4294967296;
+    END IF;
+    RETURN v_xid > 0 AND pg_xact_status(v_xid::text::xid8) = 'in progress';
+END
+$$;
+
+-- What the named limits use now, per key: slots in flight (held by a running transaction or
+-- a live lease), slots and tokens there are, and the last token's time.
+CREATE OR REPLACE FUNCTION __SCHEMA__.limit_usage_v1()
+RETURNS TABLE (name text, key text, in_flight integer, slots integer, tokens integer,
+               last_start timestamptz)
+LANGUAGE sql STABLE AS $$
+    WITH s AS (
+        SELECT s.name, s.key, count(*)::integer AS slots,
+               count(*) FILTER (
+                   WHERE (s.xmax <> '0' AND __SCHEMA__.xact_running_v1(s.xmax))
+                      OR EXISTS (
+                          SELECT 1 FROM __SCHEMA__.jobs j
+                          WHERE j.id = s.holder_job AND j.lease_token = s.holder_token
+                            AND j.run_at > __SCHEMA__.now_v1()
+                      )
+               )::integer AS in_flight
+        FROM __SCHEMA__.limit_slots s GROUP BY s.name, s.key
+    ), t AS (
+        SELECT t.name, t.key, count(*)::integer AS tokens,
+               nullif(max(t.used_at), '-infinity') AS last_start
+        FROM __SCHEMA__.limit_tokens t GROUP BY t.name, t.key
+    )
+    SELECT coalesce(s.name, t.name), coalesce(s.key, t.key), coalesce(s.in_flight, 0),
+           coalesce(s.slots, 0), coalesce(t.tokens, 0), t.last_start
+    FROM s FULL JOIN t ON t.name = s.name AND t.key = s.key
+    ORDER BY 1, 2
+$$;
+
+-- Stop (`pause_workflow_v1`) or restart claiming the jobs of workflow `p_workflow`; true
+-- when that changed something. A resume wakes idle workers.
+CREATE OR REPLACE FUNCTION __SCHEMA__.pause_workflow_v1(p_workflow text) RETURNS boolean
+LANGUAGE sql AS $$
+    WITH added AS (
+        INSERT INTO __SCHEMA__.paused_workflows (workflow) VALUES (p_workflow)
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM added)
+$$;
+
+CREATE OR REPLACE FUNCTION __SCHEMA__.resume_workflow_v1(p_workflow text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM __SCHEMA__.paused_workflows WHERE workflow = p_workflow;
+    IF FOUND THEN
+        PERFORM pg_notify('__SCHEMA_NAME___jobs', '');
+        RETURN true;
+    END IF;
+    RETURN false;
 END
 $$;
 

@@ -21,16 +21,33 @@ FOR UPDATE SKIP LOCKED;
 
 -- due_state --
 -- For an idle worker: seconds until the next delayed job is due, and whether due jobs exist
--- (held by other transactions, or else a claim would have taken them).
+-- (held by other transactions, or else a claim would have taken them); jobs of paused
+-- workflows left out. The next due job is looked for at each priority level there is (a
+-- walk of jobs_ready_idx from level to level), as the index orders by priority first.
+WITH RECURSIVE levels AS (
+    (SELECT priority FROM __SCHEMA__.jobs ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT j.priority FROM __SCHEMA__.jobs j WHERE j.priority < l.priority
+        ORDER BY j.priority DESC LIMIT 1
+    )
+    FROM levels l WHERE l.priority IS NOT NULL
+), served AS (
+    SELECT coalesce(array_agg(q), '{}') AS queues FROM unnest($1::text[]) AS q
+    WHERE split_part(q, '@', 1) NOT IN (SELECT workflow FROM __SCHEMA__.paused_workflows)
+)
 SELECT
-    (SELECT EXTRACT(EPOCH FROM (run_at - __SCHEMA__.now_v1()))::float8
-       FROM __SCHEMA__.jobs
-      WHERE queue = ANY($1::text[]) AND run_at > (SELECT __SCHEMA__.now_v1())
-      ORDER BY priority DESC, run_at, id
-      LIMIT 1) AS next_due,
+    (SELECT EXTRACT(EPOCH FROM (min(x.run_at) - __SCHEMA__.now_v1()))::float8
+       FROM levels l, served, LATERAL (
+           SELECT j.run_at FROM __SCHEMA__.jobs j
+           WHERE j.priority = l.priority AND j.queue = ANY (served.queues)
+             AND j.run_at > (SELECT __SCHEMA__.now_v1())
+           ORDER BY j.run_at
+           LIMIT 1
+       ) AS x) AS next_due,
     EXISTS (
-        SELECT 1 FROM __SCHEMA__.jobs
-        WHERE queue = ANY($1::text[]) AND run_at <= (SELECT __SCHEMA__.now_v1())
+        SELECT 1 FROM __SCHEMA__.jobs, served
+        WHERE queue = ANY (served.queues) AND run_at <= (SELECT __SCHEMA__.now_v1())
     )
         AS held;
 
@@ -237,8 +254,8 @@ SELECT __SCHEMA__.branch_done_v1($1, $2, $3, $4, $5, $6, $7);
 SELECT __SCHEMA__.choose_v1($1, $2, $3, $4, $5);
 
 -- start_child --
--- Start a child run and park the parent for it.
-SELECT __SCHEMA__.start_child_v1($1, $2, $3, $4, $5, $6, $7, $8);
+-- Start a child run (under its workflow's bound) and park the parent for it.
+SELECT __SCHEMA__.start_child_v2($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- compensated --
 -- Journal one compensator's outcome and go on.
@@ -291,8 +308,11 @@ LIMIT 1;
 SELECT status, result::text AS result, error FROM __SCHEMA__.runs WHERE id = $1;
 
 -- start_run --
--- Create a run and its first job; the id of the run holding the idempotency key if taken.
-SELECT __SCHEMA__.start_run_v1($1, $2, $3, $4, $5, $6, NULL, NULL);
+-- Create a run and its first job (with its flow-control options); the id of the run that
+-- holds the idempotency or singleton key, or that a debounced start joined, if any.
+SELECT __SCHEMA__.start_run_v2(
+    $1, $2, $3, $4, $5, $6, NULL, NULL, $7, $8, $9, $10, $11, $12, $13, $14, $15
+);
 
 -- signal --
 -- Put a signal in a run's mailbox (once per dedupe key) and wake the run if it waits for it.
@@ -521,13 +541,19 @@ WHERE r.id = $1;
 
 -- doctor_stranded --
 -- Unfinished, unpaused runs that have no job and no recorded reason to wait for none (a
--- signal without a timeout, an unfinished child, branches all committed): the invariant
--- ensure_jobs_v1 keeps, checked from the outside. Up to $1 of them, and how many.
+-- signal without a timeout, an unfinished child, branches all committed, a slot of its
+-- workflow's bound while all are held): the invariant ensure_jobs_v1 keeps, checked from
+-- the outside. Up to $1 of them, and how many.
 WITH stranded AS (
     SELECT r.id, r.workflow, r.status, r.current_node, r.updated_at
     FROM __SCHEMA__.runs r
     WHERE r.finished_at IS NULL AND r.paused_at IS NULL AND r.queue <> ''
       AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id = r.id)
+      AND NOT coalesce(
+          r.slot = 'queued' AND r.status <> 'compensating'
+          AND __SCHEMA__.slots_held_v1(r.workflow, r.concurrency_key) >= r.concurrency,
+          false
+      )
       AND NOT (
           r.status <> 'compensating'
           AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id)
@@ -692,3 +718,41 @@ SELECT s.name, s.workflow, s.cron, s.timezone, s.input::text AS input, s.overlap
 FROM __SCHEMA__.schedules s
 LEFT JOIN __SCHEMA__.runs r ON r.id = s.last_run_id
 ORDER BY s.name;
+
+-- pause_workflow --
+-- Stop claiming a workflow's jobs; true unless it was paused already.
+SELECT __SCHEMA__.pause_workflow_v1($1);
+
+-- resume_workflow --
+-- Claim a paused workflow's jobs again (waking idle workers); true if it was paused.
+SELECT __SCHEMA__.resume_workflow_v1($1);
+
+-- paused_workflows --
+-- The paused workflows, by name.
+SELECT workflow FROM __SCHEMA__.paused_workflows ORDER BY workflow;
+
+-- limit_usage --
+-- What each named limit uses now, per key.
+SELECT * FROM __SCHEMA__.limit_usage_v1();
+
+-- admit --
+-- An `admit` job: the run takes a slot of its workflow's bound or is queued for one; its
+-- advance job if due.
+SELECT __SCHEMA__.admit_v1($1);
+
+-- limit_acquire --
+-- Take a named limit's slot and token for the attempt about to run: no wake time if taken,
+-- else when to try again; or what rows to add first.
+SELECT * FROM __SCHEMA__.limit_acquire_v1($1, $2, $3, $4, $5, $6, $7, $8);
+
+-- limit_grow --
+-- Add a limit key's slot or token rows, committed on their own.
+SELECT __SCHEMA__.limit_grow_v1($1, $2, $3, $4);
+
+-- limit_park --
+-- The step waits for a limit's slot or token, without an attempt.
+SELECT __SCHEMA__.limit_park_v1($1, $2, $3);
+
+-- limit_wake --
+-- A slot of a limit frees with this transaction: the next run waiting for one is due.
+SELECT __SCHEMA__.limit_wake_v1($1);

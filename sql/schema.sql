@@ -57,7 +57,22 @@ CREATE TABLE __SCHEMA__.runs (
     paused_at timestamptz,
     -- The run this one was forked from (Engine.fork).
     forked_from text,
-    version integer NOT NULL DEFAULT 1 CHECK (version >= 1)
+    version integer NOT NULL DEFAULT 1 CHECK (version >= 1),
+    -- Flow control (docs/guides/flow-control.md). `priority` orders every job of the run;
+    -- `not_before`: its first node is not due before then (a delayed or debounced start).
+    priority smallint NOT NULL DEFAULT 0 CHECK (priority BETWEEN -100 AND 100),
+    not_before timestamptz,
+    -- A run of a workflow with a bound on active runs: the key it counts under, the bound,
+    -- and its slot: 'held' (active), 'queued' (waits, without a job, for a slot to free),
+    -- NULL (not admitted yet: its `admit` job decides when it is due).
+    concurrency_key text,
+    concurrency integer CHECK (concurrency >= 1),
+    slot text CHECK (slot IN ('held', 'queued')),
+    singleton_key text,
+    debounce_key text,
+    -- The named limit and key whose slot or token the step at the run's position waits
+    -- for (its job is due at `wake_at`; a holder that lets go wakes it sooner).
+    limit_wait text
 ) WITH (fillfactor = 80);  -- room for HOT updates of the cursor
 CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -68,6 +83,18 @@ CREATE INDEX runs_finished_idx ON __SCHEMA__.runs (finished_at) WHERE finished_a
 CREATE INDEX runs_idempotency_lookup_idx ON __SCHEMA__.runs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX runs_parent_idx ON __SCHEMA__.runs (parent_id) WHERE parent_id IS NOT NULL;
+-- The active and queued runs of a bounded workflow, per key, in admission order.
+CREATE INDEX runs_slot_idx ON __SCHEMA__.runs
+    (workflow, concurrency_key, slot, priority DESC, created_at, id)
+    WHERE concurrency_key IS NOT NULL AND finished_at IS NULL;
+-- One active run per singleton key; the pending run a debounced start coalesces into.
+CREATE UNIQUE INDEX runs_singleton_key ON __SCHEMA__.runs (workflow, singleton_key)
+    WHERE singleton_key IS NOT NULL AND finished_at IS NULL;
+CREATE INDEX runs_debounce_idx ON __SCHEMA__.runs (workflow, debounce_key, created_at)
+    WHERE debounce_key IS NOT NULL AND status = 'pending';
+-- The runs waiting for a limit's slot or token, most urgent first.
+CREATE INDEX runs_limit_wait_idx ON __SCHEMA__.runs (limit_wait, priority DESC, created_at, id)
+    WHERE limit_wait IS NOT NULL;
 
 -- Statuses move only along these edges; the database refuses anything else.
 CREATE FUNCTION __SCHEMA__.runs_status_guard_v1() RETURNS trigger
@@ -253,6 +280,34 @@ CREATE TABLE __SCHEMA__.schedules (
     created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     updated_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
 );
+
+-- Workflows whose jobs no worker claims (Engine.pause); runs keep their state and jobs.
+CREATE TABLE __SCHEMA__.paused_workflows (
+    workflow text PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1()
+);
+
+-- Named limits (Engine(limits=...)), per key. A concurrency slot is one row: an attempt
+-- holds it with a row lock for its transaction, or, for a `transactional=False` step, as
+-- long as its job's lease (`holder_job`, `holder_token`) lives; either ends with the
+-- attempt or with its worker. A rate of R starts per window is R rows, each the time of
+-- its last start: a start takes a row last used a window ago or more, so no window holds
+-- more than R starts. Rows are added on first use, each time in a transaction of its own.
+CREATE TABLE __SCHEMA__.limit_slots (
+    name text NOT NULL,
+    key text NOT NULL,
+    slot integer NOT NULL,
+    holder_job bigint,
+    holder_token uuid,
+    PRIMARY KEY (name, key, slot)
+);
+CREATE TABLE __SCHEMA__.limit_tokens (
+    name text NOT NULL,
+    key text NOT NULL,
+    slot integer NOT NULL,
+    used_at timestamptz NOT NULL DEFAULT '-infinity',
+    PRIMARY KEY (name, key, slot)
+) WITH (fillfactor = 70);  -- taking a token is a HOT update of its row
 
 -- A job as ensure_jobs_v1 sees it.
 CREATE TYPE __SCHEMA__.job_v1 AS (

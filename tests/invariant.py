@@ -1,5 +1,6 @@
 """The global invariant, checked after every test that had a database: every unfinished
-run has exactly the jobs its state needs, or a recorded reason to wait for none.
+run has exactly the jobs its state needs, or a recorded reason to wait for none; and no
+workflow's bound on active runs is exceeded, nor a run queued for a slot while one is free.
 
 Written from the rules of the run's state (docs/architecture.md), not by calling
 ensure_jobs_v1, so that a wrong job set is caught whichever path produced it.
@@ -23,7 +24,11 @@ SELECT r.id, r.status, r.current_node, r.wake_at, r.waiting_for, r.child_id, r.b
            AS signal_there,
        ARRAY(SELECT split_part(e.key, '#', 2) FROM durable.journal e
              WHERE e.run_id = r.id AND e.node = r.current_node AND strpos(e.key, '#') > 0
-               AND e.status = 'completed') AS committed
+               AND e.status = 'completed') AS committed,
+       r.concurrency_key IS NOT NULL AS bounded, r.slot, r.concurrency,
+       (SELECT count(*) FROM durable.runs h
+         WHERE h.workflow = r.workflow AND h.concurrency_key = r.concurrency_key
+           AND h.slot = 'held' AND h.finished_at IS NULL) AS held
 FROM durable.runs r
 WHERE r.queue <> ''  -- started by an engine (tests of the bare queue insert rows by hand)
 """
@@ -44,6 +49,10 @@ def needed(run: Any) -> Counter[tuple[str, str | None]]:
         return Counter({("compensate", None): 1})
     if run["cancel"]:
         return Counter({("advance", None): 1})
+    if run["bounded"] and run["slot"] == "queued":
+        return Counter()  # waits for a slot of its workflow's bound (see `bounds`)
+    if run["bounded"] and run["slot"] is None:
+        return Counter({("admit", None): 1})
     if run["branches"] is not None:
         return Counter(
             {("branch", b): 1 for b in run["branches"] if b not in set(run["committed"])}
@@ -56,6 +65,23 @@ def needed(run: Any) -> Counter[tuple[str, str | None]]:
             return Counter({("advance", None): 1})
         return Counter()
     return Counter({("advance", None): 1})
+
+
+def bounds(run: Any) -> list[str]:
+    """A bounded run's reason to be queued (every slot of its key held; a paused run is
+    admitted when resumed), and its key's bound respected."""
+    if run["finished"] or not run["bounded"]:
+        return []
+    if run["held"] > run["concurrency"]:
+        return [
+            f"run {run['id']}: {run['held']} runs hold a slot of a bound of {run['concurrency']}"
+        ]
+    if run["slot"] == "queued" and not run["paused"] and run["held"] < run["concurrency"]:
+        return [
+            f"run {run['id']} is queued for a slot while only {run['held']} of "
+            f"{run['concurrency']} are held"
+        ]
+    return []
 
 
 async def violations(dsn: str) -> list[str]:
@@ -72,6 +98,7 @@ async def violations(dsn: str) -> list[str]:
         await conn.close()
     found = []
     for run in runs:
+        found += bounds(run)
         have = jobs.get(run["id"], Counter())
         want = needed(run)
         if have != want:

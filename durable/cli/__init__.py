@@ -22,6 +22,8 @@
                                     (--dedupe-key KEY: once per run for that key)
     cancel ID                       cancel a run (its completed steps are compensated)
     retry ID                        re-run a failed run from its failed node
+    pause WORKFLOW                  stop workers claiming a workflow's jobs
+    resume WORKFLOW                 let workers claim them again
     purge --older-than 30d          delete finished runs older than a duration
     doctor [--json]                 check for stranded runs, old jobs, long transactions...
     dashboard [MODULE:ENGINE] [--host H] [--port P]
@@ -43,7 +45,8 @@ Exit codes: 0 done; 1 the answer is "not done" (a cancel or signal that found th
 already finished, a retry of a run that had not failed, a `start --wait` whose run failed,
 was cancelled or did not finish in time, a `check` that found runs this code cannot
 continue, an `upgrade` that refused runs, a schedule already paused or not paused, a trigger
-that overlap="skip" skipped); 2 a usage or configuration error, which retrying will not fix
+that overlap="skip" skipped, a pause of a paused workflow or a resume of one that was not);
+2 a usage or configuration error, which retrying will not fix
 (unknown run id or schedule, bad JSON, bad duration, bad MODULE:ENGINE, no DSN, a malformed
 DSN or unsupported scheme, a wrong password or user, a missing database, an unmigrated
 schema); 3 the database cannot be reached or does not answer (retrying later may work);
@@ -71,7 +74,9 @@ from durable.cli.commands import (
     cmd_cancel,
     cmd_doctor,
     cmd_migrate,
+    cmd_pause,
     cmd_purge,
+    cmd_resume,
     cmd_retry,
     cmd_runs_bulk,
     cmd_runs_fork,
@@ -173,6 +178,8 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "cancel": cmd_cancel,
     "retry": cmd_retry,
     "purge": cmd_purge,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
     "doctor": cmd_doctor,
     "schedules list": cmd_schedules_list,
     "schedules pause": cmd_schedules_pause,

@@ -1,5 +1,6 @@
 """The commands that work on a database given by DSN: migrate, runs (list, show, pause,
-resume, fork, bulk), signal, cancel, retry, purge and doctor."""
+resume, fork, bulk), signal, cancel, retry, purge, doctor, and pause and resume of a
+workflow."""
 
 from __future__ import annotations
 
@@ -178,6 +179,36 @@ async def cmd_retry(args: argparse.Namespace, dsn: str, out: Out) -> int:
     else:
         print(f"run {args.run_id} was not retried: it is {status}, not failed", file=out)
     return EXIT_OK if retried else EXIT_NOT_DONE
+
+
+async def cmd_pause(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        paused = await engine.pause(args.workflow)
+    finally:
+        await engine.close()
+    if args.json:
+        emit_json(out, {"workflow": args.workflow, "paused": paused})
+    elif paused:
+        print(f"workflow {args.workflow!r} paused: workers stop claiming its jobs", file=out)
+    else:
+        print(f"workflow {args.workflow!r} is already paused", file=out)
+    return EXIT_OK if paused else EXIT_NOT_DONE
+
+
+async def cmd_resume(args: argparse.Namespace, dsn: str, out: Out) -> int:
+    engine = await _open_engine(dsn, args.schema)
+    try:
+        resumed = await engine.resume(args.workflow)
+    finally:
+        await engine.close()
+    if args.json:
+        emit_json(out, {"workflow": args.workflow, "resumed": resumed})
+    elif resumed:
+        print(f"workflow {args.workflow!r} resumed: workers claim its jobs again", file=out)
+    else:
+        print(f"workflow {args.workflow!r} was not paused", file=out)
+    return EXIT_OK if resumed else EXIT_NOT_DONE
 
 
 async def cmd_purge(args: argparse.Namespace, dsn: str, out: Out) -> int:

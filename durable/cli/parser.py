@@ -306,6 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", parents=[common], help="re-run a failed run")
     retry.add_argument("run_id", metavar="ID")
 
+    pause = sub.add_parser(
+        "pause",
+        parents=[common],
+        help="stop workers claiming a workflow's jobs",
+        description=(
+            "Workers stop claiming the jobs of WORKFLOW (attempts in flight finish); its runs "
+            "keep their state and new runs can still be started. Exit 1 if it was paused."
+        ),
+    )
+    pause.add_argument("workflow", metavar="WORKFLOW")
+    resume = sub.add_parser(
+        "resume",
+        parents=[common],
+        help="let workers claim a paused workflow's jobs again",
+        description="Workers claim the jobs of WORKFLOW again. Exit 1 if it was not paused.",
+    )
+    resume.add_argument("workflow", metavar="WORKFLOW")
+
     purge = sub.add_parser("purge", parents=[common], help="delete old finished runs")
     purge.add_argument(
         "--older-than",

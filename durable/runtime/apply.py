@@ -15,6 +15,7 @@ from ulid import ULID
 from durable import metrics
 from durable.db import Connection, translated
 from durable.runtime.transition import (
+    Admit,
     BranchDone,
     Cancel,
     Choose,
@@ -30,6 +31,7 @@ from durable.runtime.transition import (
     RunState,
     StartChild,
     Transition,
+    WaitLimit,
 )
 from durable.sql import Queries
 from durable.workflow import Workflow
@@ -96,6 +98,8 @@ async def _write(
             t.workflow.queue,
             t.input,
             t.workflow.nodes[0].name,
+            t.concurrency_key,
+            t.workflow.concurrency,
         )
     elif isinstance(t, Compensated):
         follow = await conn.fetchval(
@@ -107,6 +111,10 @@ async def _write(
     elif isinstance(t, Cancel):
         await conn.execute(q["apply_cancel"], s.run_id, t.reason)
         follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
+    elif isinstance(t, WaitLimit):
+        follow = await conn.fetchval(q["limit_park"], s.run_id, t.wake_at, t.wait)
+    elif isinstance(t, Admit):
+        follow = await conn.fetchval(q["admit"], s.run_id)
     elif isinstance(t, Noop):
         follow = await conn.fetchval(q["ensure_jobs"], s.run_id)
     else:

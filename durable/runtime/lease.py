@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -82,8 +81,3 @@ async def run_leased(
                 extra=fields,
             )
             await anyio.sleep(0.2)
-
-
-def new_token() -> uuid.UUID:
-    """A fresh lease token."""
-    return uuid.uuid4()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import asyncpg
@@ -19,6 +20,7 @@ import asyncpg
 from durable.codec import returns
 from durable.db import Connection
 from durable.errors import DefinitionChanged
+from durable.flow import Limit
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
 from durable.runtime import apply, compensation, lease
@@ -27,6 +29,7 @@ from durable.runtime.attempt import run_attempt
 from durable.runtime.nodes import child, loop, parallel, route, signal, sleep, step
 from durable.runtime.threads import Threads
 from durable.runtime.transition import (
+    Admit,
     BranchDone,
     Cancel,
     Complete,
@@ -101,6 +104,7 @@ class Runner:
         transaction_timeout: float | None = 60.0,
         max_claims: int = 5,
         threads: Threads | None = None,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
         self.q = queries
         self.pool = pool
@@ -116,7 +120,13 @@ class Runner:
         # Follow job id -> what this worker knows of the run it handed on to itself.
         self._memos: dict[int, _Memo] = {}
         self.shared = Shared(
-            queries, transaction_timeout, max_claims, self.by_name, threads or Threads()
+            queries,
+            transaction_timeout,
+            max_claims,
+            self.by_name,
+            pool,
+            threads or Threads(),
+            limits or {},
         )
 
     # -- claiming --------------------------------------------------------------------------
@@ -185,11 +195,13 @@ class Runner:
         cursor = s.cursor + 1
         results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
         moved = None
+        nxt = wf.nodes[cursor] if cursor < len(wf.nodes) else None
         if (
             s.task == "advance"
             and follow.written_by is not None
             and follow.clock is not None
-            and isinstance(wf.nodes[cursor], Step)
+            and isinstance(nxt, Step)
+            and nxt.limit is None  # a limited step takes its slot on a fresh claim
         ):
             moved = dataclasses.replace(
                 s,
@@ -236,8 +248,10 @@ class Runner:
                 await conn.execute(self.q["release_lease"], s.job_id)
             transition = await self._decide(v, wf)
             if isinstance(transition, Lease):
-                return await self._lease(v, wf)
+                return await self._lease(v, wf, transition.token)
             follow = await self._apply(v, wf, transition)
+            if v.holds is not None:  # the slot frees as this transaction commits
+                await conn.execute(self.q["limit_wake"], v.holds)
             self._remember(job, s, wf, transition, follow)
             if lost is not None:  # committed with the work: the count is of deaths in a row
                 await conn.execute(self.q["forget_claims"], job.id)
@@ -258,6 +272,8 @@ class Runner:
             return Noop("the run finished or is compensating")
         if s.cancel is not None:
             return Noop("a cancel is pending") if s.task == "branch" else Cancel(s.cancel)
+        if s.task == "admit":
+            return Admit()
         if s.cursor >= len(wf.nodes) or wf.nodes[s.cursor].name != s.current_node:
             changed = DefinitionChanged(
                 f"run {s.run_id} is at node {s.current_node!r} (#{s.cursor + 1}), which "
@@ -373,10 +389,10 @@ class Runner:
 
     # -- non-transactional steps -----------------------------------------------------------
 
-    async def _lease(self, v: JobVisit, wf: Workflow) -> JobOutcome:
+    async def _lease(self, v: JobVisit, wf: Workflow, token: uuid.UUID) -> JobOutcome:
         s = v.state
         node = cast(Step, wf.nodes[s.cursor])
-        token = lease.new_token()
+        holds = v.holds  # a limit slot the lease holds: its settle wakes the next waiter
         await apply.lease(v.conn, self.q, s, token, self.lease_seconds)
         ctx = v.detached_context(node.name)
 
@@ -406,6 +422,8 @@ class Runner:
                     return
                 settled = JobVisit(self.shared, conn, now, wf, False)
                 await self._apply(settled, wf, step.settle(settled, node, out))
+                if holds is not None:
+                    await conn.execute(self.q["limit_wake"], holds)
 
         async def detached() -> None:
             await lease.run_leased(self.pool, extend, s, node, attempt, settle, self.lease_seconds)

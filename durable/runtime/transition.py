@@ -146,6 +146,12 @@ class Visit(Protocol):
         """The registered workflow of that name, for a child run."""
         ...
 
+    async def acquire(self, limit: str, key: str, lease: Any = None) -> datetime | None:
+        """Take a slot and a token of named limit `limit` for `key` for this attempt (held
+        until its transaction ends, or while lease token `lease` lives); None when taken,
+        else when to try again."""
+        ...
+
 
 # -- transitions ---------------------------------------------------------------------------
 
@@ -223,15 +229,33 @@ class Choose:
 
 @dataclass(frozen=True, slots=True)
 class StartChild:
-    """Start a child run of `workflow` with JSON input `input`."""
+    """Start a child run of `workflow` with JSON input `input` (counted under
+    `concurrency_key` when its workflow has a bound)."""
 
     workflow: Workflow
     input: str
+    concurrency_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Run a `transactional=False` step outside any transaction, under a lease."""
+    """Run a `transactional=False` step outside any transaction, under lease `token`."""
+
+    token: Any
+
+
+@dataclass(frozen=True, slots=True)
+class WaitLimit:
+    """The step cannot get a slot or a token of limit slot set `wait` (name and key): it
+    tries again at `wake_at` (or sooner, when a holder lets go), without an attempt."""
+
+    wake_at: datetime
+    wait: str
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """The run takes a slot of its workflow's bound, or is queued for one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +301,8 @@ Transition = (
     | Choose
     | StartChild
     | Lease
+    | WaitLimit
+    | Admit
     | Compensated
     | Finish
     | Cancel

@@ -7,6 +7,7 @@ import copy
 import json
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import asyncpg
@@ -15,6 +16,7 @@ from durable.codec import Codec, returns
 from durable.context import Context
 from durable.db import Connection
 from durable.errors import SerializationError, WorkerLost
+from durable.flow import Limit, wait_key
 from durable.queue import Job
 from durable.runtime.attempt import run_attempt
 from durable.runtime.threads import Threads, invoke
@@ -30,14 +32,16 @@ Decoder = Callable[[Any], Any]
 @dataclass
 class Shared:
     """What every visit of one worker's runner reads: its queries, limits and workflows,
-    the threads plain `def` user code runs on, and the memo of loops' committed
-    iterations."""
+    the threads plain `def` user code runs on, the engine's named limits, and the memo of
+    loops' committed iterations."""
 
     q: Queries
     transaction_timeout: float | None
     max_claims: int
     by_name: Mapping[str, Workflow]
+    pool: asyncpg.Pool
     threads: Threads = field(default_factory=Threads)
+    limits: Mapping[str, Limit] = field(default_factory=dict)
     # (run, loop node, epoch) -> results of its committed iterations, so that an
     # iteration costs O(1), not a read of every earlier one.
     iterations: dict[tuple[str, str, int], list[Any]] = field(default_factory=dict)
@@ -180,6 +184,9 @@ class JobVisit:
         # The stored input does not fit the workflow's `input=` model (it changed since the
         # run started): raised as the failure of every attempt of user code.
         self.bad_input: SerializationError | None = None
+        #: The limit slot set (name and key) this attempt took a slot of, if any: its end
+        #: wakes the next run waiting for one.
+        self.holds: str | None = None
 
     def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context[Any]:
         conn = StepConnection(self.conn)
@@ -280,3 +287,35 @@ class JobVisit:
 
     def workflow(self, name: str) -> Workflow | None:
         return self.runner.by_name.get(name)
+
+    async def acquire(self, limit: str, key: str, lease: Any = None) -> datetime | None:
+        spec = self.runner.limits[limit]
+        s = self.state
+        q = self.runner.q
+        row: Any = None
+        for _ in range(3):
+            row = await self.conn.fetchrow(
+                q["limit_acquire"],
+                s.run_id,
+                limit,
+                key,
+                spec.concurrency,
+                spec.rate,
+                spec.per,
+                s.job_id,
+                lease,
+            )
+            assert row is not None
+            if row["grow"] is None:
+                break
+            # The key's rows are added in a transaction of their own: rows this attempt's
+            # transaction added would exist for no other attempt until it commits.
+            n = spec.concurrency if row["grow"] == "slot" else spec.rate
+            async with self.runner.pool.acquire() as c:
+                await c.execute(q["limit_grow"], limit, key, row["grow"], n)
+        wake_at: datetime | None = row["wake_at"]
+        if row["grow"] is not None:  # others keep adding rows as fast: look again soon
+            wake_at = s.now + timedelta(milliseconds=50)
+        elif wake_at is None and spec.concurrency is not None:
+            self.holds = wait_key(limit, key)
+        return wake_at

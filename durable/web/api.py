@@ -145,8 +145,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def limits(request: Request) -> Response:
-    # Named limits are not declared in this version: nothing is in use.
-    return JSONResponse({"limits": []})
+    return JSONResponse({"limits": await data.limits(await _engine(request))})
 
 
 async def throughput(request: Request) -> Response:

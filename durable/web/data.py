@@ -223,3 +223,42 @@ async def queues(engine: Engine) -> list[dict[str, Any]]:
     return [
         {"queue": r["queue"], "due": r["due"], "oldest_age_seconds": r["oldest_age"]} for r in rows
     ]
+
+
+async def limits(engine: Engine) -> list[dict[str, Any]]:
+    """The named limits the engine declares, and any in the database, with their use now
+    per key (keys never used are absent)."""
+    by_name: dict[str, dict[str, Any]] = {
+        name: {
+            "name": name,
+            "rate": limit.rate,
+            "per": limit.per,
+            "concurrency": limit.concurrency,
+            "in_flight": 0,
+            "keys": [],
+        }
+        for name, limit in engine.limits.items()
+    }
+    for u in await engine.limit_usage():
+        entry = by_name.setdefault(
+            u.name,
+            {
+                "name": u.name,
+                "rate": None,
+                "per": None,
+                "concurrency": None,
+                "in_flight": 0,
+                "keys": [],
+            },
+        )
+        entry["in_flight"] += u.in_flight
+        entry["keys"].append(
+            {
+                "key": u.key,
+                "in_flight": u.in_flight,
+                "slots": u.slots,
+                "tokens": u.tokens,
+                "last_start": iso(u.last_start),
+            }
+        )
+    return [by_name[n] for n in sorted(by_name)]

@@ -20,8 +20,10 @@ from durable.web import data
 class _Snapshot(Collector):
     """The database's view, read once per scrape."""
 
-    def __init__(self, runs: list[Any], queues: list[Any], workers: list[Any]) -> None:
-        self.runs, self.queues, self.workers = runs, queues, workers
+    def __init__(
+        self, runs: list[Any], queues: list[Any], workers: list[Any], limits: list[Any]
+    ) -> None:
+        self.runs, self.queues, self.workers, self.limits = runs, queues, workers, limits
 
     def collect(self) -> Iterator[Metric]:
         runs = GaugeMetricFamily(
@@ -56,10 +58,12 @@ class _Snapshot(Collector):
         for w in alive:
             in_flight.add_metric([w["name"]], w["in_flight"])
         yield in_flight
-        # Named limits are not declared in this version: the family is there, empty.
-        yield GaugeMetricFamily(
+        limit_use = GaugeMetricFamily(
             "durable_limit_in_use", "Attempts in flight per named limit", labels=["limit"]
         )
+        for limit in self.limits:
+            limit_use.add_metric([limit["name"]], limit["in_flight"])
+        yield limit_use
 
 
 async def metrics_text(engine: Engine) -> bytes:
@@ -67,7 +71,10 @@ async def metrics_text(engine: Engine) -> bytes:
     registry = CollectorRegistry()
     registry.register(
         _Snapshot(
-            await data.workflows(engine), await data.queues(engine), await data.workers(engine)
+            await data.workflows(engine),
+            await data.queues(engine),
+            await data.workers(engine),
+            await data.limits(engine),
         )
     )
     return generate_latest(REGISTRY) + generate_latest(registry)

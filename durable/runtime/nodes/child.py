@@ -7,6 +7,7 @@ import json
 
 from durable.codec import input_text
 from durable.errors import ChildFailed
+from durable.flow import concurrency_key_of
 from durable.runtime.transition import (
     Complete,
     Err,
@@ -58,9 +59,10 @@ async def visit(v: Visit, node: ChildWorkflow) -> Transition:
             )
         try:
             text = input_text(wf.input_codec, child_input, f"input of child workflow {name!r}")
+            key = concurrency_key_of(wf.name, wf.concurrency, wf.concurrency_key, json.loads(text))
         except Exception as exc:
             return _fail(v, node, exc)
-        return StartChild(wf, text)
+        return StartChild(wf, text, key)
     child = await v.child(child_id)
     if child is None:
         return _fail(v, node, ChildFailed(f"child run {child_id} was purged"))

@@ -1,9 +1,13 @@
-"""step: run the handler; complete, retry, or fail for good."""
+"""step: take a slot and a token of its named limit (or wait for them), run the handler;
+complete, retry, or fail for good."""
 
 from __future__ import annotations
 
+import uuid
+
 from durable.codec import returns
-from durable.errors import WorkerLost
+from durable.errors import DurableError, WorkerLost
+from durable.flow import limit_key_text, wait_key
 from durable.runtime.transition import (
     Complete,
     Err,
@@ -11,7 +15,9 @@ from durable.runtime.transition import (
     Outcome,
     Transition,
     Visit,
+    WaitLimit,
     after_failure,
+    computed,
 )
 from durable.workflow import Step
 
@@ -26,8 +32,13 @@ async def visit(v: Visit, step: Step) -> Transition:
             "heartbeating and its lease lapsed"
         )
         return after_failure(s, step.name, lost, step.max_attempts, step.backoff)
-    if not step.transactional:
-        return Lease()
+    token = None if step.transactional else uuid.uuid4()
+    if step.limit is not None:
+        waits = await _take_limit(v, step, step.limit, token)
+        if waits is not None:
+            return waits
+    if token is not None:
+        return Lease(token)
     ctx = v.context(step.name)
     what = f"step {step.name!r}"
     out = await v.call(
@@ -40,6 +51,27 @@ async def visit(v: Visit, step: Step) -> Transition:
     if isinstance(out, Err):
         return after_failure(s, step.name, out.error, step.max_attempts, step.backoff)
     return Complete(out.text)
+
+
+async def _take_limit(
+    v: Visit, step: Step, limit: str, token: uuid.UUID | None
+) -> Transition | None:
+    """None once the attempt holds a slot and a token of `limit`; else what the step does
+    instead: wait for one (no attempt used), or fail this attempt (a `limit_key` that
+    raised or gave no usable key)."""
+    s = v.state
+    key = ""
+    if step.limit_key is not None:
+        ctx = v.context(step.name)
+        out = await computed(v, f"limit_key of step {step.name!r}", ctx, step.limit_key)
+        if isinstance(out, Err):
+            return after_failure(s, step.name, out.error, step.max_attempts, step.backoff)
+        try:
+            key = limit_key_text(out.value, f"limit_key of step {step.name!r}")
+        except DurableError as exc:
+            return after_failure(s, step.name, exc, step.max_attempts, step.backoff)
+    wake_at = await v.acquire(limit, key, token)
+    return None if wake_at is None else WaitLimit(wake_at, wait_key(limit, key))
 
 
 def settle(v: Visit, step: Step, out: Outcome) -> Transition:
