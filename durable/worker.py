@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from typing import Any
 import anyio
 import asyncpg
 
-from durable.db import Connection, is_connection_error
+from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, BatchSizer
+from durable.db import Connection, in_batch, is_connection_error, is_lock_conflict
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
 from durable.stepconn import StepConnection, swallowed_error, undo
@@ -43,12 +45,15 @@ class Outcome:
     `settled`: the handler already deleted or rescheduled the job row itself (otherwise the
     worker deletes it). `follow`: a job id this slot claims right after the commit, so a run
     continues on the same worker without waiting for a claim. `after_commit`: work to run
-    after the commit while the slot stays taken (non-transactional handlers).
+    after the commit while the slot stays taken (non-transactional handlers). `solo`: the
+    job changed more than its own run (a cancel reaching its children), so the jobs of a
+    batch after it, whose runs were read at the claim, do not run in this transaction.
     """
 
     settled: bool = False
     follow: int | None = None
     after_commit: Callable[[], Awaitable[None]] | None = None
+    solo: bool = False
 
 
 Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
@@ -60,6 +65,13 @@ FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
 #: Records, in a new transaction, that a job's work failed outside its handler's own
 #: bookkeeping (the job's transaction was rolled back).
 ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]
+#: Claims up to `n` due jobs of the given queues (of different runs) in the connection's
+#: transaction, most urgent first.
+BatchClaimHook = Callable[[Connection, Sequence[str], int], Awaitable[list[Job]]]
+
+# Jobs of a batch after the first run under this savepoint (see `Worker._work_batch`).
+_NEXT_SAVEPOINT = "RELEASE SAVEPOINT durable_batch; SAVEPOINT durable_batch"
+_UNDO_SAVEPOINT = "ROLLBACK TO SAVEPOINT durable_batch"
 
 
 def retry_delay(attempts: int) -> float:
@@ -85,17 +97,40 @@ class Worker:
         claim_follow: FollowHook | None = None,
         isolate: bool = True,
         on_error: ErrorHook | None = None,
+        claim_batch: BatchClaimHook | None = None,
+        batchable: Callable[[Job], bool] | None = None,
+        batch_size: int = 1,
+        batch_window: float = DEFAULT_BATCH_WINDOW,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
+        if batch_window <= 0:
+            raise ValueError(f"batch_window must be > 0 seconds, got {batch_window}")
         self.pool = pool
         self.queries = queries
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
         self._on_error = on_error
+        # Batches (group commit): without a batch claim, every claim takes one job.
+        self._batch_hook = claim_batch
+        self._batchable = batchable or (lambda job: True)
+        self.batch_size = batch_size if claim_batch is not None else 1
+        self.batch_window = batch_window
+        # A job after the first of a batch waits at most this long for a lock: the lock's
+        # holder may be another batch waiting for one of ours (PostgreSQL would only find
+        # that deadlock after deadlock_timeout, 1 s by default).
+        wait_ms = max(10, round(4000 * batch_window))
+        self._first_savepoint = f"SET LOCAL lock_timeout = {wait_ms}; SAVEPOINT durable_batch"
+        #: Jobs run in batches of two or more, and the batches (tests, benchmarks).
+        self.batched = 0
+        self.batches = 0
+        #: Jobs of batches left to the next claim after a lock conflict.
+        self.deferred = 0
         # Handlers get a connection that sets a savepoint before their first statement, so
         # a failure rolls back their writes alone and the retry is recorded in the same
         # transaction, with the job still locked. The engine's handlers manage their own
@@ -198,6 +233,7 @@ class Worker:
         conn: Connection | None = None
         tx: asyncpg.transaction.Transaction | None = None
         rested = False  # the connection sat idle: the server may have dropped it meanwhile
+        sizer = BatchSizer(self.batch_size, self.batch_window)
         try:
             while not self.stopping:
                 try:
@@ -211,12 +247,13 @@ class Worker:
                     # a job, a stop() meanwhile must let that job run, not roll it back.
                     self._started()
                     try:
-                        job = await self._claim_hook(conn, self.queues)
+                        jobs = await self._claim(conn, sizer.size)
                     except BaseException:
                         self._finished()
                         raise
-                    if job is None:
+                    if not jobs:
                         self._finished()
+                        sizer.done(0, 0)
                         await tx.rollback()
                         tx = None
                 except Exception as exc:
@@ -235,13 +272,20 @@ class Worker:
                     continue
                 rested = False
                 self._health.ok()
-                if job is None:
+                if not jobs:
                     await self._wakeups.wait_idle()
                     rested = True
                     continue
                 self._wakeups.wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None
-                state, tx, after = await self._work(conn, tx, job)
+                if len(jobs) == 1:
+                    job = jobs[0]
+                    began = time.monotonic()
+                    state, tx, after = await self._work(conn, tx, job)
+                    took = time.monotonic() - began
+                    sizer.done(1, 1, slow=after is not None or took >= self.batch_window)
+                else:
+                    state, tx, after, job = await self._work_batch(conn, tx, jobs, sizer)
                 if state == "broken":
                     await self._discard(conn)
                     conn, tx = None, None
@@ -257,6 +301,14 @@ class Worker:
                     await self._release(conn)  # idle, outside any transaction
                 else:
                     await self._discard(conn)
+
+    async def _claim(self, conn: Connection, size: int) -> list[Job]:
+        """Claim up to `size` jobs: one with the plain claim (exactly as without batching),
+        more with the batch claim."""
+        if size > 1 and self._batch_hook is not None:
+            return await self._batch_hook(conn, self.queues, size)
+        job = await self._claim_hook(conn, self.queues)
+        return [] if job is None else [job]
 
     async def _commit_and_claim(self, conn: Connection, job_id: int) -> Job | None:
         await conn.execute("COMMIT; BEGIN")
@@ -339,6 +391,142 @@ class Worker:
             return "broken", None, None
         finally:
             self._finished()
+
+    async def _work_batch(
+        self,
+        conn: Connection,
+        tx: asyncpg.transaction.Transaction,
+        jobs: list[Job],
+        sizer: BatchSizer,
+    ) -> tuple[
+        str, asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None, Job
+    ]:
+        """Run claimed jobs one after the other in the open transaction and commit them
+        together (group commit); returns what `_work` does, and the job last run.
+
+        The first job runs as a job claimed alone does. Each later one runs under a
+        savepoint, so a failure rolls back its own work only and is recorded in the same
+        transaction, its job still locked; it waits for a lock at most a few windows (a
+        lock held by another batch, which may wait for this one), else it is left for the
+        next claim, unrecorded. The batch commits once every job ran, or when the window of
+        `batch_window` seconds is over, a job took it alone, a job left the transaction (a
+        lease) or changed other runs, or the next job must run alone: the jobs not run are
+        released by that commit, free for any worker at once. Follow-up jobs are not taken
+        on here: they are due when the batch commits, at the head of the queue.
+        """
+        self._inflight += len(jobs) - 1  # the claim counted one
+        began = time.monotonic()
+        ran = 0
+        slow = False
+        after: Callable[[], Awaitable[None]] | None = None
+        last = jobs[0]
+        try:
+            for index, job in enumerate(jobs):
+                if index:
+                    if (
+                        self.stopping
+                        or time.monotonic() - began >= self.batch_window
+                        or not self._batchable(job)
+                    ):
+                        break
+                    await conn.execute(self._first_savepoint if index == 1 else _NEXT_SAVEPOINT)
+                last = job
+                started = time.monotonic()
+                if index == 0:
+                    first = await self._run_one(conn, tx, job)
+                    if first is None:  # rolled back, the whole batch released; rescheduled
+                        ran = 1
+                        self._wakeups.wake_one()
+                        if conn.is_closed():
+                            return "broken", None, None, job
+                        return "open", await self._begin(conn), None, job
+                    outcome = first
+                else:
+                    token = in_batch.set(True)
+                    try:
+                        later = await self._run_later(conn, job)
+                    finally:
+                        in_batch.reset(token)
+                    if later is None:  # a lock conflict: back to the queue at the commit
+                        break
+                    outcome = later
+                ran += 1
+                took = time.monotonic() - started
+                sizer.observe(took)
+                if outcome.after_commit is not None:
+                    after, slow = outcome.after_commit, True
+                    break
+                if outcome.solo or took >= self.batch_window:
+                    slow = took >= self.batch_window
+                    break
+            if after is not None or self.stopping:
+                await tx.commit()
+                state: tuple[str, asyncpg.transaction.Transaction | None] = ("idle", None)
+            else:
+                await conn.execute("COMMIT; BEGIN")
+                state = ("open", tx)
+            self.processed += ran
+            if ran > 1:
+                self.batched += ran
+                self.batches += 1
+            self._wakeups.poke()
+            if ran < len(jobs):
+                self._wakeups.wake_one()  # the jobs not run are free again
+            return state[0], state[1], after, last
+        except Exception as exc:
+            # The connection or the commit failed under us (or recording a failure did):
+            # the server rolls back the batch and its jobs are free for any worker again.
+            if not is_connection_error(exc):
+                log.exception(
+                    "a batch of %d jobs failed outside its handlers at job %s",
+                    len(jobs),
+                    last.id,
+                    extra={"job_id": last.id, "task": last.task, "run_id": last.run_id},
+                )
+            return "broken", None, None, last
+        finally:
+            sizer.done(len(jobs), ran, slow=slow)
+            self._inflight -= len(jobs) - 1
+            self._finished()
+
+    async def _run_later(self, conn: Connection, job: Job) -> Outcome | None:
+        """Run a job after the first of a batch, under the batch's savepoint. A failure
+        rolls back to it and is recorded in this transaction; None: the job met a lock
+        conflict and goes back to the queue when the batch commits, nothing recorded."""
+        fields = {
+            "job_id": job.id,
+            "task": job.task,
+            "run_id": job.run_id,
+            "queue": job.queue,
+            "worker": self.name,
+        }
+        handler_conn: Any = StepConnection(conn) if self.isolate else conn
+        try:
+            handler = self.handlers.get(job.task)
+            if handler is None:
+                raise LookupError(f"no handler for task {job.task!r} on this worker")
+            outcome = await handler(handler_conn, job) or Outcome()
+            failed = swallowed_error(handler_conn)
+            if failed is not None:
+                raise failed
+            if not outcome.settled:
+                await self.jobs.delete(conn, job.id)
+            return outcome
+        except Exception as exc:
+            if is_connection_error(exc):
+                log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)
+                raise
+            await conn.execute(_UNDO_SAVEPOINT)
+            if is_lock_conflict(exc):
+                self.deferred += 1
+                log.debug("job %s left to the next claim: %s", job.id, exc, extra=fields)
+                return None
+            self._log_retry(job, exc, fields)
+            if self._on_error is not None:
+                await self._on_error(conn, job, exc)
+            else:
+                await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
+            return Outcome(settled=True)
 
     async def _after_commit(self, after: Callable[[], Awaitable[None]], job: Job) -> None:
         self._started()
