@@ -7,7 +7,7 @@ that one commit (and one claim) serves many steps. The size starts at 1: a slot 
 finds one job at a time (an idle system, a chain continuing on its slot) claims exactly
 as it would without batching. Each claim that comes back full and whose jobs all ran
 within the window doubles the size, up to `limit` and to as many jobs as fit in the window
-at the slot's recent time per job. A claim that comes back short (the queue is shallow)
+at the slot's recent time of user code per job. A claim that comes back short (the queue is shallow)
 sets the size to what it found; a window that ran out sets it to what ran; a slow job (one
 that alone took the window), a `transactional=False` step and an empty claim set it back
 to 1.
@@ -22,8 +22,12 @@ from dataclasses import dataclass
 #: of them in one transaction (handlers' own savepoints count too) PostgreSQL's snapshots
 #: slow down for every session, so the bound stays well under that.
 DEFAULT_BATCH_SIZE = 16
-#: Seconds of work after which a batch commits, leaving its unrun jobs to any worker.
+#: Seconds of user code (handlers) after which a batch commits, leaving its unrun jobs to
+#: any worker; a batch also commits after `WALL_WINDOWS` windows of wall-clock time.
 DEFAULT_BATCH_WINDOW = 0.005
+#: A batch's bound in wall-clock time, in windows: on a busy event loop a job's wall time
+#: counts every other slot's work too, so the window itself counts only user code.
+WALL_WINDOWS = 10
 #: The bound of a batch (a subtransaction id each, see above).
 MAX_BATCH_SIZE = 32
 
@@ -35,11 +39,14 @@ class BatchSizer:
     limit: int = DEFAULT_BATCH_SIZE
     window: float = DEFAULT_BATCH_WINDOW
     size: int = 1
-    #: Seconds per job, a moving average over the jobs this slot ran in batches.
+    #: Seconds of user code per job, a moving average over the jobs this slot ran.
     per_job: float = 0.0
+    #: Seconds of user code of the job observed last.
+    last: float = 0.0
 
     def observe(self, seconds: float) -> None:
-        """One job of a batch took `seconds`, handler and transition."""
+        """One job spent `seconds` in user code (its handler)."""
+        self.last = seconds
         self.per_job = seconds if self.per_job == 0.0 else 0.75 * self.per_job + 0.25 * seconds
 
     def done(self, claimed: int, ran: int, *, slow: bool = False) -> None:
@@ -57,4 +64,10 @@ class BatchSizer:
         self.size = max(1, min(target, cap))
 
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_BATCH_WINDOW", "MAX_BATCH_SIZE", "BatchSizer"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BATCH_WINDOW",
+    "MAX_BATCH_SIZE",
+    "WALL_WINDOWS",
+    "BatchSizer",
+]

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 import asyncpg
 
-from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, BatchSizer
+from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, WALL_WINDOWS, BatchSizer
 from durable.db import Connection, in_batch, is_connection_error, is_lock_conflict
 from durable.queue import Job, JobQueue
 from durable.sql import Queries
@@ -48,12 +48,15 @@ class Outcome:
     after the commit while the slot stays taken (non-transactional handlers). `solo`: the
     job changed more than its own run (a cancel reaching its children), so the jobs of a
     batch after it, whose runs were read at the claim, do not run in this transaction.
+    `busy`: seconds the job spent in user code, what a batch's window counts (None: the
+    whole job, handler and bookkeeping).
     """
 
     settled: bool = False
     follow: int | None = None
     after_commit: Callable[[], Awaitable[None]] | None = None
     solo: bool = False
+    busy: float | None = None
 
 
 Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
@@ -280,10 +283,8 @@ class Worker:
                 assert tx is not None
                 if len(jobs) == 1:
                     job = jobs[0]
-                    began = time.monotonic()
-                    state, tx, after = await self._work(conn, tx, job)
-                    took = time.monotonic() - began
-                    sizer.done(1, 1, slow=after is not None or took >= self.batch_window)
+                    state, tx, after = await self._work(conn, tx, job, sizer)
+                    sizer.done(1, 1, slow=after is not None or sizer.last >= self.batch_window)
                 else:
                     state, tx, after, job = await self._work_batch(conn, tx, jobs, sizer)
                 if state == "broken":
@@ -339,7 +340,11 @@ class Worker:
             self._no_inflight.set()
 
     async def _work(
-        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
+        self,
+        conn: Connection,
+        tx: asyncpg.transaction.Transaction,
+        job: Job,
+        sizer: BatchSizer | None = None,
     ) -> tuple[str, asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None]:
         """Run a claimed job (and the jobs it hands on to this slot) to its commit.
 
@@ -351,7 +356,11 @@ class Worker:
         """
         try:
             while True:
+                began = time.monotonic()
                 outcome = await self._run_one(conn, tx, job)
+                if sizer is not None:
+                    busy = None if outcome is None else outcome.busy
+                    sizer.observe(time.monotonic() - began if busy is None else busy)
                 if outcome is None:  # rolled back and rescheduled
                     self._wakeups.poke()
                     if conn.is_closed():
@@ -408,14 +417,17 @@ class Worker:
         savepoint, so a failure rolls back its own work only and is recorded in the same
         transaction, its job still locked; it waits for a lock at most a few windows (a
         lock held by another batch, which may wait for this one), else it is left for the
-        next claim, unrecorded. The batch commits once every job ran, or when the window of
-        `batch_window` seconds is over, a job took it alone, a job left the transaction (a
-        lease) or changed other runs, or the next job must run alone: the jobs not run are
-        released by that commit, free for any worker at once. Follow-up jobs are not taken
+        next claim, unrecorded. The batch commits once every job ran, or when its handlers
+        spent `batch_window` seconds (one alone: a slow handler), or `WALL_WINDOWS` windows
+        of wall-clock time passed, a job left the transaction (a lease) or changed other
+        runs, or the next job must run alone: the jobs not run are released by that commit,
+        free for any worker at once. Follow-up jobs are not taken
         on here: they are due when the batch commits, at the head of the queue.
         """
         self._inflight += len(jobs) - 1  # the claim counted one
         began = time.monotonic()
+        wall = WALL_WINDOWS * self.batch_window
+        busy = 0.0  # seconds of user code so far
         ran = 0
         slow = False
         after: Callable[[], Awaitable[None]] | None = None
@@ -425,7 +437,8 @@ class Worker:
                 if index:
                     if (
                         self.stopping
-                        or time.monotonic() - began >= self.batch_window
+                        or busy >= self.batch_window
+                        or time.monotonic() - began >= wall
                         or not self._batchable(job)
                     ):
                         break
@@ -451,7 +464,8 @@ class Worker:
                         break
                     outcome = later
                 ran += 1
-                took = time.monotonic() - started
+                took = time.monotonic() - started if outcome.busy is None else outcome.busy
+                busy += took
                 sizer.observe(took)
                 if outcome.after_commit is not None:
                     after, slow = outcome.after_commit, True

@@ -61,10 +61,18 @@ async def run_attempt(
             if limit is None:
                 value = await call()
             else:
+                # In this task, not a task of its own (asyncio.wait_for): a call that does
+                # not wait costs no trip through the event loop, and its time is its own.
+                bound = asyncio.timeout(limit)
                 try:
-                    value = await asyncio.wait_for(call(), limit)
+                    async with bound:
+                        value = await call()
                 except TimeoutError:
-                    raise _cut_off(ctx, what, limit, own) from None
+                    if bound.expired():
+                        raise _cut_off(ctx, what, limit, own) from None
+                    raise
+                if bound.expired():  # the call swallowed the cancellation at its limit
+                    raise _cut_off(ctx, what, limit, own)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():

@@ -317,6 +317,7 @@ class Runner:
             follow=None if follow is None else follow.job,
             # A cancel reaches the run's children, whose jobs a batch may hold as read.
             solo=isinstance(transition, Cancel),
+            busy=v.busy,
         )
 
     async def _decide(self, v: JobVisit, wf: Workflow) -> Transition:
