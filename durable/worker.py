@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -129,6 +130,11 @@ class Worker:
         # that deadlock after deadlock_timeout, 1 s by default).
         wait_ms = max(10, round(4000 * batch_window))
         self._first_savepoint = f"SET LOCAL lock_timeout = {wait_ms}; SAVEPOINT durable_batch"
+        # Slots holding a claim's transaction, and the recent claims' mean size: while
+        # batches are large, fewer slots claim at once (see `_room_to_claim`).
+        self._active = 0
+        self._mean_claim = 1.0
+        self._room = asyncio.Event()
         #: Jobs run in batches of two or more, and the batches (tests, benchmarks).
         self.batched = 0
         self.batches = 0
@@ -166,6 +172,7 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; in-flight jobs get `grace_period` seconds to finish."""
         self._stopping.set()
+        self._room.set()
         self._wakeups.wake_all()
 
     @property
@@ -246,16 +253,20 @@ class Worker:
                     if tx is None:
                         tx = conn.transaction()
                         await tx.start()
+                    await self._room_to_claim()
                     # A claim under way counts as in flight: once its statement has locked
                     # a job, a stop() meanwhile must let that job run, not roll it back.
                     self._started()
+                    self._active += 1
                     try:
                         jobs = await self._claim(conn, sizer.size)
                     except BaseException:
                         self._finished()
+                        self._left()
                         raise
                     if not jobs:
                         self._finished()
+                        self._left()
                         sizer.done(0, 0)
                         await tx.rollback()
                         tx = None
@@ -281,12 +292,16 @@ class Worker:
                     continue
                 self._wakeups.wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None
-                if len(jobs) == 1:
-                    job = jobs[0]
-                    state, tx, after = await self._work(conn, tx, job, sizer)
-                    sizer.done(1, 1, slow=after is not None or sizer.last >= self.batch_window)
-                else:
-                    state, tx, after, job = await self._work_batch(conn, tx, jobs, sizer)
+                self._mean_claim = 0.9 * self._mean_claim + 0.1 * len(jobs)
+                try:
+                    if len(jobs) == 1:
+                        job = jobs[0]
+                        state, tx, after = await self._work(conn, tx, job, sizer)
+                        sizer.done(1, 1, slow=after is not None or sizer.last >= self.batch_window)
+                    else:
+                        state, tx, after, job = await self._work_batch(conn, tx, jobs, sizer)
+                finally:
+                    self._left()
                 if state == "broken":
                     await self._discard(conn)
                     conn, tx = None, None
@@ -302,6 +317,26 @@ class Worker:
                     await self._release(conn)  # idle, outside any transaction
                 else:
                     await self._discard(conn)
+
+    async def _room_to_claim(self) -> None:
+        """Wait while enough slots hold claims: with batches of about `n` jobs, at most
+        concurrency / n slots (and at least 4) claim at once, so that the jobs a worker
+        holds stay near its concurrency. Every claim's statement walks past the due jobs
+        other transactions hold (SKIP LOCKED): 16 slots holding 16 jobs each made a claim
+        cost more than the steps it took."""
+        if self._batch_hook is None:
+            return
+        while not self.stopping:
+            room = max(min(4, self.concurrency), math.ceil(self.concurrency / self._mean_claim))
+            if self._active < room:
+                return
+            self._room.clear()
+            await self._room.wait()
+
+    def _left(self) -> None:
+        """A slot's claim transaction is over: another slot may claim."""
+        self._active -= 1
+        self._room.set()
 
     async def _claim(self, conn: Connection, size: int) -> list[Job]:
         """Claim up to `size` jobs: one with the plain claim (exactly as without batching),
