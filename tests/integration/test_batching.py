@@ -4,6 +4,7 @@ deep queue runs several runs' steps in one transaction, each under its own savep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -58,10 +59,8 @@ async def tables(db: Any) -> None:
 
 async def _wait_finished(engine: durable.Engine, ids: list[str], timeout: float = 60) -> None:
     for run_id in ids:
-        try:
+        with contextlib.suppress(durable.RunFailed):
             await engine.wait(run_id, timeout=timeout)
-        except durable.RunFailed:
-            pass
 
 
 async def test_a_deep_queue_drains_in_batches_with_every_effect_once(db: Any, tables: None) -> None:
