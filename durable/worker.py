@@ -18,69 +18,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import asyncpg
 
-from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, WALL_WINDOWS, BatchSizer
-from durable.db import Connection, in_batch, is_connection_error, is_lock_conflict
-from durable.queue import Job, JobQueue
+from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, BatchSizer
+from durable.db import Connection, is_connection_error
+from durable.group_commit import Batches
+from durable.queue import (
+    BatchClaimHook,
+    ClaimHook,
+    ErrorHook,
+    FollowHook,
+    Handler,
+    Job,
+    JobQueue,
+    Outcome,
+    retry_delay,
+)
 from durable.sql import Queries
 from durable.stepconn import StepConnection, swallowed_error, undo
 from durable.wakeup import Health, Wakeups
 
 log = logging.getLogger("durable.worker")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the worker does once a handler returns, inside the job's transaction.
-
-    `settled`: the handler already deleted or rescheduled the job row itself (otherwise the
-    worker deletes it). `follow`: a job id this slot claims right after the commit, so a run
-    continues on the same worker without waiting for a claim. `after_commit`: work to run
-    after the commit while the slot stays taken (non-transactional handlers). `solo`: the
-    job changed more than its own run (a cancel reaching its children), so the jobs of a
-    batch after it, whose runs were read at the claim, do not run in this transaction.
-    `busy`: seconds the job spent in user code, what a batch's window counts (None: the
-    whole job, handler and bookkeeping).
-    """
-
-    settled: bool = False
-    follow: int | None = None
-    after_commit: Callable[[], Awaitable[None]] | None = None
-    solo: bool = False
-    busy: float | None = None
-
-
-Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
-#: Claims the most urgent due job of the given queues in the connection's transaction.
-ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
-#: Commits the open transaction, opens the next one and claims a known job in it (a run
-#: continuing on the same slot); None if the job is not due and free.
-FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
-#: Records, in a new transaction, that a job's work failed outside its handler's own
-#: bookkeeping (the job's transaction was rolled back).
-ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]
-#: Claims up to `n` due jobs of the given queues (of different runs) in the connection's
-#: transaction, most urgent first.
-BatchClaimHook = Callable[[Connection, Sequence[str], int], Awaitable[list[Job]]]
-
-# Jobs of a batch after the first run under this savepoint (see `Worker._work_batch`).
-_NEXT_SAVEPOINT = "RELEASE SAVEPOINT durable_batch; SAVEPOINT durable_batch"
-_UNDO_SAVEPOINT = "ROLLBACK TO SAVEPOINT durable_batch"
-
-
-def retry_delay(attempts: int) -> float:
-    """Backoff for a job whose handler raised: 1, 2, 4 ... seconds, at most 60."""
-    return float(min(2 ** max(attempts - 1, 0), 60))
 
 
 class Worker:
@@ -120,26 +85,15 @@ class Worker:
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
         self._on_error = on_error
-        # Batches (group commit): without a batch claim, every claim takes one job.
-        self._batch_hook = claim_batch
-        self._batchable = batchable or (lambda job: True)
+        # Batches (group commit, `durable.group_commit`): without a batch claim or with a
+        # batch size of 1, every claim takes one job, exactly as without batching.
         self.batch_size = batch_size if claim_batch is not None else 1
         self.batch_window = batch_window
-        # A job after the first of a batch waits at most this long for a lock: the lock's
-        # holder may be another batch waiting for one of ours (PostgreSQL would only find
-        # that deadlock after deadlock_timeout, 1 s by default).
-        wait_ms = max(10, round(4000 * batch_window))
-        self._first_savepoint = f"SET LOCAL lock_timeout = {wait_ms}; SAVEPOINT durable_batch"
-        # Slots holding a claim's transaction, and the recent claims' mean size: while
-        # batches are large, fewer slots claim at once (see `_room_to_claim`).
-        self._active = 0
-        self._mean_claim = 1.0
-        self._room = asyncio.Event()
-        #: Jobs run in batches of two or more, and the batches (tests, benchmarks).
-        self.batched = 0
-        self.batches = 0
-        #: Jobs of batches left to the next claim after a lock conflict.
-        self.deferred = 0
+        self._batches: Batches | None = None
+        if claim_batch is not None and self.batch_size > 1:
+            self._batches = Batches(
+                self, claim_batch, batchable or (lambda job: True), batch_window
+            )
         # Handlers get a connection that sets a savepoint before their first statement, so
         # a failure rolls back their writes alone and the retry is recorded in the same
         # transaction, with the job still locked. The engine's handlers manage their own
@@ -172,7 +126,8 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; in-flight jobs get `grace_period` seconds to finish."""
         self._stopping.set()
-        self._room.set()
+        if self._batches is not None:
+            self._batches.wake()
         self._wakeups.wake_all()
 
     @property
@@ -188,6 +143,21 @@ class Worker:
     def in_flight(self) -> int:
         """How many jobs the worker is running now."""
         return self._inflight
+
+    @property
+    def batched(self) -> int:
+        """Jobs run in batches of two or more (tests, benchmarks)."""
+        return 0 if self._batches is None else self._batches.batched
+
+    @property
+    def batches(self) -> int:
+        """Batches of two or more jobs run."""
+        return 0 if self._batches is None else self._batches.batches
+
+    @property
+    def deferred(self) -> int:
+        """Jobs of batches left to the next claim after a lock conflict."""
+        return 0 if self._batches is None else self._batches.deferred
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -253,11 +223,11 @@ class Worker:
                     if tx is None:
                         tx = conn.transaction()
                         await tx.start()
-                    await self._room_to_claim()
+                    if self._batches is not None:
+                        await self._batches.room()
                     # A claim under way counts as in flight: once its statement has locked
                     # a job, a stop() meanwhile must let that job run, not roll it back.
                     self._started()
-                    self._active += 1
                     try:
                         jobs = await self._claim(conn, sizer.size)
                     except BaseException:
@@ -292,14 +262,18 @@ class Worker:
                     continue
                 self._wakeups.wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None
-                self._mean_claim = 0.9 * self._mean_claim + 0.1 * len(jobs)
                 try:
-                    if len(jobs) == 1:
+                    if self._batches is None:
+                        job = jobs[0]
+                        state, tx, after = await self._work(conn, tx, job)
+                    elif len(jobs) == 1:
+                        self._batches.claimed(1)
                         job = jobs[0]
                         state, tx, after = await self._work(conn, tx, job, sizer)
                         sizer.done(1, 1, slow=after is not None or sizer.last >= self.batch_window)
                     else:
-                        state, tx, after, job = await self._work_batch(conn, tx, jobs, sizer)
+                        self._batches.claimed(len(jobs))
+                        state, tx, after, job = await self._batches.run(conn, tx, jobs, sizer)
                 finally:
                     self._left()
                 if state == "broken":
@@ -318,31 +292,15 @@ class Worker:
                 else:
                     await self._discard(conn)
 
-    async def _room_to_claim(self) -> None:
-        """Wait while enough slots hold claims: with batches of about `n` jobs, at most
-        concurrency / n slots (and at least 4) claim at once, so that the jobs a worker
-        holds stay near its concurrency. Every claim's statement walks past the due jobs
-        other transactions hold (SKIP LOCKED): 16 slots holding 16 jobs each made a claim
-        cost more than the steps it took."""
-        if self._batch_hook is None:
-            return
-        while not self.stopping:
-            room = max(min(4, self.concurrency), math.ceil(self.concurrency / self._mean_claim))
-            if self._active < room:
-                return
-            self._room.clear()
-            await self._room.wait()
-
     def _left(self) -> None:
-        """A slot's claim transaction is over: another slot may claim."""
-        self._active -= 1
-        self._room.set()
+        if self._batches is not None:
+            self._batches.left()
 
     async def _claim(self, conn: Connection, size: int) -> list[Job]:
         """Claim up to `size` jobs: one with the plain claim (exactly as without batching),
         more with the batch claim."""
-        if size > 1 and self._batch_hook is not None:
-            return await self._batch_hook(conn, self.queues, size)
+        if size > 1 and self._batches is not None:
+            return await self._batches.claim(conn, self.queues, size)
         job = await self._claim_hook(conn, self.queues)
         return [] if job is None else [job]
 
@@ -435,147 +393,6 @@ class Worker:
             return "broken", None, None
         finally:
             self._finished()
-
-    async def _work_batch(
-        self,
-        conn: Connection,
-        tx: asyncpg.transaction.Transaction,
-        jobs: list[Job],
-        sizer: BatchSizer,
-    ) -> tuple[
-        str, asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None, Job
-    ]:
-        """Run claimed jobs one after the other in the open transaction and commit them
-        together (group commit); returns what `_work` does, and the job last run.
-
-        The first job runs as a job claimed alone does. Each later one runs under a
-        savepoint, so a failure rolls back its own work only and is recorded in the same
-        transaction, its job still locked; it waits for a lock at most a few windows (a
-        lock held by another batch, which may wait for this one), else it is left for the
-        next claim, unrecorded. The batch commits once every job ran, or when its handlers
-        spent `batch_window` seconds (one alone: a slow handler), or `WALL_WINDOWS` windows
-        of wall-clock time passed, a job left the transaction (a lease) or changed other
-        runs, or the next job must run alone: the jobs not run are released by that commit,
-        free for any worker at once. Follow-up jobs are not taken
-        on here: they are due when the batch commits, at the head of the queue.
-        """
-        self._inflight += len(jobs) - 1  # the claim counted one
-        began = time.monotonic()
-        wall = WALL_WINDOWS * self.batch_window
-        busy = 0.0  # seconds of user code so far
-        ran = 0
-        slow = False
-        after: Callable[[], Awaitable[None]] | None = None
-        last = jobs[0]
-        try:
-            for index, job in enumerate(jobs):
-                if index:
-                    if (
-                        self.stopping
-                        or busy >= self.batch_window
-                        or time.monotonic() - began >= wall
-                        or not self._batchable(job)
-                    ):
-                        break
-                    await conn.execute(self._first_savepoint if index == 1 else _NEXT_SAVEPOINT)
-                last = job
-                started = time.monotonic()
-                if index == 0:
-                    first = await self._run_one(conn, tx, job)
-                    if first is None:  # rolled back, the whole batch released; rescheduled
-                        ran = 1
-                        self._wakeups.wake_one()
-                        if conn.is_closed():
-                            return "broken", None, None, job
-                        return "open", await self._begin(conn), None, job
-                    outcome = first
-                else:
-                    token = in_batch.set(True)
-                    try:
-                        later = await self._run_later(conn, job)
-                    finally:
-                        in_batch.reset(token)
-                    if later is None:  # a lock conflict: back to the queue at the commit
-                        break
-                    outcome = later
-                ran += 1
-                took = time.monotonic() - started if outcome.busy is None else outcome.busy
-                busy += took
-                sizer.observe(took)
-                if outcome.after_commit is not None:
-                    after, slow = outcome.after_commit, True
-                    break
-                if outcome.solo or took >= self.batch_window:
-                    slow = took >= self.batch_window
-                    break
-            if after is not None or self.stopping:
-                await tx.commit()
-                state: tuple[str, asyncpg.transaction.Transaction | None] = ("idle", None)
-            else:
-                await conn.execute("COMMIT; BEGIN")
-                state = ("open", tx)
-            self.processed += ran
-            if ran > 1:
-                self.batched += ran
-                self.batches += 1
-            self._wakeups.poke()
-            if ran < len(jobs):
-                self._wakeups.wake_one()  # the jobs not run are free again
-            return state[0], state[1], after, last
-        except Exception as exc:
-            # The connection or the commit failed under us (or recording a failure did):
-            # the server rolls back the batch and its jobs are free for any worker again.
-            if not is_connection_error(exc):
-                log.exception(
-                    "a batch of %d jobs failed outside its handlers at job %s",
-                    len(jobs),
-                    last.id,
-                    extra={"job_id": last.id, "task": last.task, "run_id": last.run_id},
-                )
-            return "broken", None, None, last
-        finally:
-            sizer.done(len(jobs), ran, slow=slow)
-            self._inflight -= len(jobs) - 1
-            self._finished()
-
-    async def _run_later(self, conn: Connection, job: Job) -> Outcome | None:
-        """Run a job after the first of a batch, under the batch's savepoint. A failure
-        rolls back to it and is recorded in this transaction; None: the job met a lock
-        conflict and goes back to the queue when the batch commits, nothing recorded."""
-        fields = {
-            "job_id": job.id,
-            "task": job.task,
-            "run_id": job.run_id,
-            "queue": job.queue,
-            "worker": self.name,
-        }
-        handler_conn: Any = StepConnection(conn) if self.isolate else conn
-        try:
-            handler = self.handlers.get(job.task)
-            if handler is None:
-                raise LookupError(f"no handler for task {job.task!r} on this worker")
-            outcome = await handler(handler_conn, job) or Outcome()
-            failed = swallowed_error(handler_conn)
-            if failed is not None:
-                raise failed
-            if not outcome.settled:
-                await self.jobs.delete(conn, job.id)
-            return outcome
-        except Exception as exc:
-            if is_connection_error(exc):
-                log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)
-                raise
-            await conn.execute(_UNDO_SAVEPOINT)
-            if is_lock_conflict(exc):
-                self.deferred += 1
-                log.debug("job %s left to the next claim: %s", job.id, exc, extra=fields)
-                return None
-            self._log_retry(job, exc, fields)
-            if self._on_error is not None:
-                await self._on_error(conn, job, exc)
-            else:
-                await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
-            return Outcome(settled=True)
 
     async def _after_commit(self, after: Callable[[], Awaitable[None]], job: Job) -> None:
         self._started()

@@ -373,11 +373,12 @@ $$;
 -- priorities), and read (and lock) their runs: a worker slot that finds a deep queue runs
 -- them one after the other in this transaction and commits them together (group commit).
 -- The first job is exactly claim_v1's. More are taken only after a job that is not a
--- branch nor suspicious (a claimer died holding it), and they are never branches: branches
--- of one node lock their run as they finish, so two batches each holding a branch of two
--- runs could wait for each other; and a job that may kill its worker runs alone. Jobs
--- skipped because their run is a client's or already in the batch stay locked until this
--- transaction ends, as in claim_v1. Runs are locked in id order (two claims never wait for
+-- branch nor suspicious (a claimer died holding it), from the same walk of the index, and
+-- they are never branches (the batch ends at the first one): branches of one node lock
+-- their run as they finish, so two batches each holding a branch of two runs could wait
+-- for each other; and a job that may kill its worker runs alone. Jobs skipped because
+-- their run is a client's or already in the batch, and the branch that ended it, stay
+-- locked until this transaction ends, as in claim_v1. Runs are locked in id order (two claims never wait for
 -- each other in a circle). `p_known`: jobs whose run's results the worker already holds
 -- (its memo), for which the results are not read.
 CREATE OR REPLACE FUNCTION __SCHEMA__.claim_batch_v1(
@@ -410,6 +411,10 @@ BEGIN
             )
         );
     END IF;
+    -- One walk of the index: the later jobs are the ones after the first in the same
+    -- cursor. A second walk from the head visited again every due job other transactions
+    -- hold (SKIP LOCKED reads past them), which with a worker's slots all batching cost
+    -- more than the commits the batch saved.
     OPEN c FOR
         SELECT jobs.id, jobs.task, jobs.run_id, jobs.xmax AS locker
         FROM __SCHEMA__.jobs
@@ -428,21 +433,12 @@ BEGIN
             EXIT;
         END IF;
     END LOOP;
-    CLOSE c;
-    IF cardinality(v_ids) = 0 THEN
-        RETURN;
-    END IF;
-    IF p_limit > 1 AND v_branch IS NULL AND NOT v_suspicious[1] THEN
-        OPEN c FOR
-            SELECT jobs.id, jobs.task, jobs.run_id, jobs.xmax AS locker
-            FROM __SCHEMA__.jobs
-            WHERE run_at <= v_now AND queue = ANY (p_queues) AND task <> 'branch'
-              AND jobs.id <> v_ids[1]
-            ORDER BY priority DESC, run_at, jobs.id
-            FOR UPDATE SKIP LOCKED;
+    IF cardinality(v_ids) > 0 AND p_limit > 1 AND v_branch IS NULL AND NOT v_suspicious[1] THEN
         LOOP
             FETCH c INTO j;
-            EXIT WHEN NOT FOUND;
+            -- A branch ends the batch (it runs alone); the cursor locked it, so it waits
+            -- for this batch's commit, as a job of a run already in the batch does.
+            EXIT WHEN NOT FOUND OR j.task = 'branch';
             IF j.run_id <> ALL (v_runs)
                AND pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
                 v_ids := v_ids || j.id;
@@ -451,7 +447,10 @@ BEGIN
                 EXIT WHEN cardinality(v_ids) >= p_limit;
             END IF;
         END LOOP;
-        CLOSE c;
+    END IF;
+    CLOSE c;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
     END IF;
     IF v_branch IS NULL THEN
         -- Locked in a statement of their own, read in the next (see claim_v1).

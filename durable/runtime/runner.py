@@ -24,6 +24,7 @@ from durable.errors import DefinitionChanged
 from durable.flow import Limit
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
+from durable.queue import Outcome as JobOutcome
 from durable.runtime import apply, compensation, lease
 from durable.runtime.apply import Follow
 from durable.runtime.attempt import run_attempt
@@ -51,7 +52,6 @@ from durable.runtime.visit import JobVisit, Shared, job_from_row, state_from_row
 from durable.sql import Queries
 from durable.stepconn import undo
 from durable.tracing import node_span, record_failure
-from durable.worker import Outcome as JobOutcome
 from durable.workflow import Loop, Parallel, Step, Workflow, default_backoff
 
 log = logging.getLogger("durable.runner")
