@@ -393,11 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="worker concurrency (default 16)"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="worker batch size (default: the engine's)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.concurrency is not None:
         sizes = Sizes(**{**asdict(sizes), "concurrency": args.concurrency})
+    if args.batch_size is not None:
+        sizes = Sizes(**{**asdict(sizes), "batch_size": args.batch_size})
     only = list(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SCENARIOS]
     if unknown:
