@@ -43,6 +43,8 @@ class BatchSizer:
     per_job: float = 0.0
     #: Seconds of user code of the job observed last.
     last: float = 0.0
+    #: Whether the last claim came back full.
+    full: bool = False
 
     def observe(self, seconds: float) -> None:
         """One job spent `seconds` in user code (its handler)."""
@@ -53,8 +55,14 @@ class BatchSizer:
         """A claim took `claimed` jobs of which `ran` ran before the batch committed;
         `slow`: a job took the window alone or left the transaction (a lease)."""
         if claimed == 0 or slow or self.limit <= 1:
-            self.size = 1
+            self.size, self.full = 1, False
             return
+        if self.size == 1 and not self.full:
+            # One job found once says nothing of the queue's depth: an idle worker finds
+            # its jobs one at a time, and its next claim (usually empty) stays the plain one.
+            self.full = True
+            return
+        self.full = claimed >= self.size
         # Full and all ran: grow. Short (a shallow queue): what was found. Cut: what ran.
         grown = 2 * self.size if claimed >= self.size else claimed
         target = grown if ran >= claimed else ran

@@ -157,6 +157,11 @@ async def test_batch_claim_takes_different_runs_in_queue_order(db: Any) -> None:
 def test_the_batch_size_grows_with_full_claims_and_shrinks_with_slow_jobs() -> None:
     sizer = BatchSizer(limit=16, window=0.005)
     assert sizer.size == 1
+    sizer.done(1, 1)  # one job found once: an idle worker's claims stay the plain claim
+    assert sizer.size == 1
+    sizer.done(0, 0)
+    sizer.done(1, 1)
+    assert sizer.size == 1
     for want in (2, 4, 8, 16, 16):
         sizer.done(sizer.size, sizer.size)
         assert sizer.size == want
