@@ -17,19 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: The most jobs one claim takes by default. Every job of a batch after the first runs
-#: under a savepoint, a subtransaction with its own transaction id once it writes; past 64
-#: of them in one transaction (handlers' own savepoints count too) PostgreSQL's snapshots
-#: slow down for every session, so the bound stays well under that.
-DEFAULT_BATCH_SIZE = 16
+#: The most jobs one claim takes by default: 1, batches off. Measured on 2 cores, batches
+#: of up to 16 doubled the drain of a worker with 4 slots but did not clearly pay with the
+#: default 16 slots (docs/performance.md), so they are opt-in (`batch_size=16`).
+DEFAULT_BATCH_SIZE = 1
+#: The bound of a batch. Every job of a batch after the first runs under a savepoint, a
+#: subtransaction with its own transaction id once it writes; past 64 of them in one
+#: transaction (handlers' own savepoints count too) PostgreSQL's snapshots slow down for
+#: every session, so the bound stays well under that.
+MAX_BATCH_SIZE = 32
 #: Seconds of user code (handlers) after which a batch commits, leaving its unrun jobs to
 #: any worker; a batch also commits after `WALL_WINDOWS` windows of wall-clock time.
 DEFAULT_BATCH_WINDOW = 0.005
 #: A batch's bound in wall-clock time, in windows: on a busy event loop a job's wall time
 #: counts every other slot's work too, so the window itself counts only user code.
 WALL_WINDOWS = 10
-#: The bound of a batch (a subtransaction id each, see above).
-MAX_BATCH_SIZE = 32
 
 
 @dataclass

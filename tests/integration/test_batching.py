@@ -67,7 +67,7 @@ async def test_a_deep_queue_drains_in_batches_with_every_effect_once(db: Any, ta
     async with durable.Engine(db.dsn, workflows=[ONE, TWO]) as engine:
         ids = [await engine.start(ONE, {"n": i}) for i in range(200)]
         ids += [await engine.start(TWO, {"n": i}) for i in range(100)]
-        async with engine.worker(concurrency=2, batch_window=0.05) as worker:
+        async with engine.worker(concurrency=2, batch_size=16, batch_window=0.05) as worker:
             await _wait_finished(engine, ids)
         assert worker.batches > 0
         assert worker.batched >= 2 * worker.batches
@@ -87,7 +87,7 @@ async def test_a_failing_step_in_a_batch_rolls_back_only_its_own_writes(
 ) -> None:
     async with durable.Engine(db.dsn, workflows=[FLAKY]) as engine:
         ids = [await engine.start(FLAKY, {"n": i}) for i in range(120)]
-        async with engine.worker(concurrency=1, batch_window=0.05) as worker:
+        async with engine.worker(concurrency=1, batch_size=16, batch_window=0.05) as worker:
             await _wait_finished(engine, ids)
         assert worker.batches > 0
         runs = [await engine.get_run(run_id) for run_id in ids]
@@ -112,7 +112,7 @@ async def test_a_later_job_of_a_batch_that_waits_for_a_lock_goes_back_unrecorded
             tx = holder.transaction()
             await tx.start()
             await holder.execute("SELECT 1 FROM rows WHERE id = 40 FOR UPDATE")
-            async with engine.worker(concurrency=1, batch_window=0.05) as worker:
+            async with engine.worker(concurrency=1, batch_size=16, batch_window=0.05) as worker:
                 await asyncio.sleep(1.0)
                 await tx.rollback()
                 await _wait_finished(engine, ids)
@@ -127,7 +127,7 @@ async def test_a_later_job_of_a_batch_that_waits_for_a_lock_goes_back_unrecorded
 
 async def test_an_idle_worker_claims_one_job_at_a_time(db: Any, tables: None) -> None:
     async with durable.Engine(db.dsn, workflows=[TWO]) as engine:
-        async with engine.worker(concurrency=2) as worker:
+        async with engine.worker(concurrency=2, batch_size=16) as worker:
             for i in range(5):
                 await engine.wait(await engine.start(TWO, {"n": i}), timeout=10)
         assert worker.batches == 0
