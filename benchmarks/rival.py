@@ -35,7 +35,7 @@ async def pgqueuer_drain(dsn: str, n: int, timeout: float) -> float:
             size = min(1000, n - first)
             await queries.enqueue(["noop"] * size, [None] * size, [0] * size)
         table = queries.qbe.qualified.queue_table
-        qm = QueueManager(AsyncpgDriver(worker))
+        qm = QueueManager(Queries(AsyncpgDriver(worker)))
 
         @qm.entrypoint("noop")
         async def noop(job: Any) -> None:
