@@ -45,6 +45,14 @@ class Sizes:
     repeats: int  # fan-out and scale are measured this many times; the median is reported
     concurrency: int
     scenario_timeout: float  # seconds before a scenario is abandoned (and reported as such)
+    batch_size: int | None = None  # the workers' batch size (None: the engine's default)
+
+    def worker_options(self) -> dict[str, int]:
+        """The keyword arguments of the scenarios' `engine.worker(...)`."""
+        options = {"concurrency": self.concurrency}
+        if self.batch_size is not None:
+            options["batch_size"] = self.batch_size
+        return options
 
 
 FULL = Sizes(

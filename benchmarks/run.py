@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import baseline, dashboard, facts, scenarios
+from benchmarks import baseline, dashboard, facts, rival, scenarios
 from benchmarks.common import FULL, QUICK, Sizes, fmt_int, fresh_database, progress
 from durable.cli import run_async
 from durable.server import provision
@@ -39,6 +39,7 @@ SCENARIOS: dict[str, Callable[[str, Sizes], Awaitable[dict[str, Any]]]] = {
     "fan-out-limited": scenarios.fanout_limited,
     "fan-out-limited-1": scenarios.fanout_limited_one,
     "drain": scenarios.drain,
+    "drain-vs-pgqueuer": rival.drain_vs_pgqueuer,
     "start": scenarios.start,
     "latency": scenarios.latency,
     "scale": scenarios.scale,
@@ -217,6 +218,20 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
             )
     if "drain" in results:
         rows.append(_rate_row("drain", results["drain"], unit="runs/s", minimum=3000))
+    if "drain-vs-pgqueuer" in results:
+        r = results["drain-vs-pgqueuer"]
+        row = Row("drain vs pgqueuer", "not run", target=">= 1x pgqueuer")
+        if isinstance(r, rival.Skipped):
+            row.figure = f"skipped: {r}"
+        elif isinstance(r, dict):
+            row.figure = f"{fmt_int(r['value'])} runs/s"
+            row.baseline = f"{fmt_int(r['pgqueuer'])} jobs/s (pgqueuer, defaults)"
+            row.ratio = f"{r['ratio']:.2f}x"
+            row.met = r["ratio"] >= 1.0
+            row.data = r
+        else:
+            row.figure, row.met = _error_text(r), False
+        rows.append(row)
     if "start" in results:
         rows.append(_rate_row("start", results["start"], unit="runs/s", minimum=3000))
     if "latency" in results:
@@ -378,11 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="worker concurrency (default 16)"
     )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="worker batch size (default: the engine's)"
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.concurrency is not None:
         sizes = Sizes(**{**asdict(sizes), "concurrency": args.concurrency})
+    if args.batch_size is not None:
+        sizes = Sizes(**{**asdict(sizes), "batch_size": args.batch_size})
     only = list(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SCENARIOS]
     if unknown:

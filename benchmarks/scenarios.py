@@ -39,7 +39,7 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
     """
     wf = workflows.chain(sizes.chain_steps)
     engine = durable.Engine(dsn, workflows=[wf, workflows.one_step()])
-    async with engine, engine.worker(concurrency=sizes.concurrency):
+    async with engine, engine.worker(**sizes.worker_options()):
         await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
         progress(f"chain: one run of {sizes.chain_steps} steps")
         t0 = time.perf_counter()
@@ -64,7 +64,7 @@ async def loop(dsn: str, sizes: Sizes) -> dict[str, Any]:
     marks: list[float] = []
     n = sizes.loop_iterations
     engine = durable.Engine(dsn, workflows=[workflows.loop(n, marks), workflows.one_step()])
-    async with engine, engine.worker(concurrency=sizes.concurrency):
+    async with engine, engine.worker(**sizes.worker_options()):
         await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
         progress(f"loop: one run of {n} iterations")
         t0 = time.perf_counter()
@@ -87,7 +87,7 @@ async def _fanout_once(
     progress(f"{label}: starting {runs} runs x {steps} steps (no worker yet)")
     ids = await start_many(engine, workflows.FANOUT, runs, callers=sizes.start_callers)
     t0 = time.perf_counter()
-    async with engine.worker(concurrency=sizes.concurrency):
+    async with engine.worker(**sizes.worker_options()):
         t1 = await wait_all_finished(watch, min(ids), runs, timeout=sizes.scenario_timeout)
     elapsed = t1 - t0
     progress(_rate_line(label, runs * steps, "steps", elapsed))
@@ -165,7 +165,7 @@ async def drain(dsn: str, sizes: Sizes) -> dict[str, Any]:
         try:
             progress("drain: worker started")
             t0 = time.perf_counter()
-            async with engine.worker(concurrency=sizes.concurrency):
+            async with engine.worker(**sizes.worker_options()):
                 t1 = await wait_all_finished(watch, min(ids), n, timeout=sizes.scenario_timeout)
         finally:
             await watch.close()
@@ -214,7 +214,7 @@ async def latency(dsn: str, sizes: Sizes) -> dict[str, Any]:
     Five untimed samples warm connections and the wait listener first."""
     engine = durable.Engine(dsn, workflows=[workflows.one_step()])
     samples: list[float] = []
-    async with engine, engine.worker(concurrency=sizes.concurrency):
+    async with engine, engine.worker(**sizes.worker_options()):
         for _ in range(5):
             await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
         progress(f"latency: {sizes.latency_samples} sequential samples")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import re
 from collections.abc import AsyncIterator
@@ -77,6 +78,33 @@ def is_connection_error(exc: BaseException) -> bool:
             and (exc.sqlstate or "").startswith(("08", "57P"))
         )
     )
+
+
+# lock_not_available (a lock_timeout ran out, NOWAIT) and deadlock_detected.
+_LOCK_CONFLICTS = ("55P03", "40P01")
+
+#: True while a worker runs a job after the first of a batch (durable.worker): a lock
+#: that job would wait for may be held by another batch that waits for one of this batch.
+in_batch: contextvars.ContextVar[bool] = contextvars.ContextVar("durable_in_batch", default=False)
+
+
+class Deferred(Exception):
+    """Raised when a job after the first of a batch could not get a lock in time: the
+    batch commits without it and the job goes back to the queue, with nothing recorded."""
+
+
+def is_lock_conflict(exc: BaseException | None) -> bool:
+    """True when `exc`, or an error it was raised from, is a lock wait that gave up (a
+    `lock_timeout`, `NOWAIT`) or a deadlock, or is `Deferred`."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, Deferred) or (
+            isinstance(exc, asyncpg.PostgresError) and exc.sqlstate in _LOCK_CONFLICTS
+        ):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 async def create_pool(

@@ -9,7 +9,7 @@ goes with it and the job is claimable again at once.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,3 +131,43 @@ class JobQueue:
         """Number of live jobs."""
         n: int = await conn.fetchval(self.q["count_jobs"])
         return n
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the worker does once a handler returns, inside the job's transaction.
+
+    `settled`: the handler already deleted or rescheduled the job row itself (otherwise the
+    worker deletes it). `follow`: a job id this slot claims right after the commit, so a run
+    continues on the same worker without waiting for a claim. `after_commit`: work to run
+    after the commit while the slot stays taken (non-transactional handlers). `solo`: the
+    job changed more than its own run (a cancel reaching its children), so the jobs of a
+    batch after it, whose runs were read at the claim, do not run in this transaction.
+    `busy`: seconds the job spent in user code, what a batch's window counts (None: the
+    whole job, handler and bookkeeping).
+    """
+
+    settled: bool = False
+    follow: int | None = None
+    after_commit: Callable[[], Awaitable[None]] | None = None
+    solo: bool = False
+    busy: float | None = None
+
+
+Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
+#: Claims the most urgent due job of the given queues in the connection's transaction.
+ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
+#: Commits the open transaction, opens the next one and claims a known job in it (a run
+#: continuing on the same slot); None if the job is not due and free.
+FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
+#: Records, in a new transaction, that a job's work failed outside its handler's own
+#: bookkeeping (the job's transaction was rolled back).
+ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]
+#: Claims up to `n` due jobs of the given queues (of different runs) in the connection's
+#: transaction, most urgent first.
+BatchClaimHook = Callable[[Connection, Sequence[str], int], Awaitable[list[Job]]]
+
+
+def retry_delay(attempts: int) -> float:
+    """Backoff for a job whose handler raised: 1, 2, 4 ... seconds, at most 60."""
+    return float(min(2 ** max(attempts - 1, 0), 60))

@@ -20,51 +20,32 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import asyncpg
 
+from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, BatchSizer
 from durable.db import Connection, is_connection_error
-from durable.queue import Job, JobQueue
+from durable.group_commit import Batches
+from durable.queue import (
+    BatchClaimHook,
+    ClaimHook,
+    ErrorHook,
+    FollowHook,
+    Handler,
+    Job,
+    JobQueue,
+    Outcome,
+    retry_delay,
+)
 from durable.sql import Queries
 from durable.stepconn import StepConnection, swallowed_error, undo
 from durable.wakeup import Health, Wakeups
 
 log = logging.getLogger("durable.worker")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the worker does once a handler returns, inside the job's transaction.
-
-    `settled`: the handler already deleted or rescheduled the job row itself (otherwise the
-    worker deletes it). `follow`: a job id this slot claims right after the commit, so a run
-    continues on the same worker without waiting for a claim. `after_commit`: work to run
-    after the commit while the slot stays taken (non-transactional handlers).
-    """
-
-    settled: bool = False
-    follow: int | None = None
-    after_commit: Callable[[], Awaitable[None]] | None = None
-
-
-Handler = Callable[[Connection, Job], Awaitable[Outcome | None]]
-#: Claims the most urgent due job of the given queues in the connection's transaction.
-ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
-#: Commits the open transaction, opens the next one and claims a known job in it (a run
-#: continuing on the same slot); None if the job is not due and free.
-FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
-#: Records, in a new transaction, that a job's work failed outside its handler's own
-#: bookkeeping (the job's transaction was rolled back).
-ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]
-
-
-def retry_delay(attempts: int) -> float:
-    """Backoff for a job whose handler raised: 1, 2, 4 ... seconds, at most 60."""
-    return float(min(2 ** max(attempts - 1, 0), 60))
 
 
 class Worker:
@@ -85,17 +66,34 @@ class Worker:
         claim_follow: FollowHook | None = None,
         isolate: bool = True,
         on_error: ErrorHook | None = None,
+        claim_batch: BatchClaimHook | None = None,
+        batchable: Callable[[Job], bool] | None = None,
+        batch_size: int = 1,
+        batch_window: float = DEFAULT_BATCH_WINDOW,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
+        if batch_window <= 0:
+            raise ValueError(f"batch_window must be > 0 seconds, got {batch_window}")
         self.pool = pool
         self.queries = queries
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
         self._on_error = on_error
+        # Batches (group commit, `durable.group_commit`): without a batch claim or with a
+        # batch size of 1, every claim takes one job, exactly as without batching.
+        self.batch_size = batch_size if claim_batch is not None else 1
+        self.batch_window = batch_window
+        self._batches: Batches | None = None
+        if claim_batch is not None and self.batch_size > 1:
+            self._batches = Batches(
+                self, claim_batch, batchable or (lambda job: True), batch_window
+            )
         # Handlers get a connection that sets a savepoint before their first statement, so
         # a failure rolls back their writes alone and the retry is recorded in the same
         # transaction, with the job still locked. The engine's handlers manage their own
@@ -128,6 +126,8 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; in-flight jobs get `grace_period` seconds to finish."""
         self._stopping.set()
+        if self._batches is not None:
+            self._batches.wake()
         self._wakeups.wake_all()
 
     @property
@@ -143,6 +143,21 @@ class Worker:
     def in_flight(self) -> int:
         """How many jobs the worker is running now."""
         return self._inflight
+
+    @property
+    def batched(self) -> int:
+        """Jobs run in batches of two or more (tests, benchmarks)."""
+        return 0 if self._batches is None else self._batches.batched
+
+    @property
+    def batches(self) -> int:
+        """Batches of two or more jobs run."""
+        return 0 if self._batches is None else self._batches.batches
+
+    @property
+    def deferred(self) -> int:
+        """Jobs of batches left to the next claim after a lock conflict."""
+        return 0 if self._batches is None else self._batches.deferred
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -198,6 +213,7 @@ class Worker:
         conn: Connection | None = None
         tx: asyncpg.transaction.Transaction | None = None
         rested = False  # the connection sat idle: the server may have dropped it meanwhile
+        sizer = BatchSizer(self.batch_size, self.batch_window)
         try:
             while not self.stopping:
                 try:
@@ -207,16 +223,21 @@ class Worker:
                     if tx is None:
                         tx = conn.transaction()
                         await tx.start()
+                    if self._batches is not None:
+                        await self._batches.room()
                     # A claim under way counts as in flight: once its statement has locked
                     # a job, a stop() meanwhile must let that job run, not roll it back.
                     self._started()
                     try:
-                        job = await self._claim_hook(conn, self.queues)
+                        jobs = await self._claim(conn, sizer.size)
                     except BaseException:
                         self._finished()
+                        self._left()
                         raise
-                    if job is None:
+                    if not jobs:
                         self._finished()
+                        self._left()
+                        sizer.done(0, 0)
                         await tx.rollback()
                         tx = None
                 except Exception as exc:
@@ -235,13 +256,26 @@ class Worker:
                     continue
                 rested = False
                 self._health.ok()
-                if job is None:
+                if not jobs:
                     await self._wakeups.wait_idle()
                     rested = True
                     continue
                 self._wakeups.wake_one()  # there may be more work: let an idle slot look too
                 assert tx is not None
-                state, tx, after = await self._work(conn, tx, job)
+                try:
+                    if self._batches is None:
+                        job = jobs[0]
+                        state, tx, after = await self._work(conn, tx, job)
+                    elif len(jobs) == 1:
+                        self._batches.claimed(1)
+                        job = jobs[0]
+                        state, tx, after = await self._work(conn, tx, job, sizer)
+                        sizer.done(1, 1, slow=after is not None or sizer.last >= self.batch_window)
+                    else:
+                        self._batches.claimed(len(jobs))
+                        state, tx, after, job = await self._batches.run(conn, tx, jobs, sizer)
+                finally:
+                    self._left()
                 if state == "broken":
                     await self._discard(conn)
                     conn, tx = None, None
@@ -257,6 +291,18 @@ class Worker:
                     await self._release(conn)  # idle, outside any transaction
                 else:
                     await self._discard(conn)
+
+    def _left(self) -> None:
+        if self._batches is not None:
+            self._batches.left()
+
+    async def _claim(self, conn: Connection, size: int) -> list[Job]:
+        """Claim up to `size` jobs: one with the plain claim (exactly as without batching),
+        more with the batch claim."""
+        if size > 1 and self._batches is not None:
+            return await self._batches.claim(conn, self.queues, size)
+        job = await self._claim_hook(conn, self.queues)
+        return [] if job is None else [job]
 
     async def _commit_and_claim(self, conn: Connection, job_id: int) -> Job | None:
         await conn.execute("COMMIT; BEGIN")
@@ -287,7 +333,11 @@ class Worker:
             self._no_inflight.set()
 
     async def _work(
-        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
+        self,
+        conn: Connection,
+        tx: asyncpg.transaction.Transaction,
+        job: Job,
+        sizer: BatchSizer | None = None,
     ) -> tuple[str, asyncpg.transaction.Transaction | None, Callable[[], Awaitable[None]] | None]:
         """Run a claimed job (and the jobs it hands on to this slot) to its commit.
 
@@ -299,7 +349,11 @@ class Worker:
         """
         try:
             while True:
+                began = time.monotonic()
                 outcome = await self._run_one(conn, tx, job)
+                if sizer is not None:
+                    busy = None if outcome is None else outcome.busy
+                    sizer.observe(time.monotonic() - began if busy is None else busy)
                 if outcome is None:  # rolled back and rescheduled
                     self._wakeups.poke()
                     if conn.is_closed():

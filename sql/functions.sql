@@ -350,6 +350,142 @@ BEGIN
 END
 $$;
 
+-- Whether transaction `p_xid` (a job's xmax before a claim locked it: its last locker)
+-- aborted, as when a worker died mid-job. (PostgreSQL 15 has no xid -> xid8 cast: the epoch
+-- comes from the current snapshot, as an xmax is never in the future.)
+CREATE OR REPLACE FUNCTION __SCHEMA__.locker_aborted_v1(p_xid xid) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_xid bigint := p_xid::text::bigint;
+    v_next bigint;
+BEGIN
+    IF v_xid < 3 THEN  -- 0: never locked; 1, 2: bootstrap and frozen ids
+        RETURN false;
+    END IF;
+    v_next := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    v_xid := (v_next & ~4294967295::bigint) | v_xid;
+    IF v_xid >= v_next THEN
+        v_xid := v_xid - 4294967296;
+    END IF;
+    RETURN v_xid > 0 AND pg_xact_status(v_xid::text::xid8) = 'aborted';
+END
+$$;
+
+-- Claim up to `p_limit` due jobs of `p_queues` at once, of different runs, in the order and
+-- with the filters of claim_v1 (served queues, paused workflows, a client holding the run,
+-- priorities), and read (and lock) their runs: a worker slot that finds a deep queue runs
+-- them one after the other in this transaction and commits them together (group commit).
+-- The first job is exactly claim_v1's. More are taken only after a job that is not a
+-- branch nor suspicious (a claimer died holding it), from the same walk of the index, and
+-- they are never branches (the batch ends at the first one): branches of one node lock
+-- their run as they finish, so two batches each holding a branch of two runs could wait
+-- for each other; and a job that may kill its worker runs alone. Jobs skipped because
+-- their run is a client's or already in the batch, and the branch that ended it, stay
+-- locked until this transaction ends, as in claim_v1. Runs are locked in id order (two claims never wait for
+-- each other in a circle). `p_known`: jobs whose run's results the worker already holds
+-- (its memo), for which the results are not read.
+CREATE OR REPLACE FUNCTION __SCHEMA__.claim_batch_v1(
+    p_queues text[], p_limit integer, p_known bigint[]
+)
+RETURNS TABLE (
+    id bigint, queue text, task text, branch text, run_id text, lease_token uuid, workflow text,
+    status text, input text, "cursor" integer, current_node text, iteration integer,
+    attempt integer, epoch integer, wake_at timestamptz, waiting_for text, child_id text,
+    branches text[], error text, parent_id text, ending text, now timestamptz,
+    results text, replay text, cancel text, suspicious boolean
+)
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    j record;
+    v_ids bigint[] := '{}';
+    v_runs text[] := '{}';
+    v_suspicious boolean[] := '{}';
+    v_branch bigint;
+    v_now timestamptz := __SCHEMA__.now_v1();
+    c refcursor;
+BEGIN
+    IF EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows) THEN
+        p_queues := ARRAY(
+            SELECT q FROM unnest(p_queues) AS q
+            WHERE split_part(q, '@', 1) NOT IN (
+                SELECT w.workflow FROM __SCHEMA__.paused_workflows w
+            )
+        );
+    END IF;
+    -- One walk of the index: the later jobs are the ones after the first in the same
+    -- cursor. A second walk from the head visited again every due job other transactions
+    -- hold (SKIP LOCKED reads past them), which with a worker's slots all batching cost
+    -- more than the commits the batch saved.
+    OPEN c FOR
+        SELECT jobs.id, jobs.task, jobs.run_id, jobs.xmax AS locker
+        FROM __SCHEMA__.jobs
+        WHERE run_at <= v_now AND queue = ANY (p_queues)
+        ORDER BY priority DESC, run_at, jobs.id
+        FOR UPDATE SKIP LOCKED;
+    LOOP
+        FETCH c INTO j;
+        EXIT WHEN NOT FOUND;
+        IF j.task = 'branch'
+           OR pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
+            v_ids := ARRAY[j.id];
+            v_runs := ARRAY[j.run_id];
+            v_branch := CASE WHEN j.task = 'branch' THEN j.id END;
+            v_suspicious := ARRAY[__SCHEMA__.locker_aborted_v1(j.locker)];
+            EXIT;
+        END IF;
+    END LOOP;
+    IF cardinality(v_ids) > 0 AND p_limit > 1 AND v_branch IS NULL AND NOT v_suspicious[1] THEN
+        LOOP
+            FETCH c INTO j;
+            -- A branch ends the batch (it runs alone); the cursor locked it, so it waits
+            -- for this batch's commit, as a job of a run already in the batch does.
+            EXIT WHEN NOT FOUND OR j.task = 'branch';
+            IF j.run_id <> ALL (v_runs)
+               AND pg_try_advisory_xact_lock_shared(hashtextextended(j.run_id, 0)) THEN
+                v_ids := v_ids || j.id;
+                v_runs := v_runs || j.run_id;
+                v_suspicious := v_suspicious || __SCHEMA__.locker_aborted_v1(j.locker);
+                EXIT WHEN cardinality(v_ids) >= p_limit;
+            END IF;
+        END LOOP;
+    END IF;
+    CLOSE c;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    IF v_branch IS NULL THEN
+        -- Locked in a statement of their own, read in the next (see claim_v1).
+        PERFORM 1 FROM __SCHEMA__.runs x WHERE x.id = ANY (v_runs) ORDER BY x.id
+        FOR NO KEY UPDATE;
+    END IF;
+    RETURN QUERY
+    SELECT u.job, b.queue, b.task, b.branch, b.run_id, b.lease_token, r.workflow, r.status,
+           r.input::text, r.cursor, r.current_node, r.iteration,
+           CASE WHEN b.task = 'branch' THEN 1 + (
+               SELECT count(*)::integer FROM __SCHEMA__.attempts a
+               WHERE a.run_id = r.id AND a.key = r.current_node || '#' || b.branch
+                 AND a.epoch = r.epoch
+           ) ELSE r.attempt END,
+           r.epoch, r.wake_at, r.waiting_for, r.child_id, r.branches, r.error, r.parent_id,
+           r.ending, v_now,
+           CASE WHEN u.job <> ALL (coalesce(p_known, '{}'))
+                THEN __SCHEMA__.run_results_v1(r.id)::text END,
+           (SELECT e.result::text FROM __SCHEMA__.journal e
+             WHERE e.run_id = r.id AND e.status = 'completed'
+               AND e.key = CASE WHEN b.task = 'branch'
+                                THEN r.current_node || '#' || b.branch
+                                ELSE r.current_node END),
+           (SELECT q.reason FROM __SCHEMA__.cancel_requests q WHERE q.run_id = r.id),
+           u.suspicious
+    FROM unnest(v_ids, v_suspicious) WITH ORDINALITY AS u(job, suspicious, ord)
+    JOIN __SCHEMA__.jobs b ON b.id = u.job
+    JOIN __SCHEMA__.runs r ON r.id = b.run_id
+    ORDER BY u.ord;
+END
+$$;
+
 -- The version a queue pins its runs to: `order@v2@<digest>` is version 2, and a queue
 -- without a version (`order@<digest>`, as queues were before versions) is version 1.
 -- Workflow names cannot hold '@', so the name never reads as a version.

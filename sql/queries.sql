@@ -174,6 +174,16 @@ SELECT * FROM __SCHEMA__.claim_v1($1::text[], NULL, NULL, true);
 -- Claim a known job (a worker continuing a run) and read its run; the results only if $2.
 SELECT * FROM __SCHEMA__.claim_v1(NULL, $1, NULL, $2);
 
+-- claim_batch --
+-- Claim up to $2 due jobs of the given queues at once, with their runs locked and read
+-- (claim_batch_v1); the results are not read for the jobs in $3 (the worker knows them).
+SELECT * FROM __SCHEMA__.claim_batch_v1($1::text[], $2, $3::bigint[]);
+
+-- run_results_many --
+-- The results of several runs' completed nodes, each as one JSON object.
+SELECT x.id AS run_id, __SCHEMA__.run_results_v1(x.id)::text AS results
+FROM unnest($1::text[]) AS x(id);
+
 -- relock --
 -- Re-lock a job and its run as this worker left them (relock_v1). Sent after COMMIT and
 -- BEGIN in one simple-protocol message, so no parameters: the two %d are the job id and

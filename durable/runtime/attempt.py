@@ -16,7 +16,7 @@ from typing import Any
 
 from durable.codec import Codec, encoded
 from durable.context import Context, current_run
-from durable.db import dumps
+from durable.db import Deferred, dumps, in_batch, is_lock_conflict
 from durable.errors import SwallowedDatabaseError
 from durable.runtime.transition import Err, Ok, Outcome
 from durable.stepconn import swallowed_error, undo
@@ -61,10 +61,18 @@ async def run_attempt(
             if limit is None:
                 value = await call()
             else:
+                # In this task, not a task of its own (asyncio.wait_for): a call that does
+                # not wait costs no trip through the event loop, and its time is its own.
+                bound = asyncio.timeout(limit)
                 try:
-                    value = await asyncio.wait_for(call(), limit)
+                    async with bound:
+                        value = await call()
                 except TimeoutError:
-                    raise _cut_off(ctx, what, limit, own) from None
+                    if bound.expired():
+                        raise _cut_off(ctx, what, limit, own) from None
+                    raise
+                if bound.expired():  # the call swallowed the cancellation at its limit
+                    raise _cut_off(ctx, what, limit, own)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -87,6 +95,11 @@ async def run_attempt(
         if isinstance(exc, asyncio.CancelledError):
             raise
         await undo(ctx.conn)
+        conflict = is_lock_conflict(exc) or is_lock_conflict(swallowed_error(ctx.conn))
+        if conflict and in_batch.get():
+            # A lock held by another batch, which may wait for this one: not the attempt's
+            # doing. The job goes back to the queue unrecorded (durable.worker).
+            raise Deferred(f"{what} waited too long for a lock inside a batch") from exc
         return Err(exc)
     finally:
         current_run.reset(token)

@@ -9,6 +9,7 @@ on the same slot), and `handle` decides and applies, all in the job's transactio
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import uuid
@@ -23,6 +24,7 @@ from durable.errors import DefinitionChanged
 from durable.flow import Limit
 from durable.nodes import DEFAULT_MAX_ATTEMPTS
 from durable.queue import Job, JobQueue
+from durable.queue import Outcome as JobOutcome
 from durable.runtime import apply, compensation, lease
 from durable.runtime.apply import Follow
 from durable.runtime.attempt import run_attempt
@@ -50,7 +52,6 @@ from durable.runtime.visit import JobVisit, Shared, job_from_row, state_from_row
 from durable.sql import Queries
 from durable.stepconn import undo
 from durable.tracing import node_span, record_failure
-from durable.worker import Outcome as JobOutcome
 from durable.workflow import Loop, Parallel, Step, Workflow, default_backoff
 
 log = logging.getLogger("durable.runner")
@@ -134,6 +135,59 @@ class Runner:
     async def claim(self, conn: Connection, queues: Sequence[str]) -> Job | None:
         """Worker claim hook: the most urgent due job, with its run locked and read."""
         return job_from_row(await conn.fetchrow(self.q["claim"], list(queues)))
+
+    async def claim_batch(self, conn: Connection, queues: Sequence[str], n: int) -> list[Job]:
+        """Worker batch claim hook: up to `n` due jobs of different runs, most urgent first,
+        with their runs locked and read. A job this worker handed on to itself (its memo)
+        reuses the results it knows, when its run is where the memo left it."""
+        # The memos written last are those of runs likely at the head of the queue now.
+        known = list(itertools.islice(reversed(self._memos), 256 + 16 * n))
+        rows = await conn.fetch(self.q["claim_batch"], list(queues), n, known)
+        if not rows:
+            return []
+        known_ids = set(known)
+        results: dict[int, dict[str, Any]] = {}
+        unknown: list[str] = []
+        for row in rows:
+            if row["id"] not in known_ids:
+                continue
+            memo = self._memos.pop(row["id"], None)
+            if memo is not None and (row["run_id"], row["epoch"], row["cursor"]) == (
+                memo.run_id,
+                memo.epoch,
+                memo.cursor,
+            ):
+                results[row["id"]] = memo.results
+            else:
+                unknown.append(row["run_id"])
+        if unknown:
+            read = {
+                r["run_id"]: json.loads(r["results"] or "{}")
+                for r in await conn.fetch(self.q["run_results_many"], unknown)
+            }
+            for row in rows:
+                if row["id"] in known_ids and row["id"] not in results:
+                    results[row["id"]] = read[row["run_id"]]
+        jobs = []
+        for row in rows:
+            job = job_from_row(row, results.get(row["id"]))
+            assert job is not None
+            jobs.append(job)
+        return jobs
+
+    def batchable(self, job: Job) -> bool:
+        """Whether a job may run after others in one transaction: not one that runs alone
+        (a branch, a job whose claimer died, see claim_batch_v1), nor a step that leaves
+        the transaction (`transactional=False`) or takes a named limit's slot (its lock
+        would be held for the whole batch)."""
+        s: RunState = job.prefetched
+        if s.task == "branch" or job.payload.get("suspicious"):
+            return False
+        wf = self.by_queue.get(job.queue)
+        if wf is None or s.task != "advance" or s.cursor >= len(wf.nodes):
+            return True
+        node = wf.nodes[s.cursor]
+        return not (isinstance(node, Step) and (not node.transactional or node.limit is not None))
 
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
         """Worker follow hook: commit, then claim the job the last transition handed on.
@@ -257,7 +311,13 @@ class Runner:
         finally:
             for c in v.conns:
                 c.expire()
-        return JobOutcome(settled=True, follow=None if follow is None else follow.job)
+        return JobOutcome(
+            settled=True,
+            follow=None if follow is None else follow.job,
+            # A cancel reaches the run's children, whose jobs a batch may hold as read.
+            solo=isinstance(transition, Cancel),
+            busy=v.busy,
+        )
 
     async def _decide(self, v: JobVisit, wf: Workflow) -> Transition:
         s = v.state

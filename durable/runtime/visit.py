@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,6 +188,8 @@ class JobVisit:
         #: The limit slot set (name and key) this attempt took a slot of, if any: its end
         #: wakes the next run waiting for one.
         self.holds: str | None = None
+        #: Seconds spent in user code (what a batch's window counts).
+        self.busy = 0.0
 
     def context(self, node: str, *, results: Mapping[str, Any] | None = None) -> Context[Any]:
         conn = StepConnection(self.conn)
@@ -238,15 +241,19 @@ class JobVisit:
                     f"{ctx.attempt} of {what} (killed, out of memory, or crashed)"
                 )
             )
-        return await run_attempt(
-            ctx,
-            what,
-            call,
-            timeout=timeout,
-            transaction_timeout=self.runner.transaction_timeout,
-            store=store,
-            returns=returns,
-        )
+        began = time.monotonic()
+        try:
+            return await run_attempt(
+                ctx,
+                what,
+                call,
+                timeout=timeout,
+                transaction_timeout=self.runner.transaction_timeout,
+                store=store,
+                returns=returns,
+            )
+        finally:
+            self.busy += time.monotonic() - began
 
     async def invoke(self, fn: Callable[..., Any], ctx: Context[Any], *args: Any) -> Any:
         """Call user function `fn` with `ctx`: awaited if `async def`, else on a thread."""

@@ -5,7 +5,11 @@ loop kills a random worker every 0.2-0.6 s (only workers that are up and claimin
 starts a replacement, until every run is terminal. Each worker connects with its own
 `application_name`, so just before a kill the test can see in `pg_stat_activity` how many
 of the victim's transactions hold an xid, i.e. had claimed a job or written an effect:
-those are the kills that land mid-step.
+those are the kills that land mid-step. The chaos tests run twice: on the workers'
+defaults, and with batches of up to 16 jobs committed together (a window of 1 s, longer
+than the steps' jitter), where a kill counts as mid-batch when one of the victim's
+backends holds the claim locks of several runs (one shared advisory lock per claimed run)
+just before it.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ WORKERS = 2
 CHAOS_CONCURRENCY = 4
 CHAOS_DEADLINE = 180.0
 READY_TIMEOUT = 30.0
+# Worker options of the batched chaos runs: a window longer than the steps' jitter, so
+# that each slot's batches grow to 16 jobs and a kill lands while several are in flight.
+BATCHED = ("--batch-size", "16", "--batch-window", "1.0")
 STOP_TIMEOUT = 20.0
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -101,8 +108,10 @@ class Fleet:
         lease_seconds: float = 30.0,
         concurrency: int = 8,
         env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         self.dsn = dsn
+        self.args = args
         self.env = env or {}
         self.concurrency = concurrency
         self.tmp_path = tmp_path
@@ -124,7 +133,13 @@ class Fleet:
         }
         with out.open("wb") as fo, err.open("wb") as fe:
             proc = subprocess.Popen(
-                [sys.executable, str(WORKER_SCRIPT), "--concurrency", str(self.concurrency)],
+                [
+                    sys.executable,
+                    str(WORKER_SCRIPT),
+                    "--concurrency",
+                    str(self.concurrency),
+                    *self.args,
+                ],
                 stdout=fo,
                 stderr=fe,
                 stdin=subprocess.DEVNULL,
@@ -177,6 +192,8 @@ class ChaosStats:
     transactions_killed: int = 0
     seconds: float = 0.0
     effects_rolled_back: int = 0
+    kills_mid_batch: int = 0
+    most_runs_in_a_killed_batch: int = 0
 
 
 async def _busy_transactions(conn: asyncpg.Connection, app_name: str) -> int:
@@ -187,6 +204,19 @@ async def _busy_transactions(conn: asyncpg.Connection, app_name: str) -> int:
         app_name,
     )
     return n
+
+
+async def _largest_batch(conn: asyncpg.Connection, app_name: str) -> int:
+    """The most runs one transaction of a worker holds claimed: a claim takes the run's
+    advisory lock (shared) for its transaction, so several on one backend are a batch."""
+    n: int | None = await conn.fetchval(
+        "SELECT max(n) FROM (SELECT l.pid, count(*) AS n FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE a.application_name = $1 AND l.locktype = 'advisory' AND l.granted "
+        "GROUP BY l.pid) AS per_backend",
+        app_name,
+    )
+    return n or 0
 
 
 async def _unfinished(conn: asyncpg.Connection) -> int:
@@ -226,7 +256,11 @@ async def run_chaos(f: Fleet, conn: asyncpg.Connection) -> ChaosStats:
         i = rng.choice(ready)
         victim = live[i]
         busy = await _busy_transactions(conn, victim.app_name)
+        batch = await _largest_batch(conn, victim.app_name)
         victim.kill()
+        if batch > 1:
+            stats.kills_mid_batch += 1
+            stats.most_runs_in_a_killed_batch = max(stats.most_runs_in_a_killed_batch, batch)
         stats.kills += 1
         stats.transactions_killed += busy
         if busy:
@@ -268,22 +302,27 @@ def _report(name: str, stats: ChaosStats) -> None:
         f"\n{name}: {RUNS} runs, {WORKERS} workers x {CHAOS_CONCURRENCY} slots, "
         f"{stats.seconds:.1f} s, {stats.kills} SIGKILLs, {stats.kills_in_flight} with work "
         f"in flight, {stats.transactions_killed} open transactions killed, "
-        f"{stats.effects_rolled_back} effect inserts rolled back by kills"
+        f"{stats.effects_rolled_back} effect inserts rolled back by kills, "
+        f"{stats.kills_mid_batch} kills mid-batch (at most "
+        f"{stats.most_runs_in_a_killed_batch} runs in one killed batch)"
     )
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["defaults", "batched"])
 async def test_crash5_sigkill_chaos_commits_every_step_exactly_once(
-    db: Any, pool: asyncpg.Pool, tmp_path: Path
+    db: Any, pool: asyncpg.Pool, tmp_path: Path, batched: bool
 ) -> None:
     dsn: str = db.dsn
     await _prepare(pool)
     async with workflows_app.build_engine(dsn) as engine:
         run_ids = await _start_runs(engine, "crash5")
-        with fleet(dsn, tmp_path, concurrency=CHAOS_CONCURRENCY) as f:
+        with fleet(
+            dsn, tmp_path, concurrency=CHAOS_CONCURRENCY, args=BATCHED if batched else ()
+        ) as f:
             async with pool.acquire() as conn:
                 stats = await run_chaos(f, conn)
                 stats.effects_rolled_back = await _rolled_back_effects(conn)
-    _report("crash5", stats)
+    _report("crash5 batched" if batched else "crash5", stats)
 
     async with pool.acquire() as conn:
         dupes = await conn.fetch(
@@ -311,21 +350,26 @@ async def test_crash5_sigkill_chaos_commits_every_step_exactly_once(
 
     assert stats.kills_in_flight >= 3, f"too few kills landed on work in flight: {stats}"
     assert stats.effects_rolled_back >= 3, f"too few kills landed mid-step: {stats}"
+    if batched:
+        assert stats.kills_mid_batch >= 3, f"too few kills landed mid-batch: {stats}"
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["defaults", "batched"])
 async def test_crash5fail_sigkill_chaos_compensates_every_run_exactly_once(
-    db: Any, pool: asyncpg.Pool, tmp_path: Path
+    db: Any, pool: asyncpg.Pool, tmp_path: Path, batched: bool
 ) -> None:
     dsn: str = db.dsn
     await _prepare(pool)
     async with workflows_app.build_engine(dsn) as engine:
         run_ids = await _start_runs(engine, "crash5fail")
-        with fleet(dsn, tmp_path, concurrency=CHAOS_CONCURRENCY) as f:
+        with fleet(
+            dsn, tmp_path, concurrency=CHAOS_CONCURRENCY, args=BATCHED if batched else ()
+        ) as f:
             async with pool.acquire() as conn:
                 stats = await run_chaos(f, conn)
                 # Every run's s4 inserts once and rolls back by design.
                 stats.effects_rolled_back = await _rolled_back_effects(conn) - RUNS
-    _report("crash5fail", stats)
+    _report("crash5fail batched" if batched else "crash5fail", stats)
 
     compensated = workflows_app.COMPENSATED
     async with pool.acquire() as conn:
@@ -379,6 +423,8 @@ async def test_crash5fail_sigkill_chaos_compensates_every_run_exactly_once(
 
     assert stats.kills_in_flight >= 3, f"too few kills landed on work in flight: {stats}"
     assert stats.effects_rolled_back >= 3, f"too few kills landed mid-step: {stats}"
+    if batched:
+        assert stats.kills_mid_batch >= 3, f"too few kills landed mid-batch: {stats}"
 
 
 async def test_leased_step_of_a_killed_worker_is_retried_after_the_lease_lapses(

@@ -1,7 +1,8 @@
 """A worker process for the crash acceptance tests.
 
     python tests/acceptance/workflow_worker_proc.py [--dsn DSN] [--lease-seconds S]
-        [--concurrency N] [--poll-interval S] [--grace-period S]
+        [--concurrency N] [--poll-interval S] [--grace-period S] [--batch-size N]
+        [--batch-window S]
 
 Unset options come from the environment (see `workflows_app`). Prints `ready <pid>` on
 stdout once the worker is claiming jobs. SIGTERM or SIGINT stops it gracefully (no new
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -33,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--poll-interval", type=float, default=0.5)
     parser.add_argument("--grace-period", type=float, default=10.0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-window", type=float, default=None)
     return parser.parse_args(argv)
 
 
@@ -42,6 +46,11 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    batching: dict[str, Any] = {}
+    if args.batch_size is not None:
+        batching["batch_size"] = args.batch_size
+    if args.batch_window is not None:
+        batching["batch_window"] = args.batch_window
     async with engine, anyio.create_task_group() as tg:
         worker = await tg.start(
             functools.partial(
@@ -49,6 +58,7 @@ async def main(args: argparse.Namespace) -> None:
                 concurrency=args.concurrency,
                 poll_interval=args.poll_interval,
                 grace_period=args.grace_period,
+                **batching,
             )
         )
         print(f"ready {os.getpid()}", flush=True)
