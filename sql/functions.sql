@@ -394,7 +394,6 @@ DECLARE
     v_not_before timestamptz := coalesce(v_now + make_interval(secs => p_delay), p_start_at);
     v_slot text;
     v_job bigint;
-    v_tries integer := 0;
 BEGIN
     IF p_debounce IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(
@@ -451,47 +450,78 @@ BEGIN
         PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
         RETURN p_id;
     END IF;
-    LOOP
-        INSERT INTO __SCHEMA__.runs
-            (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
-             parent_node, priority, not_before, concurrency_key, concurrency, slot,
-             singleton_key, debounce_key)
-        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
-                p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
-                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce)
-        ON CONFLICT DO NOTHING
-        RETURNING id INTO v_id;
-        IF v_id IS NOT NULL THEN
-            PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
+    -- The keys live in run_keys (see sql/schema.sql): the idempotency key first, as a run
+    -- that holds it is the answer even when another holds the singleton key.
+    IF p_key IS NOT NULL THEN
+        v_id := __SCHEMA__.take_key_v1('idempotency', p_workflow, p_key, p_id);
+        IF v_id <> p_id THEN
+            SELECT input = p_input::jsonb INTO v_same FROM __SCHEMA__.runs WHERE id = v_id;
+            IF NOT v_same THEN
+                RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
+                    'started with another input; use a new key for a new request',
+                    quote_literal(p_key), quote_literal(p_workflow), v_id
+                    USING ERRCODE = 'DU003', DETAIL = v_id;
+            END IF;
             RETURN v_id;
         END IF;
-        IF p_key IS NOT NULL THEN
-            SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
-            WHERE workflow = p_workflow AND idempotency_key = p_key;
-            IF FOUND THEN
-                IF NOT v_same THEN
-                    RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
-                        'started with another input; use a new key for a new request',
-                        quote_literal(p_key), quote_literal(p_workflow), v_id
-                        USING ERRCODE = 'DU003', DETAIL = v_id;
-                END IF;
-                RETURN v_id;
-            END IF;
+    END IF;
+    IF p_singleton IS NOT NULL THEN
+        v_id := __SCHEMA__.take_key_v1('singleton', p_workflow, p_singleton, p_id);
+        IF v_id <> p_id THEN
+            -- The active run of the key: the idempotency key taken above is then left
+            -- naming no run, which take_key_v1 treats as free.
+            RETURN v_id;
         END IF;
-        IF p_singleton IS NOT NULL THEN
-            SELECT id INTO v_id FROM __SCHEMA__.runs
-            WHERE workflow = p_workflow AND singleton_key = p_singleton AND finished_at IS NULL;
-            IF FOUND THEN
-                RETURN v_id;
-            END IF;
+    END IF;
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
+         parent_node, priority, not_before, concurrency_key, concurrency, slot,
+         singleton_key, debounce_key)
+    VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+            p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
+            v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce);
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+    RETURN p_id;
+END
+$$;
+
+-- Take key `p_key` of kind `p_kind` ('idempotency' or 'singleton') of workflow `p_workflow`
+-- for run `p_run` (about to be created in this transaction); the run that holds it
+-- afterwards: `p_run`, or the run that held it. A key whose run is gone (purged, or its
+-- month of history dropped) or, for a singleton key, finished, is taken over. A start
+-- that waits here for another transaction holding the key sees its run once it commits.
+CREATE OR REPLACE FUNCTION __SCHEMA__.take_key_v1(
+    p_kind text, p_workflow text, p_key text, p_run text
+) RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_holder text;
+BEGIN
+    FOR i IN 1..10 LOOP
+        INSERT INTO __SCHEMA__.run_keys (kind, workflow, key, run_id)
+        VALUES (p_kind, p_workflow, p_key, p_run)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            RETURN p_run;
         END IF;
-        -- The run that held the key finished (or was purged) meanwhile: try again.
-        v_tries := v_tries + 1;
-        IF v_tries > 10 THEN
-            RAISE EXCEPTION 'durable: run % could not be created', p_id
-                USING ERRCODE = 'unique_violation';
+        SELECT k.run_id INTO v_holder FROM __SCHEMA__.run_keys k
+        WHERE k.kind = p_kind AND k.workflow = p_workflow AND k.key = p_key;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile: insert again
+        IF v_holder = p_run OR EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.id = v_holder AND (p_kind = 'idempotency' OR r.finished_at IS NULL)
+        ) THEN
+            RETURN v_holder;
         END IF;
+        UPDATE __SCHEMA__.run_keys SET run_id = p_run
+        WHERE kind = p_kind AND workflow = p_workflow AND key = p_key AND run_id = v_holder;
+        IF FOUND THEN
+            RETURN p_run;
+        END IF;
+        -- Another start took it over first: look again.
     END LOOP;
+    RAISE EXCEPTION 'durable: the % key % of workflow % could not be taken', p_kind,
+        quote_literal(p_key), quote_literal(p_workflow) USING ERRCODE = 'unique_violation';
 END
 $$;
 
@@ -577,6 +607,7 @@ DECLARE
     v_workflow text;
     v_slot_key text;
     v_priority smallint;
+    v_singleton text;
 BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
@@ -591,9 +622,14 @@ BEGIN
         DO NOTHING;
     END IF;
     SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
-           CASE WHEN slot = 'held' THEN concurrency_key END
-    INTO v_watched, v_result, v_workflow, v_slot_key
+           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key
+    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton
     FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_singleton IS NOT NULL THEN
+        DELETE FROM __SCHEMA__.run_keys
+        WHERE kind = 'singleton' AND workflow = v_workflow AND key = v_singleton
+          AND run_id = p_run;
+    END IF;
     IF v_slot_key IS NOT NULL THEN
         PERFORM __SCHEMA__.admit_next_v1(v_workflow, v_slot_key);
     END IF;
@@ -635,7 +671,7 @@ BEGIN
     END IF;
     IF p_consume IS NOT NULL THEN
         UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = v_now
-        WHERE id = p_consume;
+        WHERE run_id = p_run AND id = p_consume;
     END IF;
     IF p_next IS NULL THEN
         UPDATE __SCHEMA__.runs
@@ -1046,12 +1082,15 @@ END
 $$;
 
 -- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,
--- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
+-- attempts, mailbox and keys (history rows have no foreign key to cascade: see
+-- sql/schema.sql). Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
 DECLARE
     v_run text;
+    v_workflow text;
+    v_key text;
     v_count integer := 0;
 BEGIN
     FOREACH v_run IN ARRAY p_runs LOOP
@@ -1063,9 +1102,17 @@ BEGIN
             SELECT id FROM __SCHEMA__.runs
             WHERE id = v_run AND finished_at IS NOT NULL
             FOR UPDATE SKIP LOCKED
-        );
-        IF FOUND THEN
-            v_count := v_count + 1;
+        )
+        RETURNING workflow, idempotency_key INTO v_workflow, v_key;
+        CONTINUE WHEN NOT FOUND;
+        v_count := v_count + 1;
+        DELETE FROM __SCHEMA__.journal WHERE run_id = v_run;
+        DELETE FROM __SCHEMA__.attempts WHERE run_id = v_run;
+        DELETE FROM __SCHEMA__.signals WHERE run_id = v_run;
+        IF v_key IS NOT NULL THEN
+            DELETE FROM __SCHEMA__.run_keys
+            WHERE kind = 'idempotency' AND workflow = v_workflow AND key = v_key
+              AND run_id = v_run;
         END IF;
     END LOOP;
     RETURN v_count;
@@ -1111,6 +1158,15 @@ BEGIN
         RAISE EXCEPTION 'durable: the shape of run %''s workflow % is not recorded', p_run, r.queue
             USING ERRCODE = 'DU002',
                   HINT = 'open an Engine that registers this workflow once, then retry';
+    END IF;
+    -- Active again: it holds its singleton key again, unless another active run does.
+    IF r.singleton_key IS NOT NULL
+       AND __SCHEMA__.take_key_v1('singleton', r.workflow, r.singleton_key, p_run) <> p_run THEN
+        RAISE EXCEPTION 'durable: run % cannot be retried while run % holds its singleton key %',
+            p_run, (SELECT k.run_id FROM __SCHEMA__.run_keys k
+                    WHERE k.kind = 'singleton' AND k.workflow = r.workflow
+                      AND k.key = r.singleton_key),
+            quote_literal(r.singleton_key) USING ERRCODE = 'unique_violation';
     END IF;
     WITH nodes AS (
         SELECT n.ord - 1 AS position, n.value ->> 0 AS name, n.value ->> 1 AS kind
@@ -1625,4 +1681,213 @@ BEGIN
     END IF;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
 END
+$$;
+
+-- History partitions (see the runs table in sql/schema.sql). Runs, journal, attempts and
+-- signals are partitioned alike by run id: one partition of each per month, named
+-- `<table>_yYYYYmMM`, for the ids from the ULID prefix of the month's first instant (UTC)
+-- to the next month's; `<table>_legacy` holds the rows of a database partitioned by
+-- migration 0009, up to the month after it ran; `<table>_default` any other id.
+
+-- The first 10 characters of a ULID made at `p_at`: its milliseconds since 1970 in
+-- Crockford's base32, which sorts as the time does.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ulid_prefix_v1(p_at timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(
+        substr('0123456789ABCDEFGHJKMNPQRSTVWXYZ', ((t.ms >> (45 - 5 * i)) & 31)::integer + 1, 1),
+        '' ORDER BY i
+    )
+    FROM (SELECT floor(extract(epoch FROM p_at) * 1000)::bigint AS ms) AS t,
+         generate_series(0, 9) AS i
+$$;
+
+-- Make the month partitions of the history tables for this month (by the real clock, as
+-- run ids are) and the `p_months` after it, where missing, each month's four together;
+-- return the names (`yYYYYmMM`) of those made. A month whose ids another partition covers
+-- (the legacy one) or of which the DEFAULT partition already holds rows is left out: its
+-- rows stay where they are. Each partition is made as a table of its own and then
+-- attached, which lets reads and writes of the table go on (CREATE TABLE ... PARTITION OF
+-- would wait for every transaction using it, and block the ones after); a month whose
+-- locks are not granted within the lock timeout is left for the next call.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_partitions_v1(p_months integer) RETURNS text[]
+LANGUAGE plpgsql SET lock_timeout = '2s' AS $$
+DECLARE
+    v_month timestamp;
+    v_suffix text;
+    v_lo text;
+    v_hi text;
+    v_table text;
+    v_made text[] := '{}';
+BEGIN
+    FOR i IN 0..p_months LOOP
+        v_month := date_trunc('month', clock_timestamp() AT TIME ZONE 'UTC')
+            + make_interval(months => i);
+        v_suffix := to_char(v_month, '"y"YYYY"m"MM');
+        CONTINUE WHEN to_regclass(format('%I.%I', '__SCHEMA_NAME__', 'runs_' || v_suffix))
+            IS NOT NULL;
+        v_lo := __SCHEMA__.ulid_prefix_v1(v_month AT TIME ZONE 'UTC');
+        v_hi := __SCHEMA__.ulid_prefix_v1((v_month + interval '1 month') AT TIME ZONE 'UTC');
+        BEGIN
+            FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'attempts', 'signals'] LOOP
+                EXECUTE format(
+                    'CREATE TABLE %1$I.%2$I (LIKE %1$I.%3$I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)%4$s',
+                    '__SCHEMA_NAME__', v_table || '_' || v_suffix, v_table,
+                    -- room for HOT updates of the cursor, as runs_default
+                    CASE WHEN v_table = 'runs' THEN ' WITH (fillfactor = 80)' ELSE '' END
+                );
+                EXECUTE format(
+                    'ALTER TABLE %1$I.%2$I ATTACH PARTITION %1$I.%3$I FOR VALUES FROM (%4$L) TO (%5$L)',
+                    '__SCHEMA_NAME__', v_table, v_table || '_' || v_suffix, v_lo, v_hi
+                );
+            END LOOP;
+            v_made := v_made || v_suffix;
+        EXCEPTION
+            -- 42P17: another partition covers the month; 23514: the default partition
+            -- holds rows of it; 55P03: busy.
+            WHEN invalid_object_definition OR check_violation OR lock_not_available THEN
+                NULL;
+        END;
+    END LOOP;
+    RETURN v_made;
+END
+$$;
+
+-- The partitions of the history tables other than the default, oldest first: the name
+-- (`yYYYYmMM` or `legacy`), the range of run ids (`lo` NULL: from the first id) and the
+-- planner's estimate of the runs in it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.history_partitions_v1()
+RETURNS TABLE (name text, lo text, hi text, runs bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT substr(c.relname, length('runs_') + 1), b[1], b[2],
+           greatest(c.reltuples, 0)::bigint
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid,
+    LATERAL regexp_match(
+        pg_get_expr(c.relpartbound, c.oid),
+        $re$^FOR VALUES FROM \((?:'([^']*)'|MINVALUE)\) TO \('([^']*)'\)$re$
+    ) AS b
+    WHERE i.inhparent = '__SCHEMA__.runs'::regclass AND b IS NOT NULL
+    ORDER BY b[2]
+$$;
+
+-- Why partition `p_name` of the history tables cannot be dropped now, or NULL when it can:
+-- 'current' (its month is not over: runs may still be created in it), 'unfinished' (a run
+-- in it has not finished), 'recent' (a run in it finished less than `p_older_than`
+-- seconds ago), 'awaited' (a run in it is the child of an unfinished run, which purge
+-- keeps too). Reads indexes only. DU080: there is no such partition.
+CREATE OR REPLACE FUNCTION __SCHEMA__.history_blocker_v1(p_name text, p_older_than float8)
+RETURNS text
+LANGUAGE plpgsql STABLE SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_hi text;
+    v_part text := format('%I.%I', '__SCHEMA_NAME__', 'runs_' || p_name);
+    v_found boolean;
+BEGIN
+    SELECT p.hi INTO v_hi FROM __SCHEMA__.history_partitions_v1() p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: no history partition %', quote_literal(p_name)
+            USING ERRCODE = 'DU080';
+    END IF;
+    IF v_hi > __SCHEMA__.ulid_prefix_v1(clock_timestamp()) THEN
+        RETURN 'current';
+    END IF;
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s WHERE status IN '
+        '(''pending'', ''running'', ''waiting'', ''compensating''))', v_part
+    ) INTO v_found;
+    IF v_found THEN
+        RETURN 'unfinished';
+    END IF;
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s WHERE finished_at >= $1)', v_part
+    ) INTO v_found USING __SCHEMA__.now_v1() - make_interval(secs => p_older_than);
+    IF v_found THEN
+        RETURN 'recent';
+    END IF;
+    -- The unfinished runs are few (those in flight), each a probe of the partition.
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s.runs p WHERE p.status IN '
+        '(''pending'', ''running'', ''waiting'', ''compensating'') '
+        'AND EXISTS (SELECT 1 FROM %s c WHERE c.parent_id = p.id))',
+        quote_ident('__SCHEMA_NAME__'), v_part
+    ) INTO v_found;
+    IF v_found THEN
+        RETURN 'awaited';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Drop partition `p_name` of every history table, with all its runs, journal, attempts
+-- and signals, if history_blocker_v1 finds nothing against it once the tables are locked;
+-- its blocker otherwise, or 'busy' when another transaction holds a job of its runs (a
+-- leftover of a finished run). What references its runs from outside it goes first, as
+-- the foreign keys' ON DELETE would have done: the jobs and cancel requests of its runs,
+-- a child run's parent_id, a schedule's last_run_id. Locks the four tables (ACCESS
+-- EXCLUSIVE, in the order workers take them) for the few milliseconds this takes: the
+-- caller sets lock_timeout, as statements on them queue behind the wait. Their run_keys
+-- rows stay, free for a start to take over, until forget_keys_v1 deletes them.
+CREATE OR REPLACE FUNCTION __SCHEMA__.drop_history_partition_v1(
+    p_name text, p_older_than float8
+) RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_lo text;
+    v_hi text;
+    v_blocker text;
+    v_table text;
+BEGIN
+    v_blocker := __SCHEMA__.history_blocker_v1(p_name, p_older_than);
+    IF v_blocker IS NOT NULL THEN
+        RETURN v_blocker;  -- seen without the locks: not worth taking them
+    END IF;
+    LOCK TABLE __SCHEMA__.runs, __SCHEMA__.journal, __SCHEMA__.attempts, __SCHEMA__.signals
+        IN ACCESS EXCLUSIVE MODE;
+    v_blocker := __SCHEMA__.history_blocker_v1(p_name, p_older_than);
+    IF v_blocker IS NOT NULL THEN
+        RETURN v_blocker;
+    END IF;
+    SELECT coalesce(p.lo, ''), p.hi INTO v_lo, v_hi
+    FROM __SCHEMA__.history_partitions_v1() p WHERE p.name = p_name;
+    -- Jobs first, as purge_v1 does: a claim holds its job before it waits for the run.
+    DELETE FROM __SCHEMA__.jobs WHERE id IN (
+        SELECT j.id FROM __SCHEMA__.jobs j WHERE j.run_id >= v_lo AND j.run_id < v_hi
+        FOR UPDATE SKIP LOCKED
+    );
+    IF EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id >= v_lo AND j.run_id < v_hi) THEN
+        RETURN 'busy';
+    END IF;
+    DELETE FROM __SCHEMA__.cancel_requests WHERE run_id >= v_lo AND run_id < v_hi;
+    UPDATE __SCHEMA__.schedules SET last_run_id = NULL
+    WHERE last_run_id >= v_lo AND last_run_id < v_hi;
+    -- Written so that the partition being dropped is pruned from the update.
+    UPDATE __SCHEMA__.runs SET parent_id = NULL
+    WHERE parent_id >= v_lo AND parent_id < v_hi AND (id < v_lo OR id >= v_hi);
+    FOREACH v_table IN ARRAY ARRAY['journal', 'attempts', 'signals'] LOOP
+        EXECUTE format('DROP TABLE IF EXISTS %I.%I', '__SCHEMA_NAME__', v_table || '_' || p_name);
+    END LOOP;
+    -- Detached first: a partition that a foreign key references cannot be dropped as one.
+    EXECUTE format('ALTER TABLE %1$I.runs DETACH PARTITION %1$I.%2$I',
+                   '__SCHEMA_NAME__', 'runs_' || p_name);
+    EXECUTE format('DROP TABLE %I.%I', '__SCHEMA_NAME__', 'runs_' || p_name);
+    RETURN NULL;
+END
+$$;
+
+-- Delete up to `p_limit` run_keys rows of runs with ids from `p_lo` to `p_hi` that no
+-- longer exist (their month of history was dropped); how many went.
+CREATE OR REPLACE FUNCTION __SCHEMA__.forget_keys_v1(p_lo text, p_hi text, p_limit integer)
+RETURNS integer
+LANGUAGE sql SET enable_seqscan = off SET jit = off AS $$
+    WITH gone AS (
+        DELETE FROM __SCHEMA__.run_keys k
+        WHERE k.ctid = ANY (ARRAY(
+            SELECT g.ctid FROM __SCHEMA__.run_keys g
+            WHERE g.run_id >= p_lo AND g.run_id < p_hi
+              AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs r WHERE r.id = g.run_id)
+            LIMIT p_limit
+        ))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
 $$;

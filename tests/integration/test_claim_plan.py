@@ -232,10 +232,18 @@ async def engine_db(server_dsn: str, durable_template: str) -> AsyncIterator[asy
         sql = sql.replace("{" + key + "}", str(n))
     await conn.execute(sql)
     await conn.execute("ANALYZE")
+    # A partitioned table's pages are its partitions' (history tables: sql/schema.sql).
     pages = dict(
         await conn.fetch(
-            "SELECT relname, relpages FROM pg_class WHERE relnamespace = 'durable'::regnamespace "
-            "AND relname = ANY($1::text[])",
+            """
+            SELECT coalesce(p.relname, c.relname) AS name, sum(c.relpages)::bigint
+            FROM pg_class c
+            LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+            LEFT JOIN pg_class p ON p.oid = i.inhparent
+            WHERE c.relnamespace = 'durable'::regnamespace AND c.relkind = 'r'
+              AND coalesce(p.relname, c.relname) = ANY($1::text[])
+            GROUP BY 1
+            """,
             list(TABLES),
         )
     )
@@ -365,9 +373,11 @@ async def test_a_claim_touches_a_few_pages_not_a_table(
     sql, args = CLAIMS[claim]
     await claim_row(conn, sql, *args(ids))  # it does claim a job
     # The first two calls of a session also read the catalog to plan; the next three use
-    # custom plans, the rest the generic plan.
+    # custom plans, the rest the generic plan. The call that makes the generic plan (the
+    # sixth of the session, counts[4]) reads the catalog of every partition of the history
+    # tables too, once per session.
     counts = [await buffers_of_call(conn, sql, *args(ids)) for _ in range(10)]
-    assert max(counts[2:]) <= CLAIM_BUFFERS, counts
+    assert max(counts[2:4] + counts[5:]) <= CLAIM_BUFFERS, counts
 
 
 @pytest.mark.xfail(
