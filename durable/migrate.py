@@ -19,8 +19,9 @@ async def migrate(conn: Connection, schema: str) -> list[int]:
     A fresh database gets `schema.sql` whole and every migration recorded as applied; an
     existing one gets the migrations it lacks, in order, then the runtime's functions.
     Either way the history tables get their partitions for this month and the next
-    (`ensure_partitions_v1`) if missing. The transaction-scoped advisory lock makes concurrent callers (several workers starting at
-    once) queue up: the first applies, the others then find nothing to do.
+    (`ensure_partitions_v1`) if missing. The transaction-scoped advisory lock makes
+    concurrent callers (several workers starting at once) queue up: the first applies, the
+    others then find nothing to do.
     """
     queries = Queries(schema)
     all_migrations = migrations()

@@ -1701,15 +1701,16 @@ LANGUAGE sql STABLE AS $$
          generate_series(0, 9) AS i
 $$;
 
--- Make the month partitions of the history tables for this month (by the real clock, as
--- run ids are) and the `p_months` after it, where missing, each month's four together;
--- return the names (`yYYYYmMM`) of those made. A month whose ids another partition covers
+-- Make the month partitions of the history tables for the month of `p_from` (migrate()
+-- gives the real clock, which run ids are made by) and the `p_months` after it, where
+-- missing, each month's four together; return the names (`yYYYYmMM`) of those made. A month whose ids another partition covers
 -- (the legacy one) or of which the DEFAULT partition already holds rows is left out: its
 -- rows stay where they are. Each partition is made as a table of its own and then
 -- attached, which lets reads and writes of the table go on (CREATE TABLE ... PARTITION OF
 -- would wait for every transaction using it, and block the ones after); a month whose
 -- locks are not granted within the lock timeout is left for the next call.
-CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_partitions_v1(p_months integer) RETURNS text[]
+CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_partitions_v1(p_from timestamptz, p_months integer)
+RETURNS text[]
 LANGUAGE plpgsql SET lock_timeout = '2s' AS $$
 DECLARE
     v_month timestamp;
@@ -1720,8 +1721,7 @@ DECLARE
     v_made text[] := '{}';
 BEGIN
     FOR i IN 0..p_months LOOP
-        v_month := date_trunc('month', clock_timestamp() AT TIME ZONE 'UTC')
-            + make_interval(months => i);
+        v_month := date_trunc('month', p_from AT TIME ZONE 'UTC') + make_interval(months => i);
         v_suffix := to_char(v_month, '"y"YYYY"m"MM');
         CONTINUE WHEN to_regclass(format('%I.%I', '__SCHEMA_NAME__', 'runs_' || v_suffix))
             IS NOT NULL;

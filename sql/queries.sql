@@ -361,8 +361,9 @@ LIMIT $2;
 SELECT __SCHEMA__.purge_v1($1::text[]);
 
 -- ensure_partitions --
--- Make the history tables' month partitions for this month and the $1 after it; those made.
-SELECT __SCHEMA__.ensure_partitions_v1($1);
+-- Make the history tables' month partitions for this month (by the real clock, which makes
+-- run ids) and the $1 after it; those made.
+SELECT __SCHEMA__.ensure_partitions_v1(clock_timestamp(), $1);
 
 -- history_partitions --
 -- The history tables' partitions, oldest first: name, range of run ids, estimated runs.
