@@ -270,3 +270,39 @@ async def buffers_of_call(conn: asyncpg.Connection, sql: str, *args: Any) -> int
         await tx.rollback()
     plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
     return int(plan["Shared Hit Blocks"]) + int(plan["Shared Read Blocks"])
+
+
+async def explain_analyze(
+    conn: asyncpg.Connection, statement: Statement, mode: str, values: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The plan nodes of `statement` as it ran with `values`, in a transaction rolled back
+    afterwards (it may lock rows): a custom plan, or the generic plan (a prepared statement
+    under plan_cache_mode = force_generic_plan), which prunes partitions only as it runs.
+    A node that never ran has "Actual Loops" 0. A cursor's query is run as a query."""
+    args = [values[name] for name in statement.params]
+    if mode == "generic":  # outside the transaction, which would not undo it
+        await conn.execute("PREPARE durable_plan AS " + statement.sql)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        for name, value in statement.settings:
+            await conn.execute("SELECT set_config($1, $2, true)", name, value)
+        if mode == "generic":
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            # EXECUTE takes no parameters of its own statement: the values go as literals.
+            types = dict(re.findall(r"\$(\d+)::([\w.\[\]]+)", statement.sql))
+            literals = [
+                await conn.fetchval(f"SELECT quote_nullable($1::{types[str(i + 1)]})", value)
+                for i, value in enumerate(args)
+            ]
+            sql = f"EXECUTE durable_plan({', '.join(literals)})" if args else "EXECUTE durable_plan"
+            args = []
+        else:
+            sql = statement.sql
+        raw = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, *args)
+    finally:
+        await tx.rollback()
+        if mode == "generic":
+            await conn.execute("DEALLOCATE durable_plan")
+    doc = json.loads(raw) if isinstance(raw, str) else raw
+    return await _by_parent(conn, list(plan_nodes(doc[0]["Plan"])))
