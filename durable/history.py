@@ -44,7 +44,8 @@ class HistoryPartition:
     """One partition of the history tables: the runs created in one month (UTC), with their
     journal, failed attempts and signals. `name` is `yYYYYmMM`, or `legacy` for the rows
     of a database partitioned by migration 0009 (`start` None: from its first run).
-    `runs` is PostgreSQL's estimate (up to date after autovacuum's last analyze)."""
+    `first_id` and `end_id` bound its run ids (`end_id` excluded); `runs` is PostgreSQL's
+    estimate (as of autovacuum's last analyze of it)."""
 
     name: str
     start: datetime | None
@@ -57,9 +58,11 @@ class HistoryPartition:
 @dataclass
 class HistoryDrop:
     """What `Engine.drop_history` did, or with `dry_run` would do: the partitions dropped
-    (by name, oldest first), those kept with the reason (a key of `KEPT_BECAUSE`), the
-    seconds each drop's transaction took, locks waited for included, and how many
-    idempotency keys of dropped runs were deleted afterwards."""
+    (by name, oldest first); those kept, with the reason: 'current' (its month is not
+    over), 'unfinished', 'recent' (a run finished within `older_than`), 'awaited' (a run
+    is the child of an unfinished run) or 'busy' (its tables stayed locked); the seconds
+    each drop's transaction took, locks waited for included; and how many idempotency
+    keys of dropped runs were deleted afterwards."""
 
     dropped: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
@@ -160,7 +163,7 @@ class History(Client):
                     blocker: str | None = await conn.fetchval(
                         self.queries["drop_history_partition"], part.name, seconds
                     )
-            except asyncpg.LockNotAvailableError:
+            except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
                 if attempt + 1 < attempts:
                     await asyncio.sleep(lock_timeout * (attempt + 1))
                 continue

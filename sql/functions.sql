@@ -1705,10 +1705,12 @@ $$;
 -- gives the real clock, which run ids are made by) and the `p_months` after it, where
 -- missing, each month's four together; return the names (`yYYYYmMM`) of those made. A month whose ids another partition covers
 -- (the legacy one) or of which the DEFAULT partition already holds rows is left out: its
--- rows stay where they are. Each partition is made as a table of its own and then
--- attached, which lets reads and writes of the table go on (CREATE TABLE ... PARTITION OF
--- would wait for every transaction using it, and block the ones after); a month whose
--- locks are not granted within the lock timeout is left for the next call.
+-- rows stay where they are. Each partition is made as a table of its own, then attached:
+-- that locks the table's DEFAULT partition (to check it holds no row of the month), and
+-- for runs blocks writes of it (runs.parent_id is a foreign key to runs), so it waits for
+-- the transactions using them, and statements after it wait for it; at most the lock
+-- timeout, after which the month is left for the next call. It happens once a month,
+-- with the first call after a month begins making the next.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_partitions_v1(p_from timestamptz, p_months integer)
 RETURNS text[]
 LANGUAGE plpgsql SET lock_timeout = '2s' AS $$

@@ -344,3 +344,21 @@ async def cli(db: Any, *argv: str) -> tuple[int, Any]:
     out = io.StringIO()
     code = await anyio.to_thread.run_sync(lambda: main(["--dsn", db.dsn, "--json", *argv], out))
     return code, json.loads(out.getvalue()) if out.getvalue() else None
+
+
+async def test_a_month_that_cannot_be_made_now_is_left_for_the_next_call(db: Any) -> None:
+    async with open_engine(db) as engine:
+        reader = await asyncpg.connect(db.dsn)
+        try:
+            tx = reader.transaction()
+            await tx.start()
+            # A transaction that read the default partition: attaching a month waits for it.
+            await reader.fetch("SELECT 1 FROM durable.runs WHERE id = 'zz-not-a-ulid'")
+            made = await fetchval(engine, "SELECT durable.ensure_partitions_v1('2031-01-01', 0)")
+            await tx.rollback()
+        finally:
+            await reader.close()
+        assert made == []
+        assert await fetchval(engine, "SELECT to_regclass('durable.runs_y2031m01')") is None
+        made = await fetchval(engine, "SELECT durable.ensure_partitions_v1('2031-01-01', 0)")
+        assert made == ["y2031m01"]
