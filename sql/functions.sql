@@ -24,13 +24,18 @@
 -- live in `limit_slots` and `limit_tokens` (see sql/schema.sql); a step that gets neither
 -- waits with its job at `wake_at` and its run's `limit_wait` set, without an attempt.
 --
--- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off`. Its statements'
--- plans are cached per session, and a plan made while a table looked empty (a fresh
--- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
+-- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off
+-- SET plan_cache_mode = force_generic_plan`. Its statements' plans are cached per
+-- session, and a plan made while a table looked empty (a fresh install, a new month's
+-- partition, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
 -- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
--- index is always right (tests/integration/test_stale_plans.py). And `SET jit = off`: a
--- scan with no index to use (the tiny listeners table) then looks so costly to the planner
--- that it would JIT-compile the statement, 150 ms for a sub-millisecond query.
+-- index is always right (tests/integration/test_stale_plans.py). `SET jit = off`: a scan
+-- with no index to use (the tiny listeners table) then looks so costly to the planner
+-- that it would JIT-compile the statement, 150 ms for a sub-millisecond query. And
+-- `force_generic_plan`: on the partitioned history tables a generic plan looks as costly
+-- as reading every partition (it prunes them only as it runs), so PostgreSQL would plan
+-- each statement afresh on every call instead, which more than doubles the server's
+-- time per step (docs/guides/scaling.md); the plan is the same for every run anyway.
 
 -- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
 CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
@@ -50,7 +55,8 @@ $$;
 -- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
 -- PL/pgSQL keeps its plan for the session instead of planning on every call.
 CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off STABLE AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan STABLE AS $$
 BEGIN
     RETURN (
         SELECT jsonb_object_agg(e.key, e.result)
@@ -74,6 +80,7 @@ $$;
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 -- Its statements are the same for every run: plan them once per session.
 AS $$
 DECLARE
@@ -237,6 +244,7 @@ RETURNS TABLE (
     results text, replay text, cancel text, suspicious boolean
 )
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -365,7 +373,8 @@ $$;
 -- How many runs of workflow `p_workflow` hold a slot of key `p_key` (take the key's lock first).
 CREATE OR REPLACE FUNCTION __SCHEMA__.slots_held_v1(p_workflow text, p_key text)
 RETURNS integer
-LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
     SELECT count(*)::integer FROM __SCHEMA__.runs
     WHERE workflow = p_workflow AND concurrency_key = p_key AND slot = 'held'
       AND finished_at IS NULL
@@ -386,6 +395,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v2(
     p_singleton text, p_debounce text, p_debounce_seconds float8, p_debounce_max float8
 ) RETURNS text
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -493,7 +503,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.take_key_v1(
     p_kind text, p_workflow text, p_key text, p_run text
 ) RETURNS text
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_holder text;
 BEGIN
@@ -534,6 +545,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_parent text, p_parent_node text
 ) RETURNS text
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     RETURN __SCHEMA__.start_run_v2(
@@ -547,7 +559,8 @@ $$;
 -- runs next in line (priority, then FIFO), in this transaction.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_next_v1(p_workflow text, p_key text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_next text;
     v_bound integer;
@@ -573,7 +586,8 @@ $$;
 -- The `admit` job of run `p_run` (this transaction holds it and the run): the run takes a
 -- slot of its workflow's bound, or is queued for one. Returns its advance job when due.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r record;
 BEGIN
@@ -598,6 +612,7 @@ $$;
 -- notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_parent text;
@@ -657,6 +672,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     OUT follow bigint, OUT written_by xid, OUT clock timestamptz
 )
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -708,6 +724,7 @@ $$;
 -- rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_run text;
@@ -753,6 +770,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_delay float8, p_job bigint
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
@@ -782,6 +800,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -809,6 +828,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -825,6 +845,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -842,6 +863,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -859,6 +881,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_started timestamptz, p_job bigint
 ) RETURNS integer
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_left integer;
@@ -884,6 +907,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -904,7 +928,8 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v2(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
     p_queue text, p_input text, p_first text, p_concurrency_key text, p_concurrency integer
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     PERFORM __SCHEMA__.start_run_v2(
         p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node,
@@ -941,6 +966,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
@@ -957,7 +983,8 @@ $$;
 -- End a run as failed or cancelled (its compensation is done).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
@@ -972,7 +999,8 @@ $$;
 -- `cancelled` at once when it did nothing. False when it had finished or was compensating.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
 BEGIN
@@ -1009,7 +1037,8 @@ $$;
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_child text;
     v_done boolean;
@@ -1035,7 +1064,8 @@ $$;
 -- unknown run, false when no wait can ever consume it (finished or compensating).
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v1(p_run text, p_name text, p_payload text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -1059,7 +1089,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
     p_run text, p_name text, p_payload text, p_dedupe text
 ) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -1086,7 +1117,8 @@ $$;
 -- sql/schema.sql). Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_run text;
     v_workflow text;
@@ -1136,7 +1168,8 @@ $$;
 -- resume after their committed iterations. False when the run is not failed, NULL when
 -- there is no such run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
     v_shape jsonb;
@@ -1377,7 +1410,8 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
     p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
     p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
 )
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_wait text := p_name || chr(31) || p_key;
@@ -1509,7 +1543,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_park_v1(
     p_run text, p_wake_at timestamptz, p_wait text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET wake_at = p_wake_at, limit_wait = p_wait, updated_at = __SCHEMA__.now_v1()
@@ -1521,7 +1556,8 @@ $$;
 -- An attempt holding a slot of `p_wait` (limit name, chr(31), key) ends with this
 -- transaction: the most urgent run waiting for one is due when it commits.
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_wake_v1(p_wait text) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_run text;
 BEGIN
@@ -1779,7 +1815,8 @@ $$;
 -- keeps too). Reads indexes only. DU080: there is no such partition.
 CREATE OR REPLACE FUNCTION __SCHEMA__.history_blocker_v1(p_name text, p_older_than float8)
 RETURNS text
-LANGUAGE plpgsql STABLE SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql STABLE SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_hi text;
     v_part text := format('%I.%I', '__SCHEMA_NAME__', 'runs_' || p_name);
@@ -1832,7 +1869,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.drop_history_partition_v1(
     p_name text, p_older_than float8
 ) RETURNS text
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_lo text;
     v_hi text;
@@ -1880,7 +1918,8 @@ $$;
 -- longer exist (their month of history was dropped); how many went.
 CREATE OR REPLACE FUNCTION __SCHEMA__.forget_keys_v1(p_lo text, p_hi text, p_limit integer)
 RETURNS integer
-LANGUAGE sql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE sql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
     WITH gone AS (
         DELETE FROM __SCHEMA__.run_keys k
         WHERE k.ctid = ANY (ARRAY(

@@ -5,7 +5,7 @@ old months hold 20,000 finished runs each, with their journal and failed attempt
 
 Checked two ways: EXPLAIN ANALYZE of each statement as the function holds it
 (tests/integration/plans.py), in a custom plan, which prunes the other months as it is
-made, and in the generic plan PL/pgSQL settles on, which prunes them as it runs; and the
+made, and in the generic plan the functions use, which prunes them as it runs; and the
 per-partition scan counts of the real calls (pg_stat_xact_user_tables).
 """
 
@@ -188,7 +188,7 @@ CALLS = {
 async def test_a_claim_scans_only_the_partitions_of_its_runs_month(
     history_db: asyncpg.Connection, call: str
 ) -> None:
-    """The real call, eight times in one session (custom plans, then the generic plan):
+    """The real call, eight times in one session (generic plans, made at the first):
     the scans PostgreSQL counted in each transaction, by partition."""
     conn = history_db
     ids = dict(
