@@ -1,6 +1,6 @@
 """Run every benchmark scenario and the raw asyncpg baseline in one process and print a table.
 
-    python -m benchmarks.run [--quick] [--only chain,fan-out,...] [--json PATH]
+    python -m benchmarks.run [--quick] [--only chain,fan-out,...] [--scale-rows N] [--json PATH]
 
 The database comes from `DURABLE_DSN` when set, else a throwaway local PostgreSQL
 (`durable.server`, `fsync` and `synchronous_commit` on). Every scenario gets a fresh
@@ -378,11 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="worker concurrency (default 16)"
     )
+    parser.add_argument(
+        "--scale-rows",
+        type=int,
+        default=None,
+        help="finished runs in history for the scale scenario (default 1,000,000; --quick "
+        "100,000), e.g. 10000000 by hand: --only fan-out,scale --scale-rows 10000000",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.concurrency is not None:
         sizes = Sizes(**{**asdict(sizes), "concurrency": args.concurrency})
+    if args.scale_rows is not None:
+        if args.scale_rows < 1:
+            parser.error("--scale-rows must be at least 1")
+        sizes = Sizes(**{**asdict(sizes), "scale_rows": args.scale_rows})
     only = list(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SCENARIOS]
     if unknown:
