@@ -332,19 +332,22 @@ BEGIN
         -- as it was before waiting for its lock.
         PERFORM 1 FROM __SCHEMA__.runs WHERE runs.id = j.run_id FOR NO KEY UPDATE;
     END IF;
+    -- The run's history by `j.run_id`, the variable, not `r.id`: partitions of journal and
+    -- attempts are then pruned as the statement starts, not opened every one for a
+    -- correlated subquery (sql/schema.sql).
     RETURN QUERY
     SELECT j.id, j.queue, j.task, j.branch, j.run_id, j.lease_token, r.workflow, r.status,
            r.input::text, r.cursor, r.current_node, r.iteration,
            CASE WHEN j.task = 'branch' THEN 1 + (
                SELECT count(*)::integer FROM __SCHEMA__.attempts a
-               WHERE a.run_id = r.id AND a.key = r.current_node || '#' || j.branch
+               WHERE a.run_id = j.run_id AND a.key = r.current_node || '#' || j.branch
                  AND a.epoch = r.epoch
            ) ELSE r.attempt END,
            r.epoch, r.wake_at, r.waiting_for, r.child_id, r.branches, r.error, r.parent_id,
            r.ending, v_now,
-           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(r.id)::text END,
+           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(j.run_id)::text END,
            (SELECT e.result::text FROM __SCHEMA__.journal e
-             WHERE e.run_id = r.id AND e.status = 'completed'
+             WHERE e.run_id = j.run_id AND e.status = 'completed'
                AND e.key = CASE WHEN j.task = 'branch'
                                 THEN r.current_node || '#' || j.branch
                                 ELSE r.current_node END),
@@ -625,10 +628,18 @@ DECLARE
     v_singleton text;
 BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
-    SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
-    FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
-    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL
-      AND p.paused_at IS NULL;
+    -- The parent in a statement of its own, by id: a join would open every partition of
+    -- runs to find it (sql/schema.sql).
+    SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
+           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key, parent_id
+    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton, v_parent
+    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_parent IS NOT NULL THEN
+        SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
+        FROM __SCHEMA__.runs p
+        WHERE p.id = v_parent AND p.child_id = p_run AND p.finished_at IS NULL
+          AND p.paused_at IS NULL;
+    END IF;
     IF v_parent IS NOT NULL THEN
         -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
         INSERT INTO __SCHEMA__.jobs (queue, task, run_id, priority)
@@ -636,10 +647,6 @@ BEGIN
         ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
         DO NOTHING;
     END IF;
-    SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
-           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key
-    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton
-    FROM __SCHEMA__.runs WHERE id = p_run;
     IF v_singleton IS NOT NULL THEN
         DELETE FROM __SCHEMA__.run_keys
         WHERE kind = 'singleton' AND workflow = v_workflow AND key = v_singleton

@@ -46,6 +46,7 @@ _SELECT_INTO = re.compile(
     r"^(SELECT\b.*?)\bINTO\s+\w+(?:\s*,\s*\w+)*\s+(FROM\b)", re.IGNORECASE | re.DOTALL
 )
 _DECLARED = re.compile(r"^\s*(\w+)\s+([\w.\"]+(?:\[\])?)", re.MULTILINE)
+_RETURNING_INTO = re.compile(r"(\bRETURNING\b.*?)\s+INTO\s+\w+(?:\s*,\s*\w+)*\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ async def function_statements(
             if not re.search(rf'(?<!\w)"?{schema}"?\.\w+', sql):
                 continue  # an expression, not a read of a table
             sql = _SELECT_INTO.sub(r"\1\2", sql)
+            sql = _RETURNING_INTO.sub(r"\1", sql)
             params: list[str] = []
             for name in sorted(fields, key=len, reverse=True):
                 rec, field = name.split(".")
@@ -295,7 +297,12 @@ async def explain_analyze(
         if mode == "generic":
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
             # EXECUTE takes no parameters of its own statement: the values go as literals.
-            types = dict(re.findall(r"\$(\d+)::([\w.\[\]]+)", statement.sql))
+            types = dict(
+                re.findall(
+                    r"\$(\d+)::((?:timestamp|time) with(?:out)? time zone|[\w.\[\]]+)",
+                    statement.sql,
+                )
+            )
             literals = [
                 await conn.fetchval(f"SELECT quote_nullable($1::{types[str(i + 1)]})", value)
                 for i, value in enumerate(args)
