@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import statistics
@@ -237,15 +238,14 @@ async def latency(dsn: str, sizes: Sizes) -> dict[str, Any]:
 
 # -- scale ---------------------------------------------------------------------------------
 
-# Old finished runs, as the engine leaves them: spread over the twelve months before this
-# one, each month's in its own partition of the history tables (sql/schema.sql), with ids
+# Old finished runs, as the engine leaves them: spread over the months before this one
+# (`Sizes.scale_months`; 3, as a 90-day retention keeps), each month's in its own
+# partition of the history tables (sql/schema.sql), with ids
 # of that month's ULID prefix ($4); the benchmark's own runs, made now, go to this month's.
 # A month is loaded as ensure_partitions_v1 makes one, but with its rows in between: its
 # tables made on their own, filled (one INSERT ... SELECT generate_series per chunk), then
 # attached, which builds their indexes in one pass each (twice as fast as loading the
 # attached, indexed partitions).
-SCALE_MONTHS = 12
-
 _MONTH_TABLES = """
 CREATE TABLE durable.runs_{m} (LIKE durable.runs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     WITH (fillfactor = 80);
@@ -283,16 +283,16 @@ FROM generate_series($1::bigint, $2::bigint) AS g,
 """
 
 
-async def _fill(dsn: str, rows: int) -> float:
+async def _fill(dsn: str, rows: int, months: int) -> float:
     t0 = time.perf_counter()
     conn = await asyncpg.connect(dsn)
     try:
         chunk = 200_000
-        per_month = -(-rows // SCALE_MONTHS)
+        per_month = -(-rows // months)
         # The journal's identity sequence, named once (not looked up for every row).
         seq = await conn.fetchval("SELECT pg_get_serial_sequence('durable.journal', 'seq')")
         done = 0
-        for m in range(SCALE_MONTHS, 0, -1):
+        for m in range(months, 0, -1):
             start, name, prefix, end, spacing = await conn.fetchrow(
                 """
                 SELECT s AT TIME ZONE 'UTC', to_char(s, '"y"YYYY"m"MM'),
@@ -350,15 +350,33 @@ async def _fill(dsn: str, rows: int) -> float:
 
 async def scale(dsn: str, sizes: Sizes) -> dict[str, Any]:
     """The fan-out measurement on a database already holding `scale_rows` finished runs
-    and their journal (two rows each) in the partitions of the twelve months before this
-    one, inserted with SQL and vacuum-analyzed (`--scale-rows` sets how many)."""
+    and their journal (two rows each) in the partitions of the `scale_months` months before
+    this one, inserted with SQL and vacuum-analyzed (`--scale-rows`, `--scale-months`)."""
     engine = durable.Engine(dsn, workflows=[workflows.fanout(sizes.fanout_steps)])
     async with engine:  # migrates the fresh database
         pass
-    fill_seconds = await _fill(dsn, sizes.scale_rows)
+    fill_seconds = await _fill(dsn, sizes.scale_rows, sizes.scale_months)
     result = await _fanout(dsn, sizes, "scale")
-    result.update(rows=sizes.scale_rows, fill_seconds=fill_seconds)
+    result.update(rows=sizes.scale_rows, months=sizes.scale_months, fill_seconds=fill_seconds)
+    result["drop"] = await _drop_oldest_month(dsn)
     return result
+
+
+async def _drop_oldest_month(dsn: str) -> dict[str, Any]:
+    """Drop the oldest month of the filled history (`Engine.drop_history`, with a retention
+    that keeps the next month) and time it: what dropping a month costs at that size."""
+    engine = durable.Engine(dsn)
+    async with engine:
+        oldest, after = (await engine.history_partitions())[:2]
+        assert after.start is not None
+        # Every run of the oldest month finished before the next month began (a second
+        # after it started, at the latest), most of the next month's after.
+        older_than = dt.datetime.now(dt.UTC) - after.start - dt.timedelta(minutes=1)
+        report = await engine.drop_history(older_than=older_than)
+    assert report.dropped == [oldest.name], report
+    seconds = report.seconds[oldest.name]
+    progress(f"scale: dropped month {oldest.name} ({oldest.runs:,} runs) in {seconds:.3f} s")
+    return {"partition": oldest.name, "runs": oldest.runs, "seconds": seconds}
 
 
 # -- memory --------------------------------------------------------------------------------
