@@ -232,7 +232,12 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         rows.append(row)
     if "scale" in results:
         r = results["scale"]
-        rows_label = f"{r['rows']:,} rows in {r['months']} months" if isinstance(r, dict) else ""
+        rows_label = (
+            f"{r['rows']:,} rows in {r['months']} months; a month of "
+            f"{r['drop']['runs']:,} runs dropped in {r['drop']['seconds']:.2f} s"
+            if isinstance(r, dict)
+            else ""
+        )
         row = _rate_row(
             "scale",
             r,
