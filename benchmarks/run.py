@@ -234,7 +234,8 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         r = results["scale"]
         rows_label = (
             f"{r['rows']:,} rows in {r['months']} months; a month of "
-            f"{r['drop']['runs']:,} runs dropped in {r['drop']['seconds']:.2f} s"
+            f"{r['drop']['runs']:,} runs dropped in {r['drop']['seconds']:.2f} s, "
+            f"its files in {r['drop']['files_seconds']:.2f} s after"
             if isinstance(r, dict)
             else ""
         )

@@ -60,13 +60,15 @@ class HistoryDrop:
     """What `Engine.drop_history` did, or with `dry_run` would do: the partitions dropped
     (by name, oldest first); those kept, with the reason: 'current' (its month is not
     over), 'unfinished', 'recent' (a run finished within `older_than`), 'awaited' (a run
-    is the child of an unfinished run) or 'busy' (its tables stayed locked); the seconds
-    each drop's transaction took, locks waited for included; and how many idempotency
-    keys of dropped runs were deleted afterwards."""
+    is the child of an unfinished run) or 'busy' (its tables stayed locked); for each
+    drop, the seconds its transaction took, locks waited for included (the history tables
+    are locked for that long), and the seconds deleting its files took afterwards (which
+    locks nothing they use); and how many idempotency keys of dropped runs were deleted."""
 
     dropped: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    files_seconds: dict[str, float] = field(default_factory=dict)
     keys_deleted: int = 0
 
 
@@ -127,6 +129,8 @@ class History(Client):
         count_arg(attempts, "attempts")
         report = HistoryDrop()
         async with self._acquire() as conn:
+            if not dry_run:
+                await self._drop_detached(conn)  # left by a drop that did not finish
             await conn.fetchval(self.queries["ensure_partitions"], PARTITIONS_AHEAD)
             parts = [_partition(r) for r in await conn.fetch(self.queries["history_partitions"])]
             for part in parts:
@@ -171,11 +175,15 @@ class History(Client):
                 return blocker
             elapsed = time.perf_counter() - t0
             report.seconds[part.name] = elapsed
+            t0 = time.perf_counter()
+            await self._drop_detached(conn)
+            report.files_seconds[part.name] = time.perf_counter() - t0
             log.info(
-                "dropped history partition %s (about %d runs) in %.3f s",
+                "dropped history partition %s (about %d runs) in %.3f s, its files in %.3f s",
                 part.name,
                 part.runs,
                 elapsed,
+                report.files_seconds[part.name],
                 extra={"partition": part.name, "runs": part.runs, "seconds": elapsed},
             )
             # Left behind by the drop, free for a start to take over until deleted here, in
@@ -189,3 +197,9 @@ class History(Client):
                     break
             return None
         return "busy"
+
+    async def _drop_detached(self, conn: Connection) -> None:
+        """Drop the tables of detached history partitions, each in a transaction of its
+        own that locks only that table (the month is already out of the history tables)."""
+        for table in await conn.fetch(self.queries["detached_history"]):
+            await conn.fetchval(self.queries["drop_detached_history"], table[0])

@@ -1864,15 +1864,19 @@ BEGIN
 END
 $$;
 
--- Drop partition `p_name` of every history table, with all its runs, journal, attempts
--- and signals, if history_blocker_v1 finds nothing against it once the tables are locked;
--- its blocker otherwise, or 'busy' when another transaction holds a job of its runs (a
--- leftover of a finished run). What references its runs from outside it goes first, as
--- the foreign keys' ON DELETE would have done: the jobs and cancel requests of its runs,
--- a child run's parent_id, a schedule's last_run_id. Locks the four tables (ACCESS
--- EXCLUSIVE, in the order workers take them) for the few milliseconds this takes: the
--- caller sets lock_timeout, as statements on them queue behind the wait. Their run_keys
--- rows stay, free for a start to take over, until forget_keys_v1 deletes them.
+-- Take partition `p_name` of every history table, with all its runs, journal, attempts
+-- and signals, out of its table (detach it), if history_blocker_v1 finds nothing against
+-- it once the tables are locked; its blocker otherwise, or 'busy' when another
+-- transaction holds a job of its runs (a leftover of a finished run). What references its
+-- runs from outside it goes first, as the foreign keys' ON DELETE would have done: the
+-- jobs and cancel requests of its runs, a child run's parent_id, a schedule's
+-- last_run_id. Locks the four tables (ACCESS EXCLUSIVE, in the order workers take them)
+-- for the few milliseconds this takes: the caller sets lock_timeout, as statements on
+-- them queue behind the wait. The detached tables are dropped afterwards, each in a
+-- transaction of its own that locks only itself (drop_detached_history_v1): deleting a
+-- month's files takes time in proportion to its size (about 0.3 s a GB here), which the
+-- history tables must not wait for. Their run_keys rows stay, free for a start to take
+-- over, until forget_keys_v1 deletes them.
 CREATE OR REPLACE FUNCTION __SCHEMA__.drop_history_partition_v1(
     p_name text, p_older_than float8
 ) RETURNS text
@@ -1910,14 +1914,40 @@ BEGIN
     -- Written so that the partition being dropped is pruned from the update.
     UPDATE __SCHEMA__.runs SET parent_id = NULL
     WHERE parent_id >= v_lo AND parent_id < v_hi AND (id < v_lo OR id >= v_hi);
-    FOREACH v_table IN ARRAY ARRAY['journal', 'attempts', 'signals'] LOOP
-        EXECUTE format('DROP TABLE IF EXISTS %I.%I', '__SCHEMA_NAME__', v_table || '_' || p_name);
+    FOREACH v_table IN ARRAY ARRAY['journal', 'attempts', 'signals', 'runs'] LOOP
+        EXECUTE format('ALTER TABLE %1$I.%2$I DETACH PARTITION %1$I.%3$I',
+                       '__SCHEMA_NAME__', v_table, v_table || '_' || p_name);
     END LOOP;
-    -- Detached first: a partition that a foreign key references cannot be dropped as one.
-    EXECUTE format('ALTER TABLE %1$I.runs DETACH PARTITION %1$I.%2$I',
+    -- Detached, runs' partition keeps its copy of the runs.parent_id foreign key, whose
+    -- dropping would lock runs again: it goes now, with the lock held.
+    EXECUTE format('ALTER TABLE %I.%I DROP CONSTRAINT IF EXISTS runs_parent_id_fkey',
                    '__SCHEMA_NAME__', 'runs_' || p_name);
-    EXECUTE format('DROP TABLE %I.%I', '__SCHEMA_NAME__', 'runs_' || p_name);
     RETURN NULL;
+END
+$$;
+
+-- The tables of history partitions that were detached (drop_history_partition_v1) and are
+-- not dropped yet, by name; a crash between the two leaves them, and the next
+-- drop_history drops them.
+CREATE OR REPLACE FUNCTION __SCHEMA__.detached_history_v1() RETURNS SETOF text
+LANGUAGE sql STABLE AS $$
+    SELECT c.relname::text FROM pg_class c
+    WHERE c.relnamespace = '__SCHEMA__'::regnamespace AND c.relkind = 'r'
+      AND NOT c.relispartition
+      AND c.relname ~ '^(runs|journal|attempts|signals)_(y[0-9]{4}m[0-9]{2}|legacy)$'
+    ORDER BY 1
+$$;
+
+-- Drop table `p_table`, one of detached_history_v1's (nothing else): the data of a month
+-- already out of the history tables, whose lock is the only one this takes.
+CREATE OR REPLACE FUNCTION __SCHEMA__.drop_detached_history_v1(p_table text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_table NOT IN (SELECT __SCHEMA__.detached_history_v1()) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TABLE %I.%I', '__SCHEMA_NAME__', p_table);
+    RETURN true;
 END
 $$;
 

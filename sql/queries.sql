@@ -377,6 +377,14 @@ SELECT __SCHEMA__.history_blocker_v1($1, $2);
 -- Drop a history partition whole, unless something keeps it (then the reason).
 SELECT __SCHEMA__.drop_history_partition_v1($1, $2);
 
+-- detached_history --
+-- Tables of history partitions detached and not dropped yet.
+SELECT __SCHEMA__.detached_history_v1();
+
+-- drop_detached_history --
+-- Drop one of those tables (false if it is not one).
+SELECT __SCHEMA__.drop_detached_history_v1($1);
+
 -- history_lock_timeout --
 -- How long a drop of a history partition waits for its locks, in this transaction.
 SELECT set_config('lock_timeout', $1, true);

@@ -362,3 +362,41 @@ async def test_a_month_that_cannot_be_made_now_is_left_for_the_next_call(db: Any
         assert await fetchval(engine, "SELECT to_regclass('durable.runs_y2031m01')") is None
         made = await fetchval(engine, "SELECT durable.ensure_partitions_v1('2031-01-01', 0)")
         assert made == ["y2031m01"]
+
+
+async def test_a_dropped_months_files_go_without_waiting_for_the_history_tables(
+    db: Any,
+) -> None:
+    """A drop detaches the month under the tables' locks, then drops its tables in
+    transactions that lock only them: a worker's transaction on runs and journal does not
+    hold that back. A drop that stopped in between is finished by the next one."""
+    async with open_engine(db) as engine:
+        await fill_month(engine, OLD, 5)
+        name = f"y{OLD:%Y}m{OLD:%m}"
+        assert (
+            await fetchval(engine, "SELECT durable.drop_history_partition_v1($1, 0)", name) is None
+        )
+        left = [r[0] for r in await fetch(engine, "SELECT durable.detached_history_v1()")]
+        assert left == [f"{t}_{name}" for t in ("attempts", "journal", "runs", "signals")]
+        assert name not in [p.name for p in await engine.history_partitions()]
+        worker = await asyncpg.connect(db.dsn)
+        try:
+            tx = worker.transaction()
+            await tx.start()
+            run = str(ULID())
+            await worker.execute(
+                "INSERT INTO durable.runs (id, workflow, input) VALUES ($1, 'order', '{}')", run
+            )
+            await worker.execute(
+                "INSERT INTO durable.journal (run_id, key, node, status) "
+                "VALUES ($1, 'a', 'a', 'completed')",
+                run,
+            )
+            report = await engine.drop_history(older_than=30 * DAY)
+            assert await fetch(engine, "SELECT durable.detached_history_v1()") == []
+            await tx.rollback()
+        finally:
+            await worker.close()
+        assert report.dropped == []  # it had gone already
+        # Only those tables: nothing else of the schema is dropped by name.
+        assert await fetchval(engine, "SELECT durable.drop_detached_history_v1('jobs')") is False
