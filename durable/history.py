@@ -3,9 +3,10 @@ mailbox, and retention by dropping a whole month at once (`Engine.drop_history`)
 
 Runs are partitioned by their id, a ULID, whose first 10 characters are its creation time:
 a month's runs are a range of ids (sql/schema.sql, docs/guides/scaling.md). Dropping a
-month is a catalog change that takes milliseconds however many rows it holds, where
-`purge` deletes row by row; it drops nothing that `purge` with the same `older_than` would
-keep, and keeps a partition whole while any run in it has not finished.
+month detaches its partitions, which locks the tables for milliseconds however many rows
+it holds, then drops them, which locks nothing else, where `purge` deletes row by row; it
+drops nothing that `purge` with the same `older_than` would keep, and keeps a partition
+whole while any run in it has not finished.
 """
 
 from __future__ import annotations

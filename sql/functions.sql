@@ -1874,7 +1874,7 @@ $$;
 -- for the few milliseconds this takes: the caller sets lock_timeout, as statements on
 -- them queue behind the wait. The detached tables are dropped afterwards, each in a
 -- transaction of its own that locks only itself (drop_detached_history_v1): deleting a
--- month's files takes time in proportion to its size (about 0.3 s a GB here), which the
+-- month's files takes time in proportion to its size (about 0.4 s a GB here), which the
 -- history tables must not wait for. Their run_keys rows stay, free for a start to take
 -- over, until forget_keys_v1 deletes them.
 CREATE OR REPLACE FUNCTION __SCHEMA__.drop_history_partition_v1(
