@@ -38,6 +38,7 @@ KEPT_BECAUSE = {
 }
 
 _KEYS_BATCH = 10_000
+_NO_SUCH_PARTITION = "DU080"  # history_blocker_v1: the partition is not there (any more)
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,19 @@ class History(Client):
             await conn.fetchval(self.queries["ensure_partitions"], PARTITIONS_AHEAD)
             parts = [_partition(r) for r in await conn.fetch(self.queries["history_partitions"])]
             for part in parts:
-                if dry_run:
-                    blocker = await conn.fetchval(
-                        self.queries["history_blocker"], part.name, seconds
-                    )
-                else:
-                    blocker = await self._drop(conn, part, seconds, lock_timeout, attempts, report)
+                try:
+                    if dry_run:
+                        blocker = await conn.fetchval(
+                            self.queries["history_blocker"], part.name, seconds
+                        )
+                    else:
+                        blocker = await self._drop(
+                            conn, part, seconds, lock_timeout, attempts, report
+                        )
+                except asyncpg.PostgresError as exc:
+                    if exc.sqlstate == _NO_SUCH_PARTITION:
+                        continue  # another drop_history took it meanwhile
+                    raise
                 if blocker is None:
                     report.dropped.append(part.name)
                 else:

@@ -320,6 +320,11 @@ async def test_drop_history_checks_its_arguments(db: Any) -> None:
             await engine.drop_history(older_than=-DAY)
         with pytest.raises(durable.ArgumentError):
             await engine.drop_history(older_than=DAY, lock_timeout=0)
+        # A partition that is not there (another drop took it) is DU080, which
+        # drop_history passes over.
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fetchval(engine, "SELECT durable.history_blocker_v1('y1999m01', 0)")
+        assert info.value.sqlstate == "DU080"
 
 
 async def test_history_list_and_drop_from_the_command_line(db: Any) -> None:
