@@ -41,6 +41,7 @@ class Sizes:
     start_callers: int
     latency_samples: int
     scale_rows: int
+    scale_months: int  # the months before this one that scale's finished runs are spread over
     memory_runs: int
     repeats: int  # fan-out and scale are measured this many times; the median is reported
     concurrency: int
@@ -68,6 +69,7 @@ FULL = Sizes(
     start_callers=16,
     latency_samples=200,
     scale_rows=1_000_000,
+    scale_months=3,
     memory_runs=10_000,
     repeats=3,
     concurrency=16,
@@ -87,6 +89,7 @@ QUICK = Sizes(
     start_callers=16,
     latency_samples=50,
     scale_rows=100_000,
+    scale_months=3,
     memory_runs=2000,
     repeats=1,
     concurrency=16,

@@ -1,6 +1,7 @@
 """Run every benchmark scenario and the raw asyncpg baseline in one process and print a table.
 
-    python -m benchmarks.run [--quick] [--only chain,fan-out,...] [--json PATH]
+    python -m benchmarks.run [--quick] [--only chain,fan-out,...] [--scale-rows N]
+                               [--scale-months M] [--json PATH]
 
 The database comes from `DURABLE_DSN` when set, else a throwaway local PostgreSQL
 (`durable.server`, `fsync` and `synchronous_commit` on). Every scenario gets a fresh
@@ -246,7 +247,13 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         rows.append(row)
     if "scale" in results:
         r = results["scale"]
-        rows_label = f"{r['rows']:,} rows" if isinstance(r, dict) else ""
+        rows_label = (
+            f"{r['rows']:,} rows in {r['months']} months; a month of "
+            f"{r['drop']['runs']:,} runs dropped in {r['drop']['seconds']:.2f} s, "
+            f"its files in {r['drop']['files_seconds']:.2f} s after"
+            if isinstance(r, dict)
+            else ""
+        )
         row = _rate_row(
             "scale",
             r,
@@ -314,7 +321,8 @@ def render_facts(machine: dict[str, Any], pg: dict[str, Any], sizes: Sizes) -> s
         f"sizes: chain {sizes.chain_steps} steps; fan-out {sizes.fanout_runs} runs x "
         f"{sizes.fanout_steps} steps; drain {sizes.drain_runs:,} "
         f"runs; start {sizes.start_runs:,} from {sizes.start_callers} callers; latency "
-        f"{sizes.latency_samples} samples; scale {sizes.scale_rows:,} rows; memory "
+        f"{sizes.latency_samples} samples; scale {sizes.scale_rows:,} rows in "
+        f"{sizes.scale_months} months; memory "
         f"{sizes.memory_runs:,} runs; worker concurrency {sizes.concurrency}; baselines, fan-out "
         f"and scale are the median of {sizes.repeats} round(s)",
     ]
@@ -396,6 +404,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="worker batch size (default: the engine's)"
     )
+    parser.add_argument(
+        "--scale-rows",
+        type=int,
+        default=None,
+        help="finished runs in history for the scale scenario (default 1,000,000; --quick "
+        "100,000), e.g. 10000000 by hand: --only fan-out,scale --scale-rows 10000000",
+    )
+    parser.add_argument(
+        "--scale-months",
+        type=int,
+        default=None,
+        help="the months before this one the scale scenario's runs are spread over, each in "
+        "its own partition (default 3)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -403,6 +425,14 @@ def main(argv: list[str] | None = None) -> int:
         sizes = Sizes(**{**asdict(sizes), "concurrency": args.concurrency})
     if args.batch_size is not None:
         sizes = Sizes(**{**asdict(sizes), "batch_size": args.batch_size})
+    if args.scale_rows is not None:
+        if args.scale_rows < 1:
+            parser.error("--scale-rows must be at least 1")
+        sizes = Sizes(**{**asdict(sizes), "scale_rows": args.scale_rows})
+    if args.scale_months is not None:
+        if not 1 <= args.scale_months <= 24:
+            parser.error("--scale-months must be from 1 to 24")
+        sizes = Sizes(**{**asdict(sizes), "scale_months": args.scale_months})
     only = list(SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SCENARIOS]
     if unknown:

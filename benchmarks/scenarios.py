@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import os
 import signal
 import statistics
@@ -237,40 +238,101 @@ async def latency(dsn: str, sizes: Sizes) -> dict[str, Any]:
 
 # -- scale ---------------------------------------------------------------------------------
 
-# Old finished runs: ids of 26 digits sort before any ULID made today, so they look older
-# than the benchmark's own runs, as they would in a real table.
+# Old finished runs, as the engine leaves them: spread over the months before this one
+# (`Sizes.scale_months`; 3, as a 90-day retention keeps), each month's in its own
+# partition of the history tables (sql/schema.sql), with ids
+# of that month's ULID prefix ($4); the benchmark's own runs, made now, go to this month's.
+# A month is loaded as ensure_partitions_v1 makes one, but with its rows in between: its
+# tables made on their own, filled (one INSERT ... SELECT generate_series per chunk), then
+# attached, which builds their indexes in one pass each (twice as fast as loading the
+# attached, indexed partitions).
+_MONTH_TABLES = """
+CREATE TABLE durable.runs_{m} (LIKE durable.runs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
+    WITH (fillfactor = 80);
+CREATE TABLE durable.journal_{m}
+    (LIKE durable.journal INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+CREATE TABLE durable.attempts_{m}
+    (LIKE durable.attempts INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+CREATE TABLE durable.signals_{m}
+    (LIKE durable.signals INCLUDING DEFAULTS INCLUDING CONSTRAINTS);
+"""
+
+_ATTACH = """
+ALTER TABLE durable.{t} ATTACH PARTITION durable.{t}_{m} FOR VALUES FROM ('{lo}') TO ('{hi}')
+"""
+
 _OLD_RUNS = """
-INSERT INTO durable.runs
+INSERT INTO durable.runs_{m}
     (id, workflow, status, input, result, cursor, current_node, created_at, updated_at,
      finished_at)
-SELECT lpad(g::text, 26, '0'), $3, 'completed', jsonb_build_object('i', g),
+SELECT $4 || lpad(g::text, 16, '0'), $3, 'completed', jsonb_build_object('i', g),
        '{"s0": null, "s1": null}'::jsonb, 2, NULL, t, t + interval '1 second',
        t + interval '1 second'
 FROM generate_series($1::bigint, $2::bigint) AS g,
-     LATERAL (SELECT now() - interval '1 hour' - ($4::bigint - g) * interval '2 seconds') AS x(t)
+     LATERAL (SELECT $5::timestamptz + (g - $1) * $6::interval) AS x(t)
 """
 
 _OLD_JOURNAL = """
-INSERT INTO durable.journal (run_id, key, node, status, result, attempts, started_at,
-                             finished_at)
-SELECT lpad(g::text, 26, '0'), k.key, k.key, 'completed', 'null'::jsonb, 1, t, t
+INSERT INTO durable.journal_{m} (run_id, key, node, status, result, attempts, started_at,
+                                 finished_at, seq)
+SELECT $3 || lpad(g::text, 16, '0'), k.key, k.key, 'completed', 'null'::jsonb, 1, t, t,
+       nextval('{seq}')
 FROM generate_series($1::bigint, $2::bigint) AS g,
-     LATERAL (SELECT now() - interval '1 hour' - ($3::bigint - g) * interval '2 seconds') AS x(t),
+     LATERAL (SELECT $4::timestamptz + (g - $1) * $5::interval) AS x(t),
      (VALUES ('s0'), ('s1')) AS k(key)
 """
 
 
-async def _fill(dsn: str, rows: int) -> float:
+async def _fill(dsn: str, rows: int, months: int) -> float:
     t0 = time.perf_counter()
     conn = await asyncpg.connect(dsn)
     try:
         chunk = 200_000
-        for first in range(1, rows + 1, chunk):
-            last = min(rows, first + chunk - 1)
-            async with conn.transaction():
-                await conn.execute(_OLD_RUNS, first, last, workflows.FANOUT, rows)
-                await conn.execute(_OLD_JOURNAL, first, last, rows)
-            progress(f"scale: {last:,} of {rows:,} finished runs (and 2 journal rows each)")
+        per_month = -(-rows // months)
+        # The journal's identity sequence, named once (not looked up for every row).
+        seq = await conn.fetchval("SELECT pg_get_serial_sequence('durable.journal', 'seq')")
+        done = 0
+        for m in range(months, 0, -1):
+            start, name, prefix, end, spacing = await conn.fetchrow(
+                """
+                SELECT s AT TIME ZONE 'UTC', to_char(s, '"y"YYYY"m"MM'),
+                       durable.ulid_prefix_v1(s AT TIME ZONE 'UTC'),
+                       durable.ulid_prefix_v1((s + interval '1 month') AT TIME ZONE 'UTC'),
+                       (s + interval '1 month' - s) / greatest($2::float8, 1)
+                FROM (SELECT date_trunc('month', now() AT TIME ZONE 'UTC')
+                             - make_interval(months => $1) AS s) AS x  -- in UTC
+                """,
+                m,
+                per_month,
+            )
+            await conn.execute(_MONTH_TABLES.format(m=name))
+            last_of_month = min(rows, done + per_month)
+            for first in range(done + 1, last_of_month + 1, chunk):
+                last = min(last_of_month, first + chunk - 1)
+                begin = start + spacing * (first - done - 1)
+                async with conn.transaction():
+                    await conn.execute(
+                        _OLD_RUNS.replace("{m}", name),
+                        first,
+                        last,
+                        workflows.FANOUT,
+                        prefix,
+                        begin,
+                        spacing,
+                    )
+                    await conn.execute(
+                        _OLD_JOURNAL.replace("{m}", name).replace("{seq}", seq),
+                        first,
+                        last,
+                        prefix,
+                        begin,
+                        spacing,
+                    )
+                progress(f"scale: {last:,} of {rows:,} finished runs (and 2 journal rows each)")
+            for table in ("runs", "journal", "attempts", "signals"):
+                await conn.execute(_ATTACH.format(t=table, m=name, lo=prefix, hi=end))
+            progress(f"scale: month {name} attached, its indexes built")
+            done = last_of_month
         # VACUUM ANALYZE rather than ANALYZE alone: fresh statistics, and autovacuum has
         # nothing left to do, so it does not start in the middle of the measurement.
         await conn.execute("VACUUM (ANALYZE) durable.runs")
@@ -288,14 +350,42 @@ async def _fill(dsn: str, rows: int) -> float:
 
 async def scale(dsn: str, sizes: Sizes) -> dict[str, Any]:
     """The fan-out measurement on a database already holding `scale_rows` finished runs
-    and their journal (two rows each), inserted with SQL and vacuum-analyzed."""
+    and their journal (two rows each) in the partitions of the `scale_months` months before
+    this one, inserted with SQL and vacuum-analyzed (`--scale-rows`, `--scale-months`)."""
     engine = durable.Engine(dsn, workflows=[workflows.fanout(sizes.fanout_steps)])
     async with engine:  # migrates the fresh database
         pass
-    fill_seconds = await _fill(dsn, sizes.scale_rows)
+    fill_seconds = await _fill(dsn, sizes.scale_rows, sizes.scale_months)
     result = await _fanout(dsn, sizes, "scale")
-    result.update(rows=sizes.scale_rows, fill_seconds=fill_seconds)
+    result.update(rows=sizes.scale_rows, months=sizes.scale_months, fill_seconds=fill_seconds)
+    result["drop"] = await _drop_oldest_month(dsn)
     return result
+
+
+async def _drop_oldest_month(dsn: str) -> dict[str, Any]:
+    """Drop the oldest month of the filled history (`Engine.drop_history`, with a retention
+    that keeps the next month) and time it: what dropping a month costs at that size."""
+    engine = durable.Engine(dsn)
+    async with engine:
+        oldest, after = (await engine.history_partitions())[:2]
+        assert after.start is not None
+        # Every run of the oldest month finished before the next month began (a second
+        # after it started, at the latest), most of the next month's after.
+        older_than = dt.datetime.now(dt.UTC) - after.start - dt.timedelta(minutes=1)
+        report = await engine.drop_history(older_than=older_than)
+    assert report.dropped == [oldest.name], report
+    seconds = report.seconds[oldest.name]
+    files = report.files_seconds[oldest.name]
+    progress(
+        f"dropped month {oldest.name} ({oldest.runs:,} runs): the history tables locked "
+        f"{seconds:.3f} s, its files deleted in {files:.3f} s after"
+    )
+    return {
+        "partition": oldest.name,
+        "runs": oldest.runs,
+        "seconds": seconds,
+        "files_seconds": files,
+    }
 
 
 # -- memory --------------------------------------------------------------------------------

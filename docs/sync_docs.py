@@ -172,6 +172,13 @@ def _groups() -> list[tuple[str, list[tuple[str, Any]]]]:
                 ("durable.ScheduleInfo", durable.ScheduleInfo),
             ],
         ),
+        (
+            "History partitions",
+            [
+                ("durable.HistoryPartition", durable.HistoryPartition),
+                ("durable.HistoryDrop", durable.HistoryDrop),
+            ],
+        ),
         ("Errors", [(f"durable.{n}", getattr(durable, n)) for n in errors]),
         (
             "Testing",

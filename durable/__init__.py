@@ -28,6 +28,7 @@ from durable.errors import (
     WorkflowNotFound,
 )
 from durable.flow import Debounce, Limit
+from durable.history import HistoryDrop, HistoryPartition
 from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
 from durable.runtime.threads import SyncConnection
@@ -49,6 +50,8 @@ __all__ = [
     "DefinitionError",
     "DurableError",
     "Engine",
+    "HistoryDrop",
+    "HistoryPartition",
     "IdempotencyConflict",
     "IllegalTransition",
     "JournalEntry",

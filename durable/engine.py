@@ -16,6 +16,7 @@ from durable.batch import DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW
 from durable.db import Connection, acquire, create_pool, redact
 from durable.errors import ConfigurationError, DefinitionError
 from durable.flow import Limit, check_limits
+from durable.history import History
 from durable.migrate import migrate
 from durable.operations import Operations
 from durable.runtime import registry
@@ -31,7 +32,7 @@ from durable.workflow import Step, Workflow
 log = logging.getLogger("durable.engine")
 
 
-class Engine(Operations, ScheduleClient):
+class Engine(Operations, History, ScheduleClient):
     """Runs registered workflows on PostgreSQL.
 
     Give it a DSN (it opens and closes its own pool) or an existing asyncpg `pool`. Use it as

@@ -24,13 +24,18 @@
 -- live in `limit_slots` and `limit_tokens` (see sql/schema.sql); a step that gets neither
 -- waits with its job at `wake_at` and its run's `limit_wait` set, without an attempt.
 --
--- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off`. Its statements'
--- plans are cached per session, and a plan made while a table looked empty (a fresh
--- install, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
+-- Every function that reads a run's rows says `SET enable_seqscan = off SET jit = off
+-- SET plan_cache_mode = force_generic_plan`. Its statements' plans are cached per
+-- session, and a plan made while a table looked empty (a fresh install, a new month's
+-- partition, or VACUUM ANALYZE after `durable purge`) scans the whole table for each run
 -- until autovacuum next analyzes it; the lookups here are by run or job id, for which an
--- index is always right (tests/integration/test_stale_plans.py). And `SET jit = off`: a
--- scan with no index to use (the tiny listeners table) then looks so costly to the planner
--- that it would JIT-compile the statement, 150 ms for a sub-millisecond query.
+-- index is always right (tests/integration/test_stale_plans.py). `SET jit = off`: a scan
+-- with no index to use (the tiny listeners table) then looks so costly to the planner
+-- that it would JIT-compile the statement, 150 ms for a sub-millisecond query. And
+-- `force_generic_plan`: on the partitioned history tables a generic plan looks as costly
+-- as reading every partition (it prunes them only as it runs), so PostgreSQL would plan
+-- each statement afresh on every call instead, which more than doubles the server's
+-- time per step (docs/guides/scaling.md); the plan is the same for every run anyway.
 
 -- A worker with an idle slot wants to hear of new due jobs (see the listeners table).
 CREATE OR REPLACE FUNCTION __SCHEMA__.notify_jobs_v1() RETURNS void
@@ -50,7 +55,8 @@ $$;
 -- PL/pgSQL rather than SQL: an aggregate keeps a SQL function from being inlined, and
 -- PL/pgSQL keeps its plan for the session instead of planning on every call.
 CREATE OR REPLACE FUNCTION __SCHEMA__.run_results_v1(p_run text) RETURNS jsonb
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off STABLE AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan STABLE AS $$
 BEGIN
     RETURN (
         SELECT jsonb_object_agg(e.key, e.result)
@@ -74,6 +80,7 @@ $$;
 -- now, so that the caller may continue the run on the same worker.
 CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_jobs_v1(p_run text) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 -- Its statements are the same for every run: plan them once per session.
 AS $$
 DECLARE
@@ -237,6 +244,7 @@ RETURNS TABLE (
     results text, replay text, cancel text, suspicious boolean
 )
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -327,19 +335,22 @@ BEGIN
         -- and a deadline computed from the earlier reading would come early.
         v_now := __SCHEMA__.now_v1();
     END IF;
+    -- The run's history by `j.run_id`, the variable, not `r.id`: partitions of journal and
+    -- attempts are then pruned as the statement starts, not opened every one for a
+    -- correlated subquery (sql/schema.sql).
     RETURN QUERY
     SELECT j.id, j.queue, j.task, j.branch, j.run_id, j.lease_token, r.workflow, r.status,
            r.input::text, r.cursor, r.current_node, r.iteration,
            CASE WHEN j.task = 'branch' THEN 1 + (
                SELECT count(*)::integer FROM __SCHEMA__.attempts a
-               WHERE a.run_id = r.id AND a.key = r.current_node || '#' || j.branch
+               WHERE a.run_id = j.run_id AND a.key = r.current_node || '#' || j.branch
                  AND a.epoch = r.epoch
            ) ELSE r.attempt END,
            r.epoch, r.wake_at, r.waiting_for, r.child_id, r.branches, r.error, r.parent_id,
            r.ending, v_now,
-           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(r.id)::text END,
+           CASE WHEN p_results THEN __SCHEMA__.run_results_v1(j.run_id)::text END,
            (SELECT e.result::text FROM __SCHEMA__.journal e
-             WHERE e.run_id = r.id AND e.status = 'completed'
+             WHERE e.run_id = j.run_id AND e.status = 'completed'
                AND e.key = CASE WHEN j.task = 'branch'
                                 THEN r.current_node || '#' || j.branch
                                 ELSE r.current_node END),
@@ -395,6 +406,7 @@ RETURNS TABLE (
     results text, replay text, cancel text, suspicious boolean
 )
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -459,6 +471,7 @@ BEGIN
         -- Locked in a statement of their own, read in the next (see claim_v1).
         PERFORM 1 FROM __SCHEMA__.runs x WHERE x.id = ANY (v_runs) ORDER BY x.id
         FOR NO KEY UPDATE;
+        v_now := __SCHEMA__.now_v1();  -- after the lock waits, as in claim_v1
     END IF;
     RETURN QUERY
     SELECT u.job, b.queue, b.task, b.branch, b.run_id, b.lease_token, r.workflow, r.status,
@@ -504,7 +517,8 @@ $$;
 -- How many runs of workflow `p_workflow` hold a slot of key `p_key` (take the key's lock first).
 CREATE OR REPLACE FUNCTION __SCHEMA__.slots_held_v1(p_workflow text, p_key text)
 RETURNS integer
-LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE sql STABLE SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
     SELECT count(*)::integer FROM __SCHEMA__.runs
     WHERE workflow = p_workflow AND concurrency_key = p_key AND slot = 'held'
       AND finished_at IS NULL
@@ -525,6 +539,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v2(
     p_singleton text, p_debounce text, p_debounce_seconds float8, p_debounce_max float8
 ) RETURNS text
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -533,7 +548,6 @@ DECLARE
     v_not_before timestamptz := coalesce(v_now + make_interval(secs => p_delay), p_start_at);
     v_slot text;
     v_job bigint;
-    v_tries integer := 0;
 BEGIN
     IF p_debounce IS NOT NULL THEN
         PERFORM pg_advisory_xact_lock(
@@ -590,47 +604,79 @@ BEGIN
         PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
         RETURN p_id;
     END IF;
-    LOOP
-        INSERT INTO __SCHEMA__.runs
-            (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
-             parent_node, priority, not_before, concurrency_key, concurrency, slot,
-             singleton_key, debounce_key)
-        VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
-                p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
-                v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce)
-        ON CONFLICT DO NOTHING
-        RETURNING id INTO v_id;
-        IF v_id IS NOT NULL THEN
-            PERFORM __SCHEMA__.ensure_jobs_v1(v_id);
+    -- The keys live in run_keys (see sql/schema.sql): the idempotency key first, as a run
+    -- that holds it is the answer even when another holds the singleton key.
+    IF p_key IS NOT NULL THEN
+        v_id := __SCHEMA__.take_key_v1('idempotency', p_workflow, p_key, p_id);
+        IF v_id <> p_id THEN
+            SELECT input = p_input::jsonb INTO v_same FROM __SCHEMA__.runs WHERE id = v_id;
+            IF NOT v_same THEN
+                RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
+                    'started with another input; use a new key for a new request',
+                    quote_literal(p_key), quote_literal(p_workflow), v_id
+                    USING ERRCODE = 'DU003', DETAIL = v_id;
+            END IF;
             RETURN v_id;
         END IF;
-        IF p_key IS NOT NULL THEN
-            SELECT id, input = p_input::jsonb INTO v_id, v_same FROM __SCHEMA__.runs
-            WHERE workflow = p_workflow AND idempotency_key = p_key;
-            IF FOUND THEN
-                IF NOT v_same THEN
-                    RAISE EXCEPTION 'durable: idempotency key % of workflow % already names run %, '
-                        'started with another input; use a new key for a new request',
-                        quote_literal(p_key), quote_literal(p_workflow), v_id
-                        USING ERRCODE = 'DU003', DETAIL = v_id;
-                END IF;
-                RETURN v_id;
-            END IF;
+    END IF;
+    IF p_singleton IS NOT NULL THEN
+        v_id := __SCHEMA__.take_key_v1('singleton', p_workflow, p_singleton, p_id);
+        IF v_id <> p_id THEN
+            -- The active run of the key: the idempotency key taken above is then left
+            -- naming no run, which take_key_v1 treats as free.
+            RETURN v_id;
         END IF;
-        IF p_singleton IS NOT NULL THEN
-            SELECT id INTO v_id FROM __SCHEMA__.runs
-            WHERE workflow = p_workflow AND singleton_key = p_singleton AND finished_at IS NULL;
-            IF FOUND THEN
-                RETURN v_id;
-            END IF;
+    END IF;
+    INSERT INTO __SCHEMA__.runs
+        (id, workflow, queue, version, input, current_node, idempotency_key, parent_id,
+         parent_node, priority, not_before, concurrency_key, concurrency, slot,
+         singleton_key, debounce_key)
+    VALUES (p_id, p_workflow, p_queue, __SCHEMA__.queue_version_v1(p_queue),
+            p_input::jsonb, p_node, p_key, p_parent, p_parent_node, coalesce(p_priority, 0),
+            v_not_before, p_concurrency_key, p_concurrency, v_slot, p_singleton, p_debounce);
+    PERFORM __SCHEMA__.ensure_jobs_v1(p_id);
+    RETURN p_id;
+END
+$$;
+
+-- Take key `p_key` of kind `p_kind` ('idempotency' or 'singleton') of workflow `p_workflow`
+-- for run `p_run` (about to be created in this transaction); the run that holds it
+-- afterwards: `p_run`, or the run that held it. A key whose run is gone (purged, or its
+-- month of history dropped) or, for a singleton key, finished, is taken over. A start
+-- that waits here for another transaction holding the key sees its run once it commits.
+CREATE OR REPLACE FUNCTION __SCHEMA__.take_key_v1(
+    p_kind text, p_workflow text, p_key text, p_run text
+) RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_holder text;
+BEGIN
+    FOR i IN 1..10 LOOP
+        INSERT INTO __SCHEMA__.run_keys (kind, workflow, key, run_id)
+        VALUES (p_kind, p_workflow, p_key, p_run)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            RETURN p_run;
         END IF;
-        -- The run that held the key finished (or was purged) meanwhile: try again.
-        v_tries := v_tries + 1;
-        IF v_tries > 10 THEN
-            RAISE EXCEPTION 'durable: run % could not be created', p_id
-                USING ERRCODE = 'unique_violation';
+        SELECT k.run_id INTO v_holder FROM __SCHEMA__.run_keys k
+        WHERE k.kind = p_kind AND k.workflow = p_workflow AND k.key = p_key;
+        CONTINUE WHEN NOT FOUND;  -- deleted meanwhile: insert again
+        IF v_holder = p_run OR EXISTS (
+            SELECT 1 FROM __SCHEMA__.runs r
+            WHERE r.id = v_holder AND (p_kind = 'idempotency' OR r.finished_at IS NULL)
+        ) THEN
+            RETURN v_holder;
         END IF;
+        UPDATE __SCHEMA__.run_keys SET run_id = p_run
+        WHERE kind = p_kind AND workflow = p_workflow AND key = p_key AND run_id = v_holder;
+        IF FOUND THEN
+            RETURN p_run;
+        END IF;
+        -- Another start took it over first: look again.
     END LOOP;
+    RAISE EXCEPTION 'durable: the % key % of workflow % could not be taken', p_kind,
+        quote_literal(p_key), quote_literal(p_workflow) USING ERRCODE = 'unique_violation';
 END
 $$;
 
@@ -643,6 +689,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_run_v1(
     p_parent text, p_parent_node text
 ) RETURNS text
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     RETURN __SCHEMA__.start_run_v2(
@@ -656,7 +703,8 @@ $$;
 -- runs next in line (priority, then FIFO), in this transaction.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_next_v1(p_workflow text, p_key text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_next text;
     v_bound integer;
@@ -682,7 +730,8 @@ $$;
 -- The `admit` job of run `p_run` (this transaction holds it and the run): the run takes a
 -- slot of its workflow's bound, or is queued for one. Returns its advance job when due.
 CREATE OR REPLACE FUNCTION __SCHEMA__.admit_v1(p_run text) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r record;
 BEGIN
@@ -707,6 +756,7 @@ $$;
 -- notification holds at most 8000 bytes).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finished_v1(p_run text) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_parent text;
@@ -716,12 +766,21 @@ DECLARE
     v_workflow text;
     v_slot_key text;
     v_priority smallint;
+    v_singleton text;
 BEGIN
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
-    SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
-    FROM __SCHEMA__.runs c JOIN __SCHEMA__.runs p ON p.id = c.parent_id
-    WHERE c.id = p_run AND p.child_id = p_run AND p.finished_at IS NULL
-      AND p.paused_at IS NULL;
+    -- The parent in a statement of its own, by id: a join would open every partition of
+    -- runs to find it (sql/schema.sql).
+    SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
+           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key, parent_id
+    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton, v_parent
+    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_parent IS NOT NULL THEN
+        SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
+        FROM __SCHEMA__.runs p
+        WHERE p.id = v_parent AND p.child_id = p_run AND p.finished_at IS NULL
+          AND p.paused_at IS NULL;
+    END IF;
     IF v_parent IS NOT NULL THEN
         -- Only adds: the parent is not locked here, and whoever holds it re-reads it.
         INSERT INTO __SCHEMA__.jobs (queue, task, run_id, priority)
@@ -729,10 +788,11 @@ BEGIN
         ON CONFLICT (run_id, task, (coalesce(branch, ''))) WHERE run_id IS NOT NULL
         DO NOTHING;
     END IF;
-    SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
-           CASE WHEN slot = 'held' THEN concurrency_key END
-    INTO v_watched, v_result, v_workflow, v_slot_key
-    FROM __SCHEMA__.runs WHERE id = p_run;
+    IF v_singleton IS NOT NULL THEN
+        DELETE FROM __SCHEMA__.run_keys
+        WHERE kind = 'singleton' AND workflow = v_workflow AND key = v_singleton
+          AND run_id = p_run;
+    END IF;
     IF v_slot_key IS NOT NULL THEN
         PERFORM __SCHEMA__.admit_next_v1(v_workflow, v_slot_key);
     END IF;
@@ -760,6 +820,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.complete_node_v2(
     OUT follow bigint, OUT written_by xid, OUT clock timestamptz
 )
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -774,7 +835,7 @@ BEGIN
     END IF;
     IF p_consume IS NOT NULL THEN
         UPDATE __SCHEMA__.signals SET consumed_by = p_node, consumed_at = v_now
-        WHERE id = p_consume;
+        WHERE run_id = p_run AND id = p_consume;
     END IF;
     IF p_next IS NULL THEN
         UPDATE __SCHEMA__.runs
@@ -811,6 +872,7 @@ $$;
 -- rolls back and claims afresh.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_run text;
@@ -856,6 +918,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.retry_node_v1(
     p_delay float8, p_job bigint
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     PERFORM __SCHEMA__.record_attempt_v1(p_run, p_key, p_attempt, p_error, p_started);
@@ -885,6 +948,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.fail_node_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     IF p_key IS NOT NULL THEN
@@ -912,6 +976,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.park_v1(
     p_run text, p_wake_at timestamptz, p_signal text
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -928,6 +993,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.iterate_v1(
     p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -945,6 +1011,7 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.fan_out_v1(p_run text, p_branches text[])
 RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
@@ -962,6 +1029,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.branch_done_v1(
     p_started timestamptz, p_job bigint
 ) RETURNS integer
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_left integer;
@@ -987,6 +1055,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.choose_v1(
     p_run text, p_node text, p_branch text, p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal (run_id, key, node, status, result, attempts, started_at)
@@ -1007,7 +1076,8 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.start_child_v2(
     p_run text, p_node text, p_attempts integer, p_child text, p_workflow text,
     p_queue text, p_input text, p_first text, p_concurrency_key text, p_concurrency integer
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     PERFORM __SCHEMA__.start_run_v2(
         p_child, p_workflow, p_queue, p_input, p_first, NULL, p_run, p_node,
@@ -1044,6 +1114,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.compensated_v1(
     p_attempts integer, p_started timestamptz
 ) RETURNS bigint
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     INSERT INTO __SCHEMA__.journal
@@ -1060,7 +1131,8 @@ $$;
 -- End a run as failed or cancelled (its compensation is done).
 CREATE OR REPLACE FUNCTION __SCHEMA__.finish_run_v1(p_run text, p_status text, p_error text)
 RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET status = p_status, current_node = NULL, wake_at = NULL, waiting_for = NULL,
@@ -1075,7 +1147,8 @@ $$;
 -- `cancelled` at once when it did nothing. False when it had finished or was compensating.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_run_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
 BEGIN
@@ -1112,7 +1185,8 @@ $$;
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_child text;
     v_done boolean;
@@ -1141,7 +1215,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
     p_run text, p_name text, p_payload text, p_dedupe text
 ) RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_status text;
 BEGIN
@@ -1172,12 +1247,16 @@ LANGUAGE sql AS $$
 $$;
 
 -- Delete runs `p_runs` (finished, chosen by the `purge_candidates` query) with their journal,
--- attempts and mailbox. Jobs before runs: a finished run whose leftover job another
+-- attempts, mailbox and keys (history rows have no foreign key to cascade: see
+-- sql/schema.sql). Jobs before runs: a finished run whose leftover job another
 -- transaction holds waits for the next purge. Returns how many runs were deleted.
 CREATE OR REPLACE FUNCTION __SCHEMA__.purge_v1(p_runs text[]) RETURNS integer
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_run text;
+    v_workflow text;
+    v_key text;
     v_count integer := 0;
 BEGIN
     FOREACH v_run IN ARRAY p_runs LOOP
@@ -1189,9 +1268,17 @@ BEGIN
             SELECT id FROM __SCHEMA__.runs
             WHERE id = v_run AND finished_at IS NOT NULL
             FOR UPDATE SKIP LOCKED
-        );
-        IF FOUND THEN
-            v_count := v_count + 1;
+        )
+        RETURNING workflow, idempotency_key INTO v_workflow, v_key;
+        CONTINUE WHEN NOT FOUND;
+        v_count := v_count + 1;
+        DELETE FROM __SCHEMA__.journal WHERE run_id = v_run;
+        DELETE FROM __SCHEMA__.attempts WHERE run_id = v_run;
+        DELETE FROM __SCHEMA__.signals WHERE run_id = v_run;
+        IF v_key IS NOT NULL THEN
+            DELETE FROM __SCHEMA__.run_keys
+            WHERE kind = 'idempotency' AND workflow = v_workflow AND key = v_key
+              AND run_id = v_run;
         END IF;
     END LOOP;
     RETURN v_count;
@@ -1215,7 +1302,8 @@ $$;
 -- resume after their committed iterations. False when the run is not failed, NULL when
 -- there is no such run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.retry_run_v1(p_run text) RETURNS boolean
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     r __SCHEMA__.runs%ROWTYPE;
     v_shape jsonb;
@@ -1237,6 +1325,15 @@ BEGIN
         RAISE EXCEPTION 'durable: the shape of run %''s workflow % is not recorded', p_run, r.queue
             USING ERRCODE = 'DU002',
                   HINT = 'open an Engine that registers this workflow once, then retry';
+    END IF;
+    -- Active again: it holds its singleton key again, unless another active run does.
+    IF r.singleton_key IS NOT NULL
+       AND __SCHEMA__.take_key_v1('singleton', r.workflow, r.singleton_key, p_run) <> p_run THEN
+        RAISE EXCEPTION 'durable: run % cannot be retried while run % holds its singleton key %',
+            p_run, (SELECT k.run_id FROM __SCHEMA__.run_keys k
+                    WHERE k.kind = 'singleton' AND k.workflow = r.workflow
+                      AND k.key = r.singleton_key),
+            quote_literal(r.singleton_key) USING ERRCODE = 'unique_violation';
     END IF;
     WITH nodes AS (
         SELECT n.ord - 1 AS position, n.value ->> 0 AS name, n.value ->> 1 AS kind
@@ -1447,7 +1544,8 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.limit_acquire_v1(
     p_run text, p_name text, p_key text, p_concurrency integer, p_rate integer,
     p_per float8, p_job bigint, p_token uuid, OUT wake_at timestamptz, OUT grow text
 )
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_wait text := p_name || chr(31) || p_key;
@@ -1579,7 +1677,8 @@ $$;
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_park_v1(
     p_run text, p_wake_at timestamptz, p_wait text
 ) RETURNS bigint
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 BEGIN
     UPDATE __SCHEMA__.runs
     SET wake_at = p_wake_at, limit_wait = p_wait, updated_at = __SCHEMA__.now_v1()
@@ -1591,7 +1690,8 @@ $$;
 -- An attempt holding a slot of `p_wait` (limit name, chr(31), key) ends with this
 -- transaction: the most urgent run waiting for one is due when it commits.
 CREATE OR REPLACE FUNCTION __SCHEMA__.limit_wake_v1(p_wait text) RETURNS void
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     v_run text;
 BEGIN
@@ -1751,4 +1851,248 @@ BEGIN
     END IF;
     PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
 END
+$$;
+
+-- History partitions (see the runs table in sql/schema.sql). Runs, journal, attempts and
+-- signals are partitioned alike by run id: one partition of each per month, named
+-- `<table>_yYYYYmMM`, for the ids from the ULID prefix of the month's first instant (UTC)
+-- to the next month's; `<table>_legacy` holds the rows of a database partitioned by
+-- migration 0009, up to the month after it ran; `<table>_default` any other id.
+
+-- The first 10 characters of a ULID made at `p_at`: its milliseconds since 1970 in
+-- Crockford's base32, which sorts as the time does.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ulid_prefix_v1(p_at timestamptz) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT string_agg(
+        substr('0123456789ABCDEFGHJKMNPQRSTVWXYZ', ((t.ms >> (45 - 5 * i)) & 31)::integer + 1, 1),
+        '' ORDER BY i
+    )
+    FROM (SELECT floor(extract(epoch FROM p_at) * 1000)::bigint AS ms) AS t,
+         generate_series(0, 9) AS i
+$$;
+
+-- Make the month partitions of the history tables for the month of `p_from` (migrate()
+-- gives the real clock, which run ids are made by) and the `p_months` after it, where
+-- missing, each month's four together; return the names (`yYYYYmMM`) of those made. A month whose ids another partition covers
+-- (the legacy one) or of which the DEFAULT partition already holds rows is left out: its
+-- rows stay where they are. Each partition is made as a table of its own, then attached:
+-- that locks the table's DEFAULT partition (to check it holds no row of the month), and
+-- for runs blocks writes of it (runs.parent_id is a foreign key to runs), so it waits for
+-- the transactions using them, and statements after it wait for it; at most the lock
+-- timeout, after which the month is left for the next call. It happens once a month,
+-- with the first call after a month begins making the next.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ensure_partitions_v1(p_from timestamptz, p_months integer)
+RETURNS text[]
+LANGUAGE plpgsql SET lock_timeout = '2s' AS $$
+DECLARE
+    v_month timestamp;
+    v_suffix text;
+    v_lo text;
+    v_hi text;
+    v_table text;
+    v_made text[] := '{}';
+BEGIN
+    FOR i IN 0..p_months LOOP
+        v_month := date_trunc('month', p_from AT TIME ZONE 'UTC') + make_interval(months => i);
+        v_suffix := to_char(v_month, '"y"YYYY"m"MM');
+        CONTINUE WHEN to_regclass(format('%I.%I', '__SCHEMA_NAME__', 'runs_' || v_suffix))
+            IS NOT NULL;
+        v_lo := __SCHEMA__.ulid_prefix_v1(v_month AT TIME ZONE 'UTC');
+        v_hi := __SCHEMA__.ulid_prefix_v1((v_month + interval '1 month') AT TIME ZONE 'UTC');
+        BEGIN
+            FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'attempts', 'signals'] LOOP
+                EXECUTE format(
+                    'CREATE TABLE %1$I.%2$I (LIKE %1$I.%3$I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)%4$s',
+                    '__SCHEMA_NAME__', v_table || '_' || v_suffix, v_table,
+                    -- room for HOT updates of the cursor, as runs_default
+                    CASE WHEN v_table = 'runs' THEN ' WITH (fillfactor = 80)' ELSE '' END
+                );
+                EXECUTE format(
+                    'ALTER TABLE %1$I.%2$I ATTACH PARTITION %1$I.%3$I FOR VALUES FROM (%4$L) TO (%5$L)',
+                    '__SCHEMA_NAME__', v_table, v_table || '_' || v_suffix, v_lo, v_hi
+                );
+            END LOOP;
+            v_made := v_made || v_suffix;
+        EXCEPTION
+            -- 42P17: another partition covers the month; 23514: the default partition
+            -- holds rows of it; 55P03: busy.
+            WHEN invalid_object_definition OR check_violation OR lock_not_available THEN
+                NULL;
+        END;
+    END LOOP;
+    RETURN v_made;
+END
+$$;
+
+-- The partitions of the history tables other than the default, oldest first: the name
+-- (`yYYYYmMM` or `legacy`), the range of run ids (`lo` NULL: from the first id) and the
+-- planner's estimate of the runs in it.
+CREATE OR REPLACE FUNCTION __SCHEMA__.history_partitions_v1()
+RETURNS TABLE (name text, lo text, hi text, runs bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT substr(c.relname, length('runs_') + 1), b[1], b[2],
+           greatest(c.reltuples, 0)::bigint
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid,
+    LATERAL regexp_match(
+        pg_get_expr(c.relpartbound, c.oid),
+        $re$^FOR VALUES FROM \((?:'([^']*)'|MINVALUE)\) TO \('([^']*)'\)$re$
+    ) AS b
+    WHERE i.inhparent = '__SCHEMA__.runs'::regclass AND b IS NOT NULL
+    ORDER BY b[2]
+$$;
+
+-- Why partition `p_name` of the history tables cannot be dropped now, or NULL when it can:
+-- 'current' (its month is not over: runs may still be created in it), 'unfinished' (a run
+-- in it has not finished), 'recent' (a run in it finished less than `p_older_than`
+-- seconds ago), 'awaited' (a run in it is the child of an unfinished run, which purge
+-- keeps too). Reads indexes only. DU080: there is no such partition.
+CREATE OR REPLACE FUNCTION __SCHEMA__.history_blocker_v1(p_name text, p_older_than float8)
+RETURNS text
+LANGUAGE plpgsql STABLE SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_hi text;
+    v_part text := format('%I.%I', '__SCHEMA_NAME__', 'runs_' || p_name);
+    v_found boolean;
+BEGIN
+    SELECT p.hi INTO v_hi FROM __SCHEMA__.history_partitions_v1() p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'durable: no history partition %', quote_literal(p_name)
+            USING ERRCODE = 'DU080';
+    END IF;
+    IF v_hi > __SCHEMA__.ulid_prefix_v1(clock_timestamp()) THEN
+        RETURN 'current';
+    END IF;
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s WHERE status IN '
+        '(''pending'', ''running'', ''waiting'', ''compensating''))', v_part
+    ) INTO v_found;
+    IF v_found THEN
+        RETURN 'unfinished';
+    END IF;
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s WHERE finished_at >= $1)', v_part
+    ) INTO v_found USING __SCHEMA__.now_v1() - make_interval(secs => p_older_than);
+    IF v_found THEN
+        RETURN 'recent';
+    END IF;
+    -- The unfinished runs are few (those in flight), each a probe of the partition.
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM %s.runs p WHERE p.status IN '
+        '(''pending'', ''running'', ''waiting'', ''compensating'') '
+        'AND EXISTS (SELECT 1 FROM %s c WHERE c.parent_id = p.id))',
+        quote_ident('__SCHEMA_NAME__'), v_part
+    ) INTO v_found;
+    IF v_found THEN
+        RETURN 'awaited';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Take partition `p_name` of every history table, with all its runs, journal, attempts
+-- and signals, out of its table (detach it), if history_blocker_v1 finds nothing against
+-- it once the tables are locked; its blocker otherwise, or 'busy' when another
+-- transaction holds a job of its runs (a leftover of a finished run). What references its
+-- runs from outside it goes first, as the foreign keys' ON DELETE would have done: the
+-- jobs and cancel requests of its runs, a child run's parent_id, a schedule's
+-- last_run_id. Locks the four tables (ACCESS EXCLUSIVE, in the order workers take them)
+-- for the few milliseconds this takes: the caller sets lock_timeout, as statements on
+-- them queue behind the wait. The detached tables are dropped afterwards, each in a
+-- transaction of its own that locks only itself (drop_detached_history_v1): deleting a
+-- month's files takes time in proportion to its size (about 0.4 s a GB here), which the
+-- history tables must not wait for. Their run_keys rows stay, free for a start to take
+-- over, until forget_keys_v1 deletes them.
+CREATE OR REPLACE FUNCTION __SCHEMA__.drop_history_partition_v1(
+    p_name text, p_older_than float8
+) RETURNS text
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    v_lo text;
+    v_hi text;
+    v_blocker text;
+    v_table text;
+BEGIN
+    v_blocker := __SCHEMA__.history_blocker_v1(p_name, p_older_than);
+    IF v_blocker IS NOT NULL THEN
+        RETURN v_blocker;  -- seen without the locks: not worth taking them
+    END IF;
+    LOCK TABLE __SCHEMA__.runs, __SCHEMA__.journal, __SCHEMA__.attempts, __SCHEMA__.signals
+        IN ACCESS EXCLUSIVE MODE;
+    v_blocker := __SCHEMA__.history_blocker_v1(p_name, p_older_than);
+    IF v_blocker IS NOT NULL THEN
+        RETURN v_blocker;
+    END IF;
+    SELECT coalesce(p.lo, ''), p.hi INTO v_lo, v_hi
+    FROM __SCHEMA__.history_partitions_v1() p WHERE p.name = p_name;
+    -- Jobs first, as purge_v1 does: a claim holds its job before it waits for the run.
+    DELETE FROM __SCHEMA__.jobs WHERE id IN (
+        SELECT j.id FROM __SCHEMA__.jobs j WHERE j.run_id >= v_lo AND j.run_id < v_hi
+        FOR UPDATE SKIP LOCKED
+    );
+    IF EXISTS (SELECT 1 FROM __SCHEMA__.jobs j WHERE j.run_id >= v_lo AND j.run_id < v_hi) THEN
+        RETURN 'busy';
+    END IF;
+    DELETE FROM __SCHEMA__.cancel_requests WHERE run_id >= v_lo AND run_id < v_hi;
+    UPDATE __SCHEMA__.schedules SET last_run_id = NULL
+    WHERE last_run_id >= v_lo AND last_run_id < v_hi;
+    -- Written so that the partition being dropped is pruned from the update.
+    UPDATE __SCHEMA__.runs SET parent_id = NULL
+    WHERE parent_id >= v_lo AND parent_id < v_hi AND (id < v_lo OR id >= v_hi);
+    FOREACH v_table IN ARRAY ARRAY['journal', 'attempts', 'signals', 'runs'] LOOP
+        EXECUTE format('ALTER TABLE %1$I.%2$I DETACH PARTITION %1$I.%3$I',
+                       '__SCHEMA_NAME__', v_table, v_table || '_' || p_name);
+    END LOOP;
+    -- Detached, runs' partition keeps its copy of the runs.parent_id foreign key, whose
+    -- dropping would lock runs again: it goes now, with the lock held.
+    EXECUTE format('ALTER TABLE %I.%I DROP CONSTRAINT IF EXISTS runs_parent_id_fkey',
+                   '__SCHEMA_NAME__', 'runs_' || p_name);
+    RETURN NULL;
+END
+$$;
+
+-- The tables of history partitions that were detached (drop_history_partition_v1) and are
+-- not dropped yet, by name; a crash between the two leaves them, and the next
+-- drop_history drops them.
+CREATE OR REPLACE FUNCTION __SCHEMA__.detached_history_v1() RETURNS SETOF text
+LANGUAGE sql STABLE AS $$
+    SELECT c.relname::text FROM pg_class c
+    WHERE c.relnamespace = '__SCHEMA__'::regnamespace AND c.relkind = 'r'
+      AND NOT c.relispartition
+      AND c.relname ~ '^(runs|journal|attempts|signals)_(y[0-9]{4}m[0-9]{2}|legacy)$'
+    ORDER BY 1
+$$;
+
+-- Drop table `p_table`, one of detached_history_v1's (nothing else): the data of a month
+-- already out of the history tables, whose lock is the only one this takes.
+CREATE OR REPLACE FUNCTION __SCHEMA__.drop_detached_history_v1(p_table text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_table NOT IN (SELECT __SCHEMA__.detached_history_v1()) THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TABLE %I.%I', '__SCHEMA_NAME__', p_table);
+    RETURN true;
+END
+$$;
+
+-- Delete up to `p_limit` run_keys rows of runs with ids from `p_lo` to `p_hi` that no
+-- longer exist (their month of history was dropped); how many went.
+CREATE OR REPLACE FUNCTION __SCHEMA__.forget_keys_v1(p_lo text, p_hi text, p_limit integer)
+RETURNS integer
+LANGUAGE sql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan AS $$
+    WITH gone AS (
+        DELETE FROM __SCHEMA__.run_keys k
+        WHERE k.ctid = ANY (ARRAY(
+            SELECT g.ctid FROM __SCHEMA__.run_keys g
+            WHERE g.run_id >= p_lo AND g.run_id < p_hi
+              AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs r WHERE r.id = g.run_id)
+            LIMIT p_limit
+        ))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
 $$;

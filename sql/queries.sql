@@ -370,6 +370,39 @@ LIMIT $2;
 -- Delete the given finished runs with their rows; how many went.
 SELECT __SCHEMA__.purge_v1($1::text[]);
 
+-- ensure_partitions --
+-- Make the history tables' month partitions for this month (by the real clock, which makes
+-- run ids) and the $1 after it; those made.
+SELECT __SCHEMA__.ensure_partitions_v1(clock_timestamp(), $1);
+
+-- history_partitions --
+-- The history tables' partitions, oldest first: name, range of run ids, estimated runs.
+SELECT name, lo, hi, runs FROM __SCHEMA__.history_partitions_v1();
+
+-- history_blocker --
+-- Why a history partition cannot be dropped with a retention of $2 seconds (NULL: it can).
+SELECT __SCHEMA__.history_blocker_v1($1, $2);
+
+-- drop_history_partition --
+-- Drop a history partition whole, unless something keeps it (then the reason).
+SELECT __SCHEMA__.drop_history_partition_v1($1, $2);
+
+-- detached_history --
+-- Tables of history partitions detached and not dropped yet.
+SELECT __SCHEMA__.detached_history_v1();
+
+-- drop_detached_history --
+-- Drop one of those tables (false if it is not one).
+SELECT __SCHEMA__.drop_detached_history_v1($1);
+
+-- history_lock_timeout --
+-- How long a drop of a history partition waits for its locks, in this transaction.
+SELECT set_config('lock_timeout', $1, true);
+
+-- forget_keys --
+-- Delete up to $3 run_keys rows of runs gone from the id range $1 to $2; how many.
+SELECT __SCHEMA__.forget_keys_v1($1, $2, $3);
+
 -- reschedule_job --
 -- Make a held job due again after a delay, with a new payload.
 UPDATE __SCHEMA__.jobs

@@ -24,6 +24,15 @@ CREATE TABLE __SCHEMA__.migrations (
 -- `queue` is what a worker must serve to claim its jobs: the workflow, its `version` and a
 -- digest of its shape; `epoch` counts retries of the run (attempts are numbered per epoch);
 -- `ending` is where compensation leads.
+--
+-- Runs, their journal, attempts and mailbox are history: partitioned by the run id, a ULID,
+-- whose first 10 characters are its creation time, so that a month is a range of ids and
+-- its partition of each table can be dropped whole once every run in it finished long
+-- enough ago (drop_history_partition_v1). ensure_partitions_v1 creates the month
+-- partitions ahead of time; the DEFAULT partitions catch any other id (never fail an
+-- insert). A run and its history rows are always in the partitions of the same range, so
+-- every statement about one run reads one partition of each table. The hot tables (jobs,
+-- cancel_requests, run_keys) are not partitioned. See docs/guides/scaling.md.
 CREATE TABLE __SCHEMA__.runs (
     id text PRIMARY KEY,
     workflow text NOT NULL CHECK (workflow <> ''),
@@ -73,9 +82,7 @@ CREATE TABLE __SCHEMA__.runs (
     -- The named limit and key whose slot or token the step at the run's position waits
     -- for (its job is due at `wake_at`; a holder that lets go wakes it sooner).
     limit_wait text
-) WITH (fillfactor = 80);  -- room for HOT updates of the cursor
-CREATE UNIQUE INDEX runs_idempotency_key ON __SCHEMA__.runs (workflow, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
+) PARTITION BY RANGE (id);
 CREATE INDEX runs_status_idx ON __SCHEMA__.runs (status, id DESC);
 CREATE INDEX runs_workflow_idx ON __SCHEMA__.runs (workflow, id DESC);
 CREATE INDEX runs_finished_idx ON __SCHEMA__.runs (finished_at) WHERE finished_at IS NOT NULL;
@@ -87,14 +94,31 @@ CREATE INDEX runs_parent_idx ON __SCHEMA__.runs (parent_id) WHERE parent_id IS N
 CREATE INDEX runs_slot_idx ON __SCHEMA__.runs
     (workflow, concurrency_key, slot, priority DESC, created_at, id)
     WHERE concurrency_key IS NOT NULL AND finished_at IS NULL;
--- One active run per singleton key; the pending run a debounced start coalesces into.
-CREATE UNIQUE INDEX runs_singleton_key ON __SCHEMA__.runs (workflow, singleton_key)
-    WHERE singleton_key IS NOT NULL AND finished_at IS NULL;
+-- The pending run a debounced start coalesces into.
 CREATE INDEX runs_debounce_idx ON __SCHEMA__.runs (workflow, debounce_key, created_at)
     WHERE debounce_key IS NOT NULL AND status = 'pending';
 -- The runs waiting for a limit's slot or token, most urgent first.
 CREATE INDEX runs_limit_wait_idx ON __SCHEMA__.runs (limit_wait, priority DESC, created_at, id)
     WHERE limit_wait IS NOT NULL;
+-- Every partition of runs has the fillfactor: room for HOT updates of the cursor.
+CREATE TABLE __SCHEMA__.runs_default PARTITION OF __SCHEMA__.runs DEFAULT
+    WITH (fillfactor = 80);
+
+-- The keys that make a start return an existing run: an idempotency key for as long as its
+-- run exists, a singleton key while its run is active (finished_v1 deletes it). Not on
+-- runs: a unique index of a partitioned table must include the run id, so it could not
+-- keep a key unique across months. A key whose run is gone (purged, its month dropped) or,
+-- for a singleton key, finished, is free: the next start with it takes the row over
+-- (take_key_v1), so rows left behind by a dropped month are harmless until
+-- drop_history_partition_v1's caller deletes them in batches (run_keys_run_idx).
+CREATE TABLE __SCHEMA__.run_keys (
+    kind text NOT NULL CHECK (kind IN ('idempotency', 'singleton')),
+    workflow text NOT NULL,
+    key text NOT NULL,
+    run_id text NOT NULL,
+    PRIMARY KEY (kind, workflow, key)
+);
+CREATE INDEX run_keys_run_idx ON __SCHEMA__.run_keys (run_id);
 
 -- Statuses move only along these edges; the database refuses anything else.
 CREATE FUNCTION __SCHEMA__.runs_status_guard_v1() RETURNS trigger
@@ -122,8 +146,11 @@ CREATE TRIGGER runs_status_guard BEFORE UPDATE OF status ON __SCHEMA__.runs
 
 -- Every committed node outcome: `key` is the node name, `name#branch`, `name#N`,
 -- `name@route` or `name@compensate`. The primary key makes a second commit impossible.
+-- History (see runs): no foreign key to runs, whose partition it shares and goes with
+-- (purge_v1 deletes a run's rows itself); a foreign key between partitioned tables would
+-- cost a lookup of the run at every insert, and a scan of the table to add.
 CREATE TABLE __SCHEMA__.journal (
-    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    run_id text NOT NULL,
     key text NOT NULL,
     node text NOT NULL,
     status text NOT NULL CHECK (status IN ('completed', 'failed')),
@@ -134,25 +161,29 @@ CREATE TABLE __SCHEMA__.journal (
     finished_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     seq bigint GENERATED ALWAYS AS IDENTITY,
     PRIMARY KEY (run_id, key)
-);
+) PARTITION BY RANGE (run_id);
 -- The results mapping reads only node rows, not the iterations of a long loop.
 CREATE INDEX journal_nodes_idx ON __SCHEMA__.journal (run_id)
     WHERE status = 'completed' AND strpos(key, '@') = 0 AND strpos(key, '#') = 0;
+CREATE TABLE __SCHEMA__.journal_default PARTITION OF __SCHEMA__.journal DEFAULT;
 
 -- Failed attempts, for retries and the timeline; the node's final outcome is in journal.
 -- A retried run (Engine.retry) starts its failed node's attempts at 1 again, so the
 -- attempt number is not a key.
+-- History, partitioned as runs (see journal).
 CREATE TABLE __SCHEMA__.attempts (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    run_id text NOT NULL,
     key text NOT NULL,
     attempt integer NOT NULL CHECK (attempt >= 1),
     error text NOT NULL,
     started_at timestamptz,
     failed_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
-    epoch integer NOT NULL DEFAULT 0
-);
+    epoch integer NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, id)
+) PARTITION BY RANGE (run_id);
 CREATE INDEX attempts_run_idx ON __SCHEMA__.attempts (run_id, key);
+CREATE TABLE __SCHEMA__.attempts_default PARTITION OF __SCHEMA__.attempts DEFAULT;
 
 -- Runs someone is cancelling. Claims skip their jobs, so that a worker continuing a run
 -- node after node cannot keep winning the job's lock from the waiting cancel.
@@ -164,22 +195,24 @@ CREATE TABLE __SCHEMA__.cancel_requests (
 
 -- The per-run signal mailbox; a signal is consumed once, by the first wait for its name.
 -- A signal sent with a dedupe key is recorded once per run, however often it is sent.
+-- History, partitioned as runs (see journal).
 CREATE TABLE __SCHEMA__.signals (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    run_id text NOT NULL REFERENCES __SCHEMA__.runs (id) ON DELETE CASCADE,
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    run_id text NOT NULL,
     name text NOT NULL,
     payload jsonb,
     created_at timestamptz NOT NULL DEFAULT __SCHEMA__.now_v1(),
     consumed_by text,
     consumed_at timestamptz,
     dedupe_key text,
-    CHECK ((consumed_by IS NULL) = (consumed_at IS NULL))
-);
+    CHECK ((consumed_by IS NULL) = (consumed_at IS NULL)),
+    PRIMARY KEY (run_id, id)
+) PARTITION BY RANGE (run_id);
 CREATE INDEX signals_pending_idx ON __SCHEMA__.signals (run_id, name, id)
     WHERE consumed_at IS NULL;
-CREATE INDEX signals_run_idx ON __SCHEMA__.signals (run_id);
 CREATE UNIQUE INDEX signals_dedupe_idx ON __SCHEMA__.signals (run_id, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
+CREATE TABLE __SCHEMA__.signals_default PARTITION OF __SCHEMA__.signals DEFAULT;
 
 -- The job queue. Rows are deleted in the transaction that commits their work, so the table
 -- holds only live jobs. `run_at` is on the database clock; a job leased to a

@@ -25,6 +25,9 @@
     pause WORKFLOW                  stop workers claiming a workflow's jobs
     resume WORKFLOW                 let workers claim them again
     purge --older-than 30d          delete finished runs older than a duration
+    history list                    the month partitions of runs and their history
+    history drop --older-than 90d [--dry-run]
+                                    drop whole months whose runs all finished before
     doctor [--json]                 check for stranded runs, old jobs, long transactions...
     dashboard [MODULE:ENGINE] [--host H] [--port P]
                                     serve the web dashboard, admin API and /metrics
@@ -87,6 +90,7 @@ from durable.cli.commands import (
     cmd_signal,
 )
 from durable.cli.dashboard import cmd_dashboard
+from durable.cli.history import cmd_history_drop, cmd_history_list
 from durable.cli.output import (
     DEFAULT_LOG_FORMAT,
     FieldFormatter,
@@ -181,6 +185,8 @@ _NEEDS_DSN: dict[str, Callable[[argparse.Namespace, str, Out], Coroutine[Any, An
     "pause": cmd_pause,
     "resume": cmd_resume,
     "doctor": cmd_doctor,
+    "history list": cmd_history_list,
+    "history drop": cmd_history_drop,
     "schedules list": cmd_schedules_list,
     "schedules pause": cmd_schedules_pause,
     "schedules resume": cmd_schedules_resume,
@@ -194,6 +200,8 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
         command = f"runs {args.runs_command}"
     elif command == "schedules":
         command = f"schedules {args.schedules_command}"
+    elif command == "history":
+        command = f"history {args.history_command}"
     if command == "worker":
         return await cmd_worker(args, out)
     if command == "start":
@@ -209,7 +217,7 @@ async def dispatch(args: argparse.Namespace, out: Out) -> int:
     if command == "dashboard":
         return await cmd_dashboard(args, out)
     handler = _NEEDS_DSN[command]
-    if command == "purge":
+    if command in ("purge", "history drop"):
         parse_duration(args.older_than)  # a bad duration is reported before any connection
     dsn = args.dsn
     if getattr(args, "read_dsn", None):  # runs list, runs show

@@ -332,6 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="e.g. 30d, 12h, 90m, 45s (finished longer ago than this)",
     )
 
+    history = sub.add_parser(
+        "history",
+        parents=[common],
+        help="the month partitions of the history tables; drop old months whole",
+    )
+    history_sub = history.add_subparsers(
+        dest="history_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    history_sub.add_parser("list", parents=[common], help="every month partition, oldest first")
+    drop = history_sub.add_parser(
+        "drop",
+        parents=[common],
+        help="drop every month whose runs all finished longer ago than a duration",
+        description=(
+            "Drop whole months of runs with their journal, attempts and signals: those "
+            "whose runs all finished longer ago than --older-than (purge deletes such runs "
+            "row by row instead). Exit 1 if a month was left because its tables were busy."
+        ),
+    )
+    drop.add_argument("--older-than", required=True, metavar="DURATION", help="e.g. 90d")
+    drop.add_argument("--dry-run", action="store_true", help="say what would be dropped")
+    drop.add_argument(
+        "--lock-timeout",
+        type=_positive_float,
+        default=0.5,
+        metavar="SECONDS",
+        help="the longest a drop waits for its locks, statements behind it waiting too "
+        "(default 0.5)",
+    )
+
     doctor = sub.add_parser(
         "doctor",
         parents=[common],

@@ -156,6 +156,7 @@ async def test_help_lists_every_command() -> None:
         "cancel",
         "retry",
         "purge",
+        "history",
         "demo",
         "check",
     ):

@@ -3,12 +3,12 @@ never a sequential scan of the runs table (EXPLAIN)."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
+from plans import explain_query
 
 from benchmarks.dashboard import fill_runs, run_id
 from durable.sql import Queries
@@ -18,18 +18,13 @@ pytestmark = pytest.mark.timeout(300)
 RUNS = 100_000
 
 
-def scans(plan: dict[str, Any]) -> list[tuple[str, str | None, str | None]]:
-    found = [(plan["Node Type"], plan.get("Relation Name"), plan.get("Index Name"))]
-    for child in plan.get("Plans", []):
-        found += scans(child)
-    return found
-
-
 async def explain(conn: asyncpg.Connection, sql: str, *args: Any) -> list[Any]:
+    """(node type, table, index) of every node of the plan, a history table's partitions
+    named as the table (tests/integration/plans.py)."""
     async with conn.transaction():
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        text = await conn.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
-    return scans(json.loads(text)[0]["Plan"])
+        nodes = await explain_query(conn, sql, *args)
+    return [(n["Node Type"], n.get("Relation Name"), n.get("Index Name")) for n in nodes]
 
 
 async def test_no_dashboard_query_scans_the_runs_table(db: Any) -> None:
