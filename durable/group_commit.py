@@ -30,7 +30,7 @@ import asyncpg
 from durable.batch import WALL_WINDOWS, BatchSizer
 from durable.db import Connection, in_batch, is_connection_error, is_lock_conflict
 from durable.queue import BatchClaimHook, Job, Outcome, retry_delay
-from durable.stepconn import StepConnection, swallowed_error
+from durable.stepconn import StepConnection
 
 if TYPE_CHECKING:
     from durable.worker import Worker
@@ -195,25 +195,10 @@ class Batches:
         rolls back to it and is recorded in this transaction; None: the job met a lock
         conflict and goes back to the queue when the batch commits, nothing recorded."""
         w = self.worker
-        fields = {
-            "job_id": job.id,
-            "task": job.task,
-            "run_id": job.run_id,
-            "queue": job.queue,
-            "worker": w.name,
-        }
+        fields = w.log_fields(job)
         handler_conn: Any = StepConnection(conn) if w.isolate else conn
         try:
-            handler = w.handlers.get(job.task)
-            if handler is None:
-                raise LookupError(f"no handler for task {job.task!r} on this worker")
-            outcome = await handler(handler_conn, job) or Outcome()
-            failed = swallowed_error(handler_conn)
-            if failed is not None:
-                raise failed
-            if not outcome.settled:
-                await w.jobs.delete(conn, job.id)
-            return outcome
+            return await w.call_handler(conn, handler_conn, job)
         except Exception as exc:
             if is_connection_error(exc):
                 log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)

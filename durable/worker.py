@@ -431,25 +431,10 @@ class Worker:
         the same transaction (the worker then commits both); otherwise the whole transaction
         rolls back and the retry is scheduled in a new one (None is returned).
         """
-        fields = {
-            "job_id": job.id,
-            "task": job.task,
-            "run_id": job.run_id,
-            "queue": job.queue,
-            "worker": self.name,
-        }
+        fields = self.log_fields(job)
         handler_conn: Any = StepConnection(conn) if self.isolate else conn
         try:
-            handler = self.handlers.get(job.task)
-            if handler is None:
-                raise LookupError(f"no handler for task {job.task!r} on this worker")
-            outcome = await handler(handler_conn, job) or Outcome()
-            failed = swallowed_error(handler_conn)
-            if failed is not None:
-                raise failed
-            if not outcome.settled:
-                await self.jobs.delete(conn, job.id)
-            return outcome
+            return await self.call_handler(conn, handler_conn, job)
         except Exception as exc:
             if is_connection_error(exc):
                 log.warning("job %s lost its connection: %s", job.id, exc, extra=fields)
@@ -463,6 +448,30 @@ class Worker:
                 await tx.rollback()
                 await self._retry(conn, job, exc, fields)
             return None
+
+    def log_fields(self, job: Job) -> dict[str, object]:
+        """The fields a log line about `job` carries."""
+        return {
+            "job_id": job.id,
+            "task": job.task,
+            "run_id": job.run_id,
+            "queue": job.queue,
+            "worker": self.name,
+        }
+
+    async def call_handler(self, conn: Connection, handler_conn: Any, job: Job) -> Outcome:
+        """Run `job`'s handler on `handler_conn`; raise what it raised or swallowed; delete
+        the job row unless the handler settled it."""
+        handler = self.handlers.get(job.task)
+        if handler is None:
+            raise LookupError(f"no handler for task {job.task!r} on this worker")
+        outcome = await handler(handler_conn, job) or Outcome()
+        failed = swallowed_error(handler_conn)
+        if failed is not None:
+            raise failed
+        if not outcome.settled:
+            await self.jobs.delete(conn, job.id)
+        return outcome
 
     def _log_retry(self, job: Job, exc: Exception, fields: dict[str, object]) -> None:
         log.error(
