@@ -268,12 +268,19 @@ async def test_sigkill_chaos_keeps_a_per_key_bound_and_a_shared_limit(
                 ready = [n for n, i in enumerate(live) if f.ready(i)]
                 if not ready:
                     continue
-                n = rng.choice(ready)
-                busy = await conn.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
-                    "AND backend_xid IS NOT NULL",
-                    f.name(live[n]),
-                )
+                # Kill a worker with work in flight when there is one: the point of the
+                # chaos (a quiet machine finishes between random kills otherwise).
+                working = [
+                    n
+                    for n in ready
+                    if await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+                        "AND backend_xid IS NOT NULL",
+                        f.name(live[n]),
+                    )
+                ]
+                n = rng.choice(working or ready)
+                busy = bool(working)
                 f.kill(live[n])
                 kills += 1
                 kills_in_flight += bool(busy)
