@@ -114,7 +114,16 @@ async def _chaos(f: Fleet, conn: asyncpg.Connection) -> Counter[str]:
     until every run is terminal; then stop the survivors gracefully."""
     stats: Counter[str] = Counter()
     rng = random.Random()
-    live = [f.spawn(kind) for kind in KINDS]
+    # B first, and ready before A starts: the oldest due jobs are v1 ones (started first),
+    # so B's first claims take v1 runs. Claims are FIFO: started together, A (three steps a
+    # run) stays ahead of B (four) on the v1 runs, and B would only ever find v2 jobs older.
+    live = [f.spawn("B")]
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not live[0].ready():
+        live[0].check_alive()
+        assert time.monotonic() < deadline, "worker B did not become ready"
+        await asyncio.sleep(0.02)
+    live.append(f.spawn("A"))
     t0 = time.monotonic()
     while await conn.fetchval("SELECT count(*) FROM durable.runs WHERE finished_at IS NULL"):
         if time.monotonic() - t0 > DEADLINE:
@@ -156,8 +165,8 @@ async def test_versions_side_by_side_under_sigkill_run_each_run_on_its_own_code(
         await conn.execute(versions_app.TABLES_SQL)
     async with versions_app.build_engine(db.dsn, "1,2") as engine:
         ids: dict[int, list[str]] = {1: [], 2: []}
-        for i in range(RUNS_PER_VERSION):
-            for version in (1, 2):
+        for version in (1, 2):
+            for i in range(RUNS_PER_VERSION):
                 ids[version].append(await engine.start("versioned", {"i": i}, version=version))
     f = Fleet(db.dsn, tmp_path)
     try:
