@@ -15,6 +15,19 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _metrics: dict[str, Any] = {}
+#: The labelled series already made, by (metric, *label values): prometheus-client's
+#: `labels()` checks its arguments and takes a lock on every call, which was about a tenth
+#: of a no-op step's Python time (docs/performance.md). As bounded as the label values
+#: (workflows, nodes, statuses).
+_series: dict[tuple[str, ...], Any] = {}
+
+
+def _of(metric: str, *labels: str) -> Any:
+    key = (metric, *labels)
+    series = _series.get(key)
+    if series is None:
+        series = _series[key] = _metrics[metric].labels(*labels)
+    return series
 
 
 def _setup(registry: Any) -> None:
@@ -70,30 +83,30 @@ def declare(workflow: str, nodes: Iterable[str]) -> None:
     microseconds, which a workflow of a thousand distinct steps paid on every step)."""
     if _metrics:
         for node in nodes:
-            _metrics["attempts"].labels(workflow, node)
-            _metrics["duration"].labels(workflow, node)
+            _of("attempts", workflow, node)
+            _of("duration", workflow, node)
 
 
 def run_started(workflow: str) -> None:
     if _metrics:
-        _metrics["started"].labels(workflow).inc()
+        _of("started", workflow).inc()
 
 
 def run_finished(workflow: str, status: str) -> None:
     if _metrics:
-        _metrics["finished"].labels(workflow, status).inc()
+        _of("finished", workflow, status).inc()
 
 
 def attempt(workflow: str, node: str, *, failed: bool = False, final: bool = False) -> None:
     if _metrics:
-        _metrics["attempts"].labels(workflow, node).inc()
+        _of("attempts", workflow, node).inc()
         if failed:
-            _metrics["failures"].labels(workflow, node, "true" if final else "false").inc()
+            _of("failures", workflow, node, "true" if final else "false").inc()
 
 
 def duration(workflow: str, node: str, seconds: float) -> None:
     if _metrics:
-        _metrics["duration"].labels(workflow, node).observe(seconds)
+        _of("duration", workflow, node).observe(seconds)
 
 
 def timed(handle: Callable[[Any, Any], Awaitable[T]]) -> Callable[[Any, Any], Awaitable[T]]:

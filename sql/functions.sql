@@ -885,9 +885,13 @@ BEGIN
     IF NOT FOUND OR NOT pg_try_advisory_xact_lock_shared(hashtextextended(v_run, 0)) THEN
         RAISE EXCEPTION 'job % is not free to continue', p_job USING ERRCODE = 'DU040';
     END IF;
-    -- Locked in a statement of its own, read in the next (see claim_v1).
-    PERFORM 1 FROM __SCHEMA__.runs WHERE id = v_run FOR NO KEY UPDATE;
-    SELECT current_node INTO v_node FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by;
+    -- Locked and checked in one statement: a row version written since (the xmin test) is
+    -- not returned, also when the lock waited for its writer, as a locking read re-checks
+    -- its conditions on the newest version. The tables read next are read in statements
+    -- of their own, which see what that writer committed (see claim_v1).
+    SELECT current_node INTO v_node FROM __SCHEMA__.runs
+    WHERE id = v_run AND xmin = p_written_by
+    FOR NO KEY UPDATE;
     IF NOT FOUND
        OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
        OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node)

@@ -3,9 +3,11 @@ the run as it wrote it only when nobody else touched it since; otherwise DU040."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -152,3 +154,43 @@ async def test_relock_refuses_a_node_with_a_journal_row_to_replay(moved: dict[st
 
     await _in_other(moved, journal)
     await _refused(moved)
+
+
+async def _relock_behind(m: dict[str, Any], sql: str) -> asyncpg.PostgresError | None:
+    """Re-lock while another transaction holds the run's row (it ran `sql` on it); the
+    re-lock is seen waiting for that lock before the other commits."""
+    other = await asyncpg.connect(m["dsn"])
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(sql, m["run"])
+        pid = m["conn"].get_server_pid()
+        task = asyncio.ensure_future(relock(m))
+        with anyio.fail_after(10):
+            while not await other.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+            ):
+                await anyio.sleep(0.01)
+        await tx.commit()
+        try:
+            await task
+        except asyncpg.PostgresError as exc:
+            return exc
+        return None
+    finally:
+        await other.close()
+
+
+async def test_relock_that_waited_for_a_writer_refuses_the_run_it_wrote(
+    moved: dict[str, Any],
+) -> None:
+    exc = await _relock_behind(
+        moved, "UPDATE durable.runs SET updated_at = now() WHERE id = $1"
+    )
+    assert exc is not None and exc.sqlstate == "DU040"
+
+
+async def test_relock_that_waited_for_a_reader_takes_the_run(moved: dict[str, Any]) -> None:
+    assert await _relock_behind(
+        moved, "SELECT 1 FROM durable.runs WHERE id = $1 FOR NO KEY UPDATE"
+    ) is None
