@@ -243,11 +243,16 @@ class Runner:
             return
         if len(self._memos) > 10_000:  # runs handed on but never claimed by this worker
             self._memos.clear()
+        # The results dict is extended in place, not copied (a copy costs a long chain
+        # O(steps) a step): it has one owner at a time, the run's latest memo, which is
+        # popped when used, and a memo is reused only while its run is at the memo's
+        # cursor, so results of a step whose commit failed are never read.
+        results = s.results if isinstance(s.results, dict) else dict(s.results)
         if not isinstance(t, Complete):
-            self._memos[follow.job] = _Memo(s.run_id, job.queue, s.epoch, s.cursor, dict(s.results))
+            self._memos[follow.job] = _Memo(s.run_id, job.queue, s.epoch, s.cursor, results)
             return
         cursor = s.cursor + 1
-        results = {**s.results, wf.nodes[s.cursor].name: json.loads(t.text)}
+        results[wf.nodes[s.cursor].name] = json.loads(t.text)
         moved = None
         nxt = wf.nodes[cursor] if cursor < len(wf.nodes) else None
         if (
