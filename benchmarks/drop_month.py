@@ -1,7 +1,7 @@
 """How long dropping a month of history takes: fill the partitions of the months before
 this one with finished runs and their journal (as the scale scenario does), then drop the
-oldest month with `Engine.drop_history` and report how long the history tables were
-locked and how long deleting the month's files took afterwards.
+oldest month with `Engine.drop_history` and report how long the whole call took, how long
+the history tables were locked and how long deleting the month's files took afterwards.
 
     python -m benchmarks.drop_month [--runs N] [--months M]
 

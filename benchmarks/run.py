@@ -249,8 +249,8 @@ def build_rows(results: dict[str, dict[str, Any] | BaseException]) -> list[Row]:
         r = results["scale"]
         rows_label = (
             f"{r['rows']:,} rows in {r['months']} months; a month of "
-            f"{r['drop']['runs']:,} runs dropped in {r['drop']['seconds']:.2f} s, "
-            f"its files in {r['drop']['files_seconds']:.2f} s after"
+            f"{r['drop']['runs']:,} runs dropped in {r['drop']['total_seconds']:.2f} s "
+            f"(the history tables locked {r['drop']['seconds']:.3f} s of it)"
             if isinstance(r, dict)
             else ""
         )

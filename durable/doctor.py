@@ -12,7 +12,9 @@ Each check reads the database and returns a `Finding`: `ok`, `warn` (worth a loo
 - table bloat: dead rows of durable's tables, and their sizes;
 - listeners: a notification queue filling up, workers that stopped listening;
 - stale workers: registered workers whose heartbeat stopped (killed without a goodbye);
-- the claim's plan: `EXPLAIN` of the claim query, which must walk `jobs_ready_idx`.
+- the claim's plan: `EXPLAIN` of the claim query, which must walk `jobs_ready_idx`;
+- history partitions: this month's and next month's partitions of the history tables,
+  without which their runs go to the DEFAULT partition, where no month can be dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from durable.db import Connection
+from durable.migrate import PARTITIONS_AHEAD
 from durable.sql import Queries
 
 OK, WARN, PROBLEM = "ok", "warn", "problem"
@@ -74,6 +77,7 @@ async def diagnose(conn: Connection, q: Queries, limits: Thresholds | None = Non
         _listeners(conn, q, t),
         _stale_workers(conn, q),
         _claim_plan(conn, q, t),
+        _partitions(conn, q),
     )
     return Report([await check for check in checks])
 
@@ -246,4 +250,37 @@ def _describe(scans: list[dict[str, Any]]) -> str:
     return ", ".join(
         f"{s['node']}" + (f" of {s['index']}" if s["index"] else f" on {s['relation']}")
         for s in scans
+    )
+
+
+async def _partitions(conn: Connection, q: Queries) -> Finding:
+    rows = await conn.fetch(q["doctor_partitions"], PARTITIONS_AHEAD)
+    details = [
+        {"month": r["name"], "missing": list(r["missing"]), "runs_in_default": r["in_default"]}
+        for r in rows
+        if r["missing"]
+    ]
+    if not details:
+        months = " and ".join(r["name"] for r in rows)
+        return Finding("history_partitions", OK, f"the history tables have months {months}")
+    missing = ", ".join(d["month"] for d in details)
+    fix = "`durable migrate` or any worker start makes them"
+    if any(d["runs_in_default"] for d in details):
+        # Attaching such a month would have to move its runs out of the DEFAULT partition,
+        # which ensure_partitions_v1 does not do.
+        fix += ", except for a month whose runs are in the DEFAULT partition already"
+    if rows[0]["missing"]:  # this month's: runs go to the DEFAULT partition now
+        return Finding(
+            "history_partitions",
+            PROBLEM,
+            f"no history partition for {missing}: this month's new runs go to the DEFAULT "
+            f"partition, which dropping a month never removes (only purge does); {fix}",
+            details,
+        )
+    return Finding(
+        "history_partitions",
+        WARN,
+        f"no history partition for {missing}: once that month begins, its runs go to the "
+        f"DEFAULT partition, which dropping a month never removes (only purge does); {fix}",
+        details,
     )

@@ -687,6 +687,47 @@ ORDER BY 1;
 -- doctor_job_rows --
 -- The planner's estimate of the job table's rows.
 SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass('__SCHEMA__.jobs');
+
+-- doctor_partitions --
+-- This month and the $1 after it, by the real clock (which makes run ids): the month's
+-- name (`yYYYYmMM`), how many months ahead it is, the history tables none of whose
+-- partitions holds its run ids (its runs would go to their DEFAULT partitions), and
+-- whether runs' DEFAULT partition holds runs of it already (then ensure_partitions_v1
+-- cannot make the month: attaching it would have to move them).
+WITH months AS (
+    SELECT i AS ahead, to_char(m, '"y"YYYY"m"MM') AS name,
+           __SCHEMA__.ulid_prefix_v1(m AT TIME ZONE 'UTC') AS lo,
+           __SCHEMA__.ulid_prefix_v1((m + interval '1 month') AT TIME ZONE 'UTC') AS hi
+    FROM generate_series(0, $1) AS i,
+         LATERAL (SELECT date_trunc('month', clock_timestamp() AT TIME ZONE 'UTC')
+                         + make_interval(months => i) AS m) AS x
+), bounds AS (
+    SELECT t.relname::text AS tab, b[1] AS lo, b[2] AS hi
+    FROM pg_inherits i
+    JOIN pg_class t ON t.oid = i.inhparent
+    JOIN pg_class c ON c.oid = i.inhrelid,
+    LATERAL regexp_match(
+        pg_get_expr(c.relpartbound, c.oid),
+        $re$^FOR VALUES FROM \((?:'([^']*)'|MINVALUE)\) TO \('([^']*)'\)$re$
+    ) AS b
+    WHERE t.relnamespace = '__SCHEMA__'::regnamespace
+      AND t.relname IN ('runs', 'journal', 'attempts', 'signals') AND b IS NOT NULL
+)
+SELECT m.ahead, m.name,
+       ARRAY(
+           SELECT u.tab
+           FROM unnest(ARRAY['runs', 'journal', 'attempts', 'signals']) WITH ORDINALITY
+               AS u (tab, n)
+           WHERE NOT EXISTS (SELECT 1 FROM bounds b
+                             WHERE b.tab = u.tab AND coalesce(b.lo, '') <= m.lo
+                               AND b.hi >= m.hi)
+           ORDER BY u.n
+       ) AS missing,
+       EXISTS (SELECT 1 FROM __SCHEMA__.runs_default d WHERE d.id >= m.lo AND d.id < m.hi)
+           AS in_default
+FROM months m
+ORDER BY m.ahead;
+
 -- declare_schedule --
 -- Write a schedule as declared in code; a new cron or time zone starts again from the next
 -- tick ($9), anything else keeps the row's position. A row already as declared is left alone.

@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Check what slows down or strands runs: stranded runs, the oldest due job, "
             "transactions holding the xmin horizon, bloat of the hot tables, listener "
-            "health, workers with stale heartbeats, the claim's query plan. Exit 0 when "
-            "all is well, 1 when something needs a look."
+            "health, workers with stale heartbeats, the claim's query plan, the history "
+            "partitions of this month and the next. Exit 0 when all is well, 1 when "
+            "something needs a look."
         ),
     )
     doctor.add_argument(

@@ -13,7 +13,7 @@ import asyncpg
 import durable
 from durable.cli import main
 from durable.doctor import Report, Thresholds, diagnose
-from tests.integration.helpers import execute, open_engine, running_engine
+from tests.integration.helpers import execute, fetchval, open_engine, running_engine
 from tests.integration.test_run_actions import order, until
 
 
@@ -40,6 +40,7 @@ async def test_a_healthy_database_reports_clean(db: Any) -> None:
             "listeners",
             "stale_workers",
             "claim_plan",
+            "history_partitions",
         }
         await engine.cancel(run_id)
     out = io.StringIO()
@@ -129,3 +130,78 @@ async def test_a_claim_that_scans_the_job_table_is_reported(db: Any) -> None:
         finding = next(f for f in (await doctor(engine)).findings if f.check == "claim_plan")
         assert finding.status == "ok"
         assert "jobs_ready_idx" in finding.summary
+
+
+HISTORY = ["runs", "journal", "attempts", "signals"]
+# The name of the month `$1` months after this one (by the real clock, as run ids are).
+MONTH_NAME = """
+SELECT to_char(date_trunc('month', clock_timestamp() AT TIME ZONE 'UTC')
+               + make_interval(months => $1), '"y"YYYY"m"MM')
+"""
+
+
+async def drop_partitions(engine: durable.Engine, month: str, tables: list[str]) -> None:
+    """Take away the partitions of `month` of `tables` (detached first: jobs, schedules and
+    cancel requests have foreign keys to each partition of runs)."""
+    for table in tables:
+        await execute(
+            engine, f"ALTER TABLE durable.{table} DETACH PARTITION durable.{table}_{month}"
+        )
+        await execute(engine, f"DROP TABLE durable.{table}_{month}")
+
+
+async def cli_doctor(db: Any) -> tuple[int, str]:
+    """`durable --dsn ... doctor` in this process: exit code and output."""
+    out = io.StringIO()
+    code = await anyio.to_thread.run_sync(lambda: main(["--dsn", db.dsn, "doctor"], out))
+    return code, out.getvalue()
+
+
+async def test_a_missing_partition_for_next_month_is_reported_and_migrate_makes_it(
+    db: Any,
+) -> None:
+    async with open_engine(db, order()) as engine:
+        month = await fetchval(engine, MONTH_NAME, 1)
+        # as when no worker started, and no migrate ran, since this month began
+        await drop_partitions(engine, month, HISTORY)
+        finding = next(
+            f for f in (await doctor(engine)).findings if f.check == "history_partitions"
+        )
+        assert finding.status == "warn"
+        assert month in finding.summary
+        assert "durable migrate" in finding.summary
+        assert finding.details == [{"month": month, "missing": HISTORY, "runs_in_default": False}]
+        code, text = await cli_doctor(db)
+        assert code == 1
+        assert f"WARN     history_partitions: no history partition for {month}" in text
+        out = io.StringIO()
+        code = await anyio.to_thread.run_sync(lambda: main(["--dsn", db.dsn, "migrate"], out))
+        assert code == 0, out.getvalue()
+        assert status_of(await doctor(engine))["history_partitions"] == "ok"
+
+
+async def test_a_missing_partition_for_this_month_is_a_problem(db: Any) -> None:
+    async with open_engine(db, order()) as engine:
+        month = await fetchval(engine, MONTH_NAME, 0)
+        await drop_partitions(engine, month, ["signals"])
+        finding = next(
+            f for f in (await doctor(engine)).findings if f.check == "history_partitions"
+        )
+        assert finding.status == "problem"
+        assert finding.details == [
+            {"month": month, "missing": ["signals"], "runs_in_default": False}
+        ]
+        await drop_partitions(engine, month, ["runs", "journal", "attempts"])
+        run_id = await engine.start("order")  # lands in the DEFAULT partition
+        where = await fetchval(
+            engine, "SELECT tableoid::regclass::text FROM durable.runs WHERE id = $1", run_id
+        )
+        assert where == "durable.runs_default"
+        finding = next(
+            f for f in (await doctor(engine)).findings if f.check == "history_partitions"
+        )
+        assert finding.status == "problem"
+        assert finding.details == [{"month": month, "missing": HISTORY, "runs_in_default": True}]
+        assert "except for a month whose runs are in the DEFAULT partition" in finding.summary
+        await engine.migrate()  # cannot make this month now: its run would have to move
+        assert status_of(await doctor(engine))["history_partitions"] == "problem"

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import asyncpg
 import pytest
-from helpers import execute, fetch, fetchval, open_engine, running_engine
+from helpers import eventually, execute, fetch, fetchval, open_engine, running_engine
 from ulid import ULID
 
 import durable
@@ -405,3 +405,59 @@ async def test_a_dropped_months_files_go_without_waiting_for_the_history_tables(
         assert report.dropped == []  # it had gone already
         # Only those tables: nothing else of the schema is dropped by name.
         assert await fetchval(engine, "SELECT durable.drop_detached_history_v1('jobs')") is False
+
+
+async def detached(engine: durable.Engine) -> list[str]:
+    """The tables of detached partitions not dropped yet."""
+    return [r[0] for r in await fetch(engine, "SELECT durable.detached_history_v1()")]
+
+
+async def test_a_months_tables_are_dropped_side_by_side(db: Any) -> None:
+    """Each detached table is dropped on a connection of its own: one that waits for its
+    lock holds none of the others back."""
+    async with open_engine(db) as engine:
+        await fill_month(engine, OLD, 5)
+        name = f"y{OLD:%Y}m{OLD:%m}"
+        # detached by a drop that stopped before dropping the tables
+        await fetchval(engine, "SELECT durable.drop_history_partition_v1($1, 0)", name)
+        reader = await asyncpg.connect(db.dsn)
+        try:
+            tx = reader.transaction()
+            await tx.start()
+            await reader.fetchval(f"SELECT count(*) FROM durable.journal_{name}")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: engine.drop_history(older_than=30 * DAY))
+                # ordered by name, journal's would be the second of four drops
+                await eventually(lambda: _only(engine, [f"journal_{name}"]))
+                await tx.rollback()
+        finally:
+            await reader.close()
+        assert await detached(engine) == []
+
+
+async def _only(engine: durable.Engine, tables: list[str]) -> bool:
+    return await detached(engine) == tables
+
+
+async def test_every_detached_table_is_dropped_though_one_fails_and_the_next_call_drops_it(
+    db: Any,
+) -> None:
+    async with open_engine(db) as engine:
+        await fill_month(engine, OLD, 5)
+        name = f"y{OLD:%Y}m{OLD:%m}"
+        # Someone's view of the month's journal: dropping that table fails, while attached
+        # it held nothing back.
+        await execute(
+            engine, f"CREATE VIEW public.old_journal AS SELECT * FROM durable.journal_{name}"
+        )
+        with pytest.raises(asyncpg.DependentObjectsStillExistError):
+            await engine.drop_history(older_than=30 * DAY)
+        assert await detached(engine) == [f"journal_{name}"]
+        assert name not in [p.name for p in await engine.history_partitions()]
+        assert await fetchval(engine, "SELECT count(*) FROM durable.run_keys") == 0
+        with pytest.raises(asyncpg.DependentObjectsStillExistError):
+            await engine.drop_history(older_than=30 * DAY)  # still there: says so again
+        await execute(engine, "DROP VIEW public.old_journal")
+        report = await engine.drop_history(older_than=30 * DAY)
+        assert report.dropped == []  # the month had gone already
+        assert await detached(engine) == []
