@@ -33,7 +33,8 @@ from durable.model import Attempt, JournalEntry, Run, RunStatus
 from durable.operations import RunFilter
 from durable.runtime.threads import SyncConnection
 from durable.schedule import Schedule, ScheduleInfo
-from durable.versions import CheckReport, ShapeDiff, StrandedRuns, UpgradeRefusal, UpgradeReport
+from durable.shapes import ShapeDiff
+from durable.versions import CheckReport, StrandedRuns, UpgradeRefusal, UpgradeReport
 from durable.workflow import Node, Step, Workflow, default_backoff, exponential
 
 __all__ = [

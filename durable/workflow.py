@@ -9,8 +9,18 @@ from typing import Any, Generic, TypeVar, overload
 
 from durable.codec import Codec, model_codec
 from durable.context import Context, In, LoopContext, SyncContext, SyncLoopContext
+from durable.declare import (
+    child_node,
+    loop_node,
+    parallel_node,
+    route_node,
+    sleep_node,
+    sleep_until_node,
+    step_node,
+    wait_node,
+)
 from durable.errors import DefinitionError
-from durable.flow import check_concurrency, check_step_limit
+from durable.flow import check_concurrency
 from durable.nodes import (
     DEFAULT_MAX_ATTEMPTS,
     MAX_WAIT,
@@ -27,14 +37,6 @@ from durable.nodes import (
     SleepUntil,
     Step,
     WaitForSignal,
-    check_attempts,
-    check_backoff,
-    check_branches,
-    check_callable,
-    check_handler,
-    check_seconds,
-    check_timeout,
-    check_when,
     default_backoff,
     exponential,
     is_seconds,
@@ -238,54 +240,18 @@ class Workflow(Generic[In]):
         options = (max_attempts, backoff, compensate, timeout, transactional, limit, limit_key)
         if callable(name) and fn is None:
             handler = name
-            self._add_step(handler.__name__, handler, *options)
+            self._add(step_node(self.name, handler.__name__, handler, *options))
             return handler
         if fn is None:
 
             def decorator(handler: H) -> H:
                 node_name = name if isinstance(name, str) else handler.__name__
-                self._add_step(node_name, handler, *options)
+                self._add(step_node(self.name, node_name, handler, *options))
                 return handler
 
             return decorator
-        self._add_step(name, fn, *options)
+        self._add(step_node(self.name, name, fn, *options))
         return self
-
-    def _add_step(
-        self,
-        name: object,
-        fn: object,
-        max_attempts: object,
-        backoff: object,
-        compensate: object,
-        timeout: object,
-        transactional: object,
-        limit: object,
-        limit_key: object,
-    ) -> None:
-        node_name = validate_name(name, "node")
-        what = f"step {node_name!r} of workflow {self.name!r}"
-        check_handler(fn, f"handler of {what}")
-        if compensate is not None:
-            check_handler(compensate, f"compensate of {what}")
-        timeout = check_timeout(timeout, what)
-        if not isinstance(transactional, bool):
-            raise DefinitionError(f"{what}: transactional must be True or False")
-        limit_name, key_fn = check_step_limit(limit, limit_key, what)
-        self._add(
-            Step(
-                name=node_name,
-                kind="step",
-                fn=fn,  # type: ignore[arg-type]
-                max_attempts=check_attempts(max_attempts, what),
-                backoff=check_backoff(backoff, what),
-                compensate=compensate,  # type: ignore[arg-type]
-                timeout=timeout,
-                transactional=transactional,
-                limit=limit_name,
-                limit_key=key_fn,
-            )
-        )
 
     def sleep(self, name: str, seconds: Computed) -> Workflow[In]:
         """Park the run for `seconds`: a number, or a (sync or async) function of the context.
@@ -293,19 +259,13 @@ class Workflow(Generic[In]):
         The wake time is computed once, on the database clock, and stored; no worker slot is
         held while the run sleeps.
         """
-        node_name = validate_name(name, "node")
-        if not callable(seconds):
-            check_seconds(seconds, f"sleep {node_name!r} of workflow {self.name!r}")
-        self._add(Sleep(name=node_name, kind="sleep", seconds=seconds))
+        self._add(sleep_node(self.name, name, seconds))
         return self
 
     def sleep_until(self, name: str, when: Computed) -> Workflow[In]:
         """Park the run until `when`: an aware datetime, or a function of the context
         returning one."""
-        node_name = validate_name(name, "node")
-        if not callable(when):
-            check_when(when, f"sleep_until {node_name!r} of workflow {self.name!r}")
-        self._add(SleepUntil(name=node_name, kind="sleep_until", when=when))
+        self._add(sleep_until_node(self.name, name, when))
         return self
 
     def wait_for_signal(
@@ -322,24 +282,7 @@ class Workflow(Generic[In]):
         mailbox. After `timeout` seconds the node completes with `default` if one was given,
         else it fails (and compensation starts).
         """
-        node_name = validate_name(name, "node")
-        what = f"wait_for_signal {node_name!r} of workflow {self.name!r}"
-        if not callable(signal) and (not isinstance(signal, str) or not signal):
-            raise DefinitionError(f"{what}: signal must be a non-empty name or a function")
-        if default is not NO_DEFAULT:
-            try:
-                json.dumps(default, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise DefinitionError(f"{what}: default is not JSON-serializable: {exc}") from None
-        self._add(
-            WaitForSignal(
-                name=node_name,
-                kind="wait_for_signal",
-                signal=signal,
-                timeout=check_timeout(timeout, what),
-                default=default,
-            )
-        )
+        self._add(wait_node(self.name, name, signal, timeout, default))
         return self
 
     def parallel(
@@ -357,25 +300,7 @@ class Workflow(Generic[In]):
         its own retry budget; the node completes when the last branch commits, with the
         result `{branch: result}`. `compensate` maps branch names to compensators.
         """
-        node_name = validate_name(name, "node")
-        what = f"parallel {node_name!r} of workflow {self.name!r}"
-        checked = check_branches(branches, what)
-        compensators: dict[str, Handler] = {}
-        for key, fn in (compensate or {}).items():
-            if key not in checked:
-                raise DefinitionError(f"{what}: compensate names unknown branch {key!r}")
-            check_handler(fn, f"{what}: compensate of branch {key!r}")
-            compensators[key] = fn
-        self._add(
-            Parallel(
-                name=node_name,
-                kind="parallel",
-                branches=checked,
-                max_attempts=check_attempts(max_attempts, what),
-                backoff=check_backoff(backoff, what),
-                compensate=compensators,
-            )
-        )
+        self._add(parallel_node(self.name, name, branches, max_attempts, backoff, compensate))
         return self
 
     def route(
@@ -392,19 +317,7 @@ class Workflow(Generic[In]):
         The choice is journaled once (`name@route`), so retries run the same branch. The
         result is `{"branch": key, "result": value}`; an unknown key fails the node.
         """
-        node_name = validate_name(name, "node")
-        what = f"route {node_name!r} of workflow {self.name!r}"
-        check_callable(select, f"{what}: select")
-        self._add(
-            Route(
-                name=node_name,
-                kind="route",
-                select=select,
-                branches=check_branches(branches, what),
-                max_attempts=check_attempts(max_attempts, what),
-                backoff=check_backoff(backoff, what),
-            )
-        )
+        self._add(route_node(self.name, name, select, branches, max_attempts, backoff))
         return self
 
     def loop(
@@ -423,28 +336,8 @@ class Workflow(Generic[In]):
         node fails only if the condition still holds after `max_iterations` iterations. Its
         result is the list of iteration results (also `ctx.results[name]` while looping).
         """
-        node_name = validate_name(name, "node")
-        what = f"loop {node_name!r} of workflow {self.name!r}"
-        check_callable(condition, f"{what}: condition")
-        check_handler(body, f"{what}: body")
-        if (
-            isinstance(max_iterations, bool)
-            or not isinstance(max_iterations, int)
-            or max_iterations < 0
-        ):
-            raise DefinitionError(
-                f"{what}: max_iterations must be an integer >= 0, got {max_iterations!r}"
-            )
         self._add(
-            Loop(
-                name=node_name,
-                kind="loop",
-                condition=condition,
-                body=body,
-                max_iterations=max_iterations,
-                max_attempts=check_attempts(max_attempts, what),
-                backoff=check_backoff(backoff, what),
-            )
+            loop_node(self.name, name, condition, body, max_iterations, max_attempts, backoff)
         )
         return self
 
@@ -456,7 +349,5 @@ class Workflow(Generic[In]):
         the parent when it ends: completed -> the child's result; failed or cancelled -> the
         node fails.
         """
-        node_name = validate_name(name, "node")
-        check_callable(start, f"child_workflow {node_name!r} of workflow {self.name!r}: start")
-        self._add(ChildWorkflow(name=node_name, kind="child_workflow", start=start))
+        self._add(child_node(self.name, name, start))
         return self

@@ -42,15 +42,16 @@ async def test_a_run_row_breaking_a_rule_is_refused(db: Any, rule: str) -> None:
                 await conn.execute(f"UPDATE durable.runs SET {BROKEN[rule]} WHERE id = $1", run_id)
             # The row as it was: nothing of the refused update stuck.
             await conn.execute("RESET session_replication_role")
-            row = await conn.fetchrow("SELECT status, cursor FROM durable.runs WHERE id = $1", run_id)
+            row = await conn.fetchrow(
+                "SELECT status, cursor FROM durable.runs WHERE id = $1", run_id
+            )
     assert (row["status"], row["cursor"]) == ("pending", 0)
 
 
 async def test_runs_has_one_check_constraint(db: Any) -> None:
-    async with open_engine(db) as engine:
-        async with engine.pool.acquire() as conn:
-            checks = await conn.fetch(
-                "SELECT conname FROM pg_constraint "
-                "WHERE conrelid = 'durable.runs'::regclass AND contype = 'c'"
-            )
+    async with open_engine(db) as engine, engine.pool.acquire() as conn:
+        checks = await conn.fetch(
+            "SELECT conname FROM pg_constraint "
+            "WHERE conrelid = 'durable.runs'::regclass AND contype = 'c'"
+        )
     assert [c["conname"] for c in checks] == ["runs_row_check"]

@@ -1,5 +1,5 @@
 """Versions without a database: `Workflow(version=)`, queues, registering versions, shape
-diffs and the upgrade rule (durable/versions.py)."""
+diffs and the upgrade rule (durable/versions.py, durable/shapes.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import durable
-from durable.versions import Position, ShapeDiff, upgrade_position
+from durable.shapes import Position, ShapeDiff, upgrade_position
 
 
 async def _noop(ctx: durable.Context) -> None:
