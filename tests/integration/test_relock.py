@@ -184,14 +184,13 @@ async def _relock_behind(m: dict[str, Any], sql: str) -> asyncpg.PostgresError |
 async def test_relock_that_waited_for_a_writer_refuses_the_run_it_wrote(
     moved: dict[str, Any],
 ) -> None:
-    exc = await _relock_behind(
-        moved, "UPDATE durable.runs SET updated_at = now() WHERE id = $1"
-    )
+    exc = await _relock_behind(moved, "UPDATE durable.runs SET updated_at = now() WHERE id = $1")
     assert exc is not None
     assert exc.sqlstate == "DU040"
 
 
 async def test_relock_that_waited_for_a_reader_takes_the_run(moved: dict[str, Any]) -> None:
-    assert await _relock_behind(
-        moved, "SELECT 1 FROM durable.runs WHERE id = $1 FOR NO KEY UPDATE"
-    ) is None
+    assert (
+        await _relock_behind(moved, "SELECT 1 FROM durable.runs WHERE id = $1 FOR NO KEY UPDATE")
+        is None
+    )
