@@ -6,6 +6,8 @@ A wrong type is an `ArgumentTypeError` (also a TypeError), a value durable canno
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from durable.db import storable
 from durable.errors import ArgumentError, ArgumentTypeError, RunNotFound
 
@@ -38,3 +40,13 @@ def count_arg(value: object, what: str) -> None:
         raise ArgumentTypeError(f"{what} must be an integer, got {type(value).__name__}")
     if value < 1:
         raise ArgumentError(f"{what} must be >= 1, got {value}")
+
+
+def age_arg(value: object, what: str) -> float:
+    """`value` checked as an age (a `timedelta` not below zero), in seconds."""
+    if not isinstance(value, timedelta):
+        raise ArgumentTypeError(f"{what} must be a datetime.timedelta, got {type(value).__name__}")
+    seconds = value.total_seconds()
+    if seconds < 0:
+        raise ArgumentError(f"{what} must not be negative")
+    return seconds

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from ulid import ULID
 
-from durable.arguments import count_arg
+from durable.arguments import age_arg, count_arg
 from durable.client import Client
 from durable.db import Connection
 from durable.errors import ArgumentError, ArgumentTypeError
@@ -121,13 +121,7 @@ class History(Client):
         also works on the months kept here. With `dry_run`, nothing is dropped and the
         report says what would be.
         """
-        if not isinstance(older_than, timedelta):
-            raise ArgumentTypeError(
-                f"older_than must be a datetime.timedelta, got {type(older_than).__name__}"
-            )
-        seconds = older_than.total_seconds()
-        if seconds < 0:
-            raise ArgumentError("older_than must not be negative")
+        seconds = age_arg(older_than, "older_than")
         if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
             raise ArgumentTypeError("lock_timeout must be a number of seconds")
         if lock_timeout <= 0:

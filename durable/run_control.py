@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from durable.arguments import count_arg, run_id_arg, text_arg
+from durable.arguments import age_arg, count_arg, run_id_arg, text_arg
 from durable.context import current_run
 from durable.db import Connection
-from durable.errors import ArgumentError, ArgumentTypeError, RunNotFound
+from durable.errors import ArgumentError, RunNotFound
 from durable.sql import Queries
 from durable.versions import CheckReport, UpgradeReport
 from durable.versions import check as check_runs
@@ -145,13 +145,7 @@ class RunControl:
     async def purge(self, *, older_than: timedelta, batch_size: int = 1000) -> int:
         """Delete runs that finished more than `older_than` ago, with their journal, attempts
         and mailbox, in batches of `batch_size`; return how many runs were deleted."""
-        if not isinstance(older_than, timedelta):
-            raise ArgumentTypeError(
-                f"older_than must be a datetime.timedelta, got {type(older_than).__name__}"
-            )
-        seconds = older_than.total_seconds()
-        if seconds < 0:
-            raise ArgumentError("older_than must not be negative")
+        seconds = age_arg(older_than, "older_than")
         count_arg(batch_size, "batch_size")
         total = 0
         while True:
