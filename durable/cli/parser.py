@@ -1,90 +1,50 @@
-"""The `durable` command's arguments: the parser, its value types, exit codes."""
+"""The `durable` command's argument parser: its subcommands and their options."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import sys
-from datetime import datetime, timedelta
-from typing import NoReturn
 
 from durable import __version__
+from durable.cli.values import (
+    APP_ENV,
+    DSN_ENV,
+    EXIT_INTERNAL,
+    EXIT_NOT_DONE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    READ_DSN_ENV,
+    Parser,
+    UsageError,
+    parse_duration,
+    positive_float,
+    positive_int,
+    timestamp,
+)
 from durable.model import RunStatus
 
-EXIT_OK = 0
-EXIT_NOT_DONE = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_INTERNAL = 4
-
-DSN_ENV = "DURABLE_DSN"
-READ_DSN_ENV = "DURABLE_READ_DSN"
-APP_ENV = "DURABLE_APP"
-
-
-class UsageError(Exception):
-    """A mistake of the user's (bad argument, unknown run...): one line, exit 2."""
-
-
-_DURATION = re.compile(r"(\d+)([wdhms])")
-_UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
-
-
-def parse_duration(text: str) -> timedelta:
-    """Parse `30d`, `12h`, `90m`, `45s`, `2w` or combinations such as `1d12h`."""
-    compact = text.strip().lower().replace(" ", "")
-    if not compact or _DURATION.sub("", compact):
-        raise UsageError(
-            f"invalid duration {text!r}: use a number and a unit, e.g. 30d, 12h, 90m, 45s"
-        )
-    total = timedelta()
-    for amount, unit in _DURATION.findall(compact):
-        total += timedelta(**{_UNITS[unit]: int(amount)})
-    return total
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _timestamp(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an ISO 8601 time, e.g. 2026-05-01T14:00:00+02:00"
-        ) from None
-    return value if value.tzinfo is not None else value.astimezone()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"durable: error: {message}\n")
+# Re-exported: the command modules take them from here.
+__all__ = [
+    "APP_ENV",
+    "DSN_ENV",
+    "EXIT_INTERNAL",
+    "EXIT_NOT_DONE",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "READ_DSN_ENV",
+    "UsageError",
+    "build_parser",
+    "parse_duration",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `durable` command."""
     # Global options are accepted before or after the subcommand; SUPPRESS keeps a
     # subcommand's parser from overwriting a value given before it with its default.
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--dsn", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--schema", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument(
@@ -92,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    parser = _Parser(
+    parser = Parser(
         prog="durable",
         description="Crash-resumable asyncio workflows on PostgreSQL.",
         epilog=(
@@ -116,9 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="log to stderr at this level (default: info for `worker`, else warning)",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=_Parser, required=True
+        dest="command", metavar="COMMAND", parser_class=Parser, required=True
     )
 
+    _serving(sub, common)
+    _runs(sub, common)
+    _operations(sub, common)
+    _tools(sub, common)
+    return parser
+
+
+def _serving(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """migrate, worker and start."""
     sub.add_parser("migrate", parents=[common], help="apply pending migrations")
 
     worker = sub.add_parser(
@@ -133,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     worker.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
-    worker.add_argument("--concurrency", type=_positive_int, default=16)
-    worker.add_argument("--poll-interval", type=_positive_float, default=None)
+    worker.add_argument("--concurrency", type=positive_int, default=16)
+    worker.add_argument("--poll-interval", type=positive_float, default=None)
     worker.add_argument(
         "--grace-period",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="seconds in-flight jobs get to finish on shutdown",
     )
@@ -171,21 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--workflow-version",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="the version of WORKFLOW to start (default: the highest the engine registers)",
     )
     start.add_argument("--wait", action="store_true", help="wait for the run to finish")
     start.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         help="seconds --wait waits (default 60)",
     )
 
+
+def _runs(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """runs (list, show, the run actions, fork, bulk, upgrade) and check."""
     # Listings may read a replica: they decide nothing, and a replica's lag only delays
     # what they show.
-    reads = _Parser(add_help=False)
+    reads = Parser(add_help=False)
     reads.add_argument(
         "--read-dsn",
         default=os.environ.get(READ_DSN_ENV) or None,
@@ -194,14 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs = sub.add_parser("runs", parents=[common], help="list and inspect runs")
     runs_sub = runs.add_subparsers(
-        dest="runs_command", metavar="ACTION", parser_class=_Parser, required=True
+        dest="runs_command", metavar="ACTION", parser_class=Parser, required=True
     )
     runs_list = runs_sub.add_parser("list", parents=[common, reads], help="runs, newest first")
     runs_list.add_argument("--status", choices=[s.value for s in RunStatus])
     runs_list.add_argument("--workflow")
-    runs_list.add_argument("--limit", type=_positive_int, default=50)
+    runs_list.add_argument("--limit", type=positive_int, default=50)
 
-    runs_list.add_argument("--workflow-version", metavar="N", type=_positive_int)
+    runs_list.add_argument("--workflow-version", metavar="N", type=positive_int)
 
     runs_show = runs_sub.add_parser("show", parents=[common, reads], help="a run and its timeline")
     runs_show.add_argument("run_id", metavar="ID")
@@ -239,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument("action", choices=["cancel", "retry"])
     bulk.add_argument("--status", choices=[s.value for s in RunStatus])
     bulk.add_argument("--workflow")
-    bulk.add_argument("--created-after", type=_timestamp, metavar="ISO8601")
-    bulk.add_argument("--created-before", type=_timestamp, metavar="ISO8601")
+    bulk.add_argument("--created-after", type=timestamp, metavar="ISO8601")
+    bulk.add_argument("--created-before", type=timestamp, metavar="ISO8601")
     bulk.add_argument("--search", metavar="ID_OR_KEY", help="a run id or idempotency key")
     bulk.add_argument("--reason", default="cancelled", help="kept as the error (cancel)")
     bulk.add_argument("--dry-run", action="store_true", help="count the runs, change nothing")
@@ -261,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade.add_argument("workflow", metavar="WORKFLOW")
     upgrade.add_argument(
-        "--from", dest="from_version", metavar="N", type=_positive_int, required=True
+        "--from", dest="from_version", metavar="N", type=positive_int, required=True
     )
-    upgrade.add_argument("--to", dest="to_version", metavar="N", type=_positive_int, default=None)
+    upgrade.add_argument("--to", dest="to_version", metavar="N", type=positive_int, default=None)
     upgrade.add_argument(
         "--app",
         metavar="MODULE:ENGINE",
@@ -288,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("target", metavar="MODULE:ENGINE", help="e.g. myapp.jobs:engine")
 
+
+def _operations(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """signal, cancel, retry, pause, resume, purge and history."""
     sig = sub.add_parser("signal", parents=[common], help="send a signal to a run")
     sig.add_argument("run_id", metavar="ID")
     sig.add_argument("name", metavar="NAME")
@@ -338,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the month partitions of the history tables; drop old months whole",
     )
     history_sub = history.add_subparsers(
-        dest="history_command", metavar="ACTION", parser_class=_Parser, required=True
+        dest="history_command", metavar="ACTION", parser_class=Parser, required=True
     )
     history_sub.add_parser("list", parents=[common], help="every month partition, oldest first")
     drop = history_sub.add_parser(
@@ -355,13 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     drop.add_argument("--dry-run", action="store_true", help="say what would be dropped")
     drop.add_argument(
         "--lock-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=0.5,
         metavar="SECONDS",
         help="the longest a drop waits for its locks, statements behind it waiting too "
         "(default 0.5)",
     )
 
+
+def _tools(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    """doctor, dashboard, schedules and demo."""
     doctor = sub.add_parser(
         "doctor",
         parents=[common],
@@ -376,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument(
         "--max-job-age",
-        type=_positive_float,
+        type=positive_float,
         default=60.0,
         metavar="SECONDS",
         help="a due job older than this is a problem (default 60)",
     )
     doctor.add_argument(
         "--max-transaction-age",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         metavar="SECONDS",
         help="a transaction open longer than this is a problem (default 300)",
@@ -402,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument("target", metavar="MODULE:ENGINE", nargs="?", default=None)
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    dash.add_argument("--port", type=_positive_int, default=8484, help="port (default 8484)")
+    dash.add_argument("--port", type=positive_int, default=8484, help="port (default 8484)")
     dash.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -430,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     schedules_sub = schedules.add_subparsers(
-        dest="schedules_command", metavar="ACTION", parser_class=_Parser, required=True
+        dest="schedules_command", metavar="ACTION", parser_class=Parser, required=True
     )
     schedules_sub.add_parser("list", parents=[common], help="every schedule, by name")
     trigger = schedules_sub.add_parser(
@@ -452,4 +430,3 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub.add_parser("demo", parents=[common], help="run the order-saga demo")
-    return parser
