@@ -1586,8 +1586,15 @@ BEGIN
         -- Token rows are numbered 0 .. v_rows - 1. Look for a free one from a random row
         -- on (then before it), so that attempts at once do not all want the same row;
         -- `used_at` is in no index, so taking a row is a HOT update.
-        SELECT coalesce(max(t.slot) + 1, 0) INTO v_rows FROM __SCHEMA__.limit_tokens t
-        WHERE t.name = p_name AND t.key = p_key;
+        -- The highest row by an ordered read of one index entry: `max()` in a plan made
+        -- while the table was empty aggregates every row instead (a limit of a high rate
+        -- has thousands: 3-5 ms of every attempt).
+        SELECT coalesce((
+            SELECT t.slot + 1 FROM __SCHEMA__.limit_tokens t
+            WHERE t.name = p_name AND t.key = p_key
+            ORDER BY t.slot DESC
+            LIMIT 1
+        ), 0) INTO v_rows;
         v_rows := least(v_rows, p_rate);
         v_from := floor(random() * v_rows)::integer;
         UPDATE __SCHEMA__.limit_tokens SET used_at = v_now
