@@ -252,9 +252,7 @@ DECLARE
     -- as it was scanned): the transaction that locked it last.
     j record;
     v_found boolean := false;
-    v_xid bigint;
-    v_next bigint;
-    v_suspicious boolean := false;
+    v_suspicious boolean;
     -- The clock now, not the transaction's start: a worker's transaction may have begun
     -- before a job that is due by now was even inserted.
     v_now timestamptz := __SCHEMA__.now_v1();
@@ -316,17 +314,7 @@ BEGIN
         RETURN;
     END IF;
     -- Whether the job's last locker aborted: a job whose claimer died mid-job looks so.
-    -- (PostgreSQL 15 has no xid -> xid8 cast: the epoch comes from the current snapshot, as
-    -- an xmax is never in the future.)
-    v_xid := j.locker::text::bigint;
-    IF v_xid >= 3 THEN  -- 0: never locked; 1, 2: bootstrap and frozen ids
-        v_next := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
-        v_xid := (v_next & ~4294967295::bigint) | v_xid;
-        IF v_xid >= v_next THEN
-            v_xid := v_xid - 4294967296;
-        END IF;
-        v_suspicious := v_xid > 0 AND pg_xact_status(v_xid::text::xid8) = 'aborted';
-    END IF;
+    v_suspicious := __SCHEMA__.locker_aborted_v1(j.locker);
     IF j.task <> 'branch' THEN
         -- Locked in a statement of its own: a read in the same statement would see the run
         -- as it was before waiting for its lock.
