@@ -107,6 +107,26 @@ def is_lock_conflict(exc: BaseException | None) -> bool:
     return False
 
 
+#: True while `acquire` gives back a connection on which only durable's own statements ran,
+#: each in a transaction that ended: nothing of the session (a SET, a LISTEN, a session
+#: advisory lock, an open cursor) can be left on it, so its release skips asyncpg's reset
+#: query, a round trip per borrow (see `_reset`). Read in the releasing task's context.
+_own_use: contextvars.ContextVar[bool] = contextvars.ContextVar("durable_own_use", default=False)
+
+
+async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Reset a connection given back to a pool: asyncpg's own reset (`RESET ALL`, `UNLISTEN
+    *`, advisory locks, cursors), unless `acquire` gives it back after durable's statements
+    only. asyncpg rolls back an open transaction and drops listeners before this either way.
+    A start is two round trips with the reset query and one without it (docs/performance.md).
+    """
+    if _own_use.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -133,6 +153,7 @@ async def create_pool(
             # Workers reuse a handful of statements thousands of times a second.
             statement_cache_size=statement_cache_size,
             timeout=connect_timeout,
+            reset=_reset,
         )
     except _CONFIGURATION_ERRORS as exc:
         if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
@@ -279,9 +300,13 @@ async def acquire(pool: asyncpg.Pool, where: str) -> AsyncIterator[Connection]:
     `where` names the database (a redacted DSN) in the message. Other errors of the
     database are translated (`translate`).
     """
+    token: contextvars.Token[bool] | None = None
     try:
         async with pool.acquire() as conn:
             yield conn
+            # The body ended normally: only durable's statements ran (callers of `acquire`
+            # never hand the connection to user code), so the release skips the reset.
+            token = _own_use.set(True)
     except CONNECTION_ERRORS as exc:
         raise DatabaseUnavailable(f"lost the database at {where}: {exc}") from exc
     except asyncpg.PostgresError as exc:
@@ -289,3 +314,6 @@ async def acquire(pool: asyncpg.Pool, where: str) -> AsyncIterator[Connection]:
         if better is exc:
             raise
         raise better from exc
+    finally:
+        if token is not None:
+            _own_use.reset(token)
