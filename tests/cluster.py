@@ -169,7 +169,12 @@ class Cluster:
         deadline = time.monotonic() + timeout
         conn = await asyncpg.connect(self.single(self.standby, database))
         try:
-            while not await conn.fetchval(sql):
+            while True:
+                try:
+                    if await conn.fetchval(sql):
+                        return
+                except asyncpg.UndefinedTableError:
+                    pass  # the standby has not replayed the table's creation yet
                 if time.monotonic() > deadline:
                     raise AssertionError(f"the standby did not replay: {sql}")
                 await asyncio.sleep(0.05)
