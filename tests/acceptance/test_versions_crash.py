@@ -110,8 +110,8 @@ async def _busy(conn: asyncpg.Connection, name: str) -> int:
 
 
 async def _chaos(f: Fleet, conn: asyncpg.Connection) -> Counter[str]:
-    """Kill a random ready worker every 0.2-0.6 s and replace it with one of its kind,
-    until every run is terminal; then stop the survivors gracefully."""
+    """Kill a ready worker (one mid-step if any) every 0.2-0.6 s and replace it with one
+    of its kind, until every run is terminal; then stop the survivors gracefully."""
     stats: Counter[str] = Counter()
     rng = random.Random()
     # B first, and ready before A starts: the oldest due jobs are v1 ones (started first),
@@ -139,9 +139,15 @@ async def _chaos(f: Fleet, conn: asyncpg.Connection) -> Counter[str]:
         ready = [i for i, w in enumerate(live) if w.ready()]
         if not ready:
             continue
-        i = rng.choice(ready)
+        # Prefer a worker that is inside a step's transaction (a kill there is the case
+        # under test; a random pick on a fast machine lands mostly between steps), and of
+        # the two kinds the one killed less so far (B, serving both versions, is busier).
+        busy_of = {i: await _busy(conn, live[i].name) for i in ready}
+        candidates = [i for i in ready if busy_of[i]] or ready
+        fewest = min(stats[f"kills of {live[i].kind}"] for i in candidates)
+        i = rng.choice([i for i in candidates if stats[f"kills of {live[i].kind}"] == fewest])
         victim = live[i]
-        busy = await _busy(conn, victim.name)
+        busy = busy_of[i]
         victim.proc.kill()
         victim.proc.wait()
         stats["kills"] += 1
