@@ -160,8 +160,11 @@ class Working:
                 await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
                 return Outcome(settled=True)
             with anyio.CancelScope(shield=True):
-                await tx.rollback()
+                # `tx` stays the top transaction across the raw ROLLBACK and BEGIN (as
+                # across `COMMIT; BEGIN` below), and its commit ends the new one.
+                await conn.execute("ROLLBACK; BEGIN; " + self.jobs.q["lock_job"] % job.id)
                 await self._retry(conn, job, exc, fields)
+                await tx.commit()
             return None
 
     def log_fields(self, job: Job) -> dict[str, object]:

@@ -190,6 +190,12 @@ FROM unnest($1::text[]) AS x(id);
 -- the transaction id that wrote the run.
 SELECT __SCHEMA__.relock_v1(%d, '%d'::xid);
 
+-- lock_job --
+-- Lock job %d again, sent in one simple-protocol message with the ROLLBACK of the
+-- transaction that failed on it and the next BEGIN: in between it is free and due, and
+-- another slot would run its work again before this one records the failure.
+SELECT 1 FROM __SCHEMA__.jobs WHERE id = %d FOR UPDATE SKIP LOCKED;
+
 -- run_results --
 -- The results of a run's completed nodes, as one JSON object.
 SELECT __SCHEMA__.run_results_v1($1)::text;

@@ -248,6 +248,12 @@ class Runner(Claiming):
         if s.status in _FINISHED:
             await apply.apply(conn, self.q, s, wf, Noop("finished"))
             return
+        if _moved(job.prefetched, s):
+            # Another slot took the job up in between and moved the run on: the failure
+            # was of work that is no longer there, and charging it to the run's position
+            # now would fail a node that did not run.
+            await apply.apply(conn, self.q, s, wf, Noop("the run moved on"))
+            return
         error = RuntimeError(f"durable could not record the outcome: {describe(exc)}")
         t: Transition
         if s.task == "compensate":
@@ -313,3 +319,12 @@ class Runner(Claiming):
             await lease.run_leased(self.pool, extend, s, node, attempt, settle, self.lease_seconds)
 
         return JobOutcome(settled=True, after_commit=detached)
+
+
+def _moved(before: object, now: RunState) -> bool:
+    """Whether the run is no longer where `before` (the state a failed job was claimed
+    with) had it: another node, iteration, attempt, epoch, status or kind of work."""
+    if not isinstance(before, RunState):
+        return False
+    fields = ("task", "branch", "status", "cursor", "current_node", "iteration", "attempt", "epoch")
+    return any(getattr(before, f) != getattr(now, f) for f in fields)
