@@ -67,6 +67,26 @@ BEGIN
 END
 $$;
 
+-- What a finished run needs: no job, and no cancel request. Jobs another transaction
+-- holds stay (their worker finds the run finished), and so does the lease of a paused run
+-- (its holder's to settle). ensure_jobs_v1 decides this for a finished run, and
+-- finished_v1, which knows the run just finished, calls it directly: reading the run's
+-- state and jobs again there cost a tenth of a one-step run's PostgreSQL CPU
+-- (docs/performance.md).
+CREATE OR REPLACE FUNCTION __SCHEMA__.drop_jobs_v1(p_run text, p_paused boolean) RETURNS void
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+    DELETE FROM __SCHEMA__.jobs WHERE id IN (
+        SELECT j.id FROM __SCHEMA__.jobs j
+        WHERE j.run_id = p_run AND NOT (p_paused AND j.lease_token IS NOT NULL)
+        FOR UPDATE SKIP LOCKED
+    );
+    DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
+END
+$$;
+
 -- Give run `p_run` exactly the jobs its state needs: none when it is finished or paused
 -- (a lease in flight is its holder's to settle), one `compensate` job while it
 -- compensates, an `admit` job (due at `not_before`) while a run of a bounded workflow is
@@ -112,10 +132,8 @@ BEGIN
         RETURN NULL;
     END IF;
     IF r.finished THEN
-        v_task := NULL;
-        IF r.cancel THEN
-            DELETE FROM __SCHEMA__.cancel_requests WHERE run_id = p_run;
-        END IF;
+        PERFORM __SCHEMA__.drop_jobs_v1(p_run, r.paused);
+        RETURN NULL;
     ELSIF r.paused THEN
         v_task := NULL;  -- an operator paused it: no job until resume_run_v1
     ELSIF r.status = 'compensating' THEN
@@ -755,14 +773,16 @@ DECLARE
     v_slot_key text;
     v_priority smallint;
     v_singleton text;
+    v_paused boolean;
 BEGIN
-    PERFORM __SCHEMA__.ensure_jobs_v1(p_run);
     -- The parent in a statement of its own, by id: a join would open every partition of
     -- runs to find it (sql/schema.sql).
     SELECT watched, CASE WHEN status = 'completed' THEN result::text END, workflow,
-           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key, parent_id
-    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton, v_parent
+           CASE WHEN slot = 'held' THEN concurrency_key END, singleton_key, parent_id,
+           paused_at IS NOT NULL
+    INTO v_watched, v_result, v_workflow, v_slot_key, v_singleton, v_parent, v_paused
     FROM __SCHEMA__.runs WHERE id = p_run;
+    PERFORM __SCHEMA__.drop_jobs_v1(p_run, v_paused);
     IF v_parent IS NOT NULL THEN
         SELECT p.id, p.queue, p.priority INTO v_parent, v_queue, v_priority
         FROM __SCHEMA__.runs p
@@ -865,6 +885,7 @@ AS $$
 DECLARE
     v_run text;
     v_node text;
+    v_workflow text;
 BEGIN
     SELECT run_id INTO v_run FROM __SCHEMA__.jobs
     WHERE id = p_job AND task = 'advance' AND lease_token IS NULL
@@ -877,16 +898,14 @@ BEGIN
     -- not returned, also when the lock waited for its writer, as a locking read re-checks
     -- its conditions on the newest version. The tables read next are read in statements
     -- of their own, which see what that writer committed (see claim_v1).
-    SELECT current_node INTO v_node FROM __SCHEMA__.runs
+    SELECT current_node, workflow INTO v_node, v_workflow FROM __SCHEMA__.runs
     WHERE id = v_run AND xmin = p_written_by
     FOR NO KEY UPDATE;
+    -- The workflow from the locked row: the paused check reads `runs` no second time.
     IF NOT FOUND
        OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
        OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node)
-       OR EXISTS (
-           SELECT 1 FROM __SCHEMA__.paused_workflows w, __SCHEMA__.runs x
-           WHERE x.id = v_run AND w.workflow = x.workflow
-       ) THEN
+       OR EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows WHERE workflow = v_workflow) THEN
         RAISE EXCEPTION 'run % moved since', v_run USING ERRCODE = 'DU040';
     END IF;
 END
