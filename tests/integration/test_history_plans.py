@@ -209,6 +209,7 @@ async def test_no_statement_of_a_step_opens_a_partition_of_another_month(
         "p_result": "null",
         "p_attempts": 1,
         "p_started": now,
+        "p_replay": False,
         "p_cursor": 2,
         "p_next": "ship",
         "p_consume": None,
