@@ -4,6 +4,7 @@ the polling helpers the scenarios use to see when their runs are done."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -23,6 +24,60 @@ _T0 = time.perf_counter()
 def progress(message: str) -> None:
     """One line of progress on stderr (stdout carries only the report)."""
     print(f"[bench {time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class BackendCpu:
+    """The CPU (user and system) PostgreSQL's backends of one database spent between
+    `begin()` and `end()`, from `/proc/<pid>/stat`: a rate moves 3-5% between rounds on a
+    shared machine, the server's CPU per step much less. Backends that connect in between
+    count whole (their start-up is part of the work); read `end()` before the workers'
+    connections close, as an exited backend's CPU is gone. `end()` gives None when the
+    server does not run on this machine (its backends' pids name other processes here)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.before: dict[int, float] = {}
+
+    async def _sample(self) -> dict[int, float] | None:
+        db: str = await self.conn.fetchval("SELECT current_database()")
+        rows = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        )
+        return _backend_cpu([r[0] for r in rows], db)
+
+    async def begin(self) -> None:
+        self.before = await self._sample() or {}
+
+    async def end(self) -> float | None:
+        """Seconds of backend CPU since `begin()`, or None (see the class)."""
+        after = await self._sample()
+        if not after:
+            return None
+        return sum(after.values()) - sum(v for k, v in self.before.items() if k in after)
+
+
+def _backend_cpu(pids: list[int], db: str) -> dict[int, float] | None:
+    """utime + stime in seconds of each of `pids`, or None if one is not a backend of
+    database `db` on this machine (its process title names the database)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if not title.startswith("postgres") or db not in title:
+            return None  # not this server's backend: the server runs elsewhere
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_per(seconds: float | None, n: int) -> dict[str, float]:
+    """`{"pg_cpu_us": ...}`, the backends' CPU per unit of work in µs, or nothing."""
+    return {} if seconds is None else {"pg_cpu_us": seconds * 1e6 / n}
 
 
 @dataclass(frozen=True)

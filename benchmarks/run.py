@@ -142,6 +142,8 @@ def _rate_row(
         return row
     value = float(result["value"])
     row.figure, row.data = f"{fmt_int(value)} {unit}", result
+    if "pg_cpu_us" in result:  # the server's CPU per unit, when it runs on this machine
+        row.figure += f" ({fmt_int(result['pg_cpu_us'])} us server CPU each)"
     met = minimum is None or value >= minimum
     if base_name is not None:
         if isinstance(base, dict):

@@ -20,7 +20,7 @@ import asyncpg
 
 import durable
 from benchmarks import workflows
-from benchmarks.common import Sizes, progress, start_many, wait_all_finished
+from benchmarks.common import BackendCpu, Sizes, cpu_per, progress, start_many, wait_all_finished
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,12 +43,17 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
     async with engine, engine.worker(**sizes.worker_options()):
         await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
         progress(f"chain: one run of {sizes.chain_steps} steps")
-        t0 = time.perf_counter()
-        run_id = await engine.start(workflows.CHAIN)
-        await engine.wait(run_id, timeout=sizes.scenario_timeout)
-        elapsed = time.perf_counter() - t0
+        async with engine.pool.acquire() as watch:
+            cpu = BackendCpu(watch)
+            await cpu.begin()
+            t0 = time.perf_counter()
+            run_id = await engine.start(workflows.CHAIN)
+            await engine.wait(run_id, timeout=sizes.scenario_timeout)
+            elapsed = time.perf_counter() - t0
+            used = await cpu.end()
     progress(_rate_line("chain", sizes.chain_steps, "steps", elapsed))
     return {
+        **cpu_per(used, sizes.chain_steps),
         "value": sizes.chain_steps / elapsed,
         "unit": "steps/s",
         "steps": sizes.chain_steps,
@@ -87,12 +92,15 @@ async def _fanout_once(
     runs, steps = sizes.fanout_runs, sizes.fanout_steps
     progress(f"{label}: starting {runs} runs x {steps} steps (no worker yet)")
     ids = await start_many(engine, workflows.FANOUT, runs, callers=sizes.start_callers)
+    cpu = BackendCpu(watch)
+    await cpu.begin()
     t0 = time.perf_counter()
     async with engine.worker(**sizes.worker_options()):
         t1 = await wait_all_finished(watch, min(ids), runs, timeout=sizes.scenario_timeout)
+        used = await cpu.end()
     elapsed = t1 - t0
     progress(_rate_line(label, runs * steps, "steps", elapsed))
-    return {"value": runs * steps / elapsed, "seconds": elapsed}
+    return {"value": runs * steps / elapsed, "seconds": elapsed, **cpu_per(used, runs * steps)}
 
 
 async def _fanout(
@@ -121,7 +129,13 @@ async def _fanout(
         "concurrency": sizes.concurrency,
         "samples": rates,
         "seconds": [s["seconds"] for s in samples],
+        **_median_cpu(samples),
     }
+
+
+def _median_cpu(samples: list[dict[str, Any]]) -> dict[str, float]:
+    cpu = [s["pg_cpu_us"] for s in samples if "pg_cpu_us" in s]
+    return {"pg_cpu_us": statistics.median(cpu)} if cpu else {}
 
 
 async def fanout(dsn: str, sizes: Sizes) -> dict[str, Any]:
@@ -165,14 +179,23 @@ async def drain(dsn: str, sizes: Sizes) -> dict[str, Any]:
         watch = await asyncpg.connect(dsn)
         try:
             progress("drain: worker started")
+            cpu = BackendCpu(watch)
+            await cpu.begin()
             t0 = time.perf_counter()
             async with engine.worker(**sizes.worker_options()):
                 t1 = await wait_all_finished(watch, min(ids), n, timeout=sizes.scenario_timeout)
+                used = await cpu.end()
         finally:
             await watch.close()
     elapsed = t1 - t0
     progress(_rate_line("drain", n, "runs", elapsed))
-    return {"value": n / elapsed, "unit": "runs/s", "runs": n, "seconds": elapsed}
+    return {
+        "value": n / elapsed,
+        "unit": "runs/s",
+        "runs": n,
+        "seconds": elapsed,
+        **cpu_per(used, n),
+    }
 
 
 # -- start ---------------------------------------------------------------------------------
@@ -186,11 +209,16 @@ async def start(dsn: str, sizes: Sizes) -> dict[str, Any]:
     async with engine:
         await start_many(engine, workflows.ONE_STEP, callers, callers=callers)
         progress(f"start: {n} starts from {callers} callers")
-        t0 = time.perf_counter()
-        await start_many(engine, workflows.ONE_STEP, n, callers=callers)
-        elapsed = time.perf_counter() - t0
+        async with engine.pool.acquire() as watch:
+            cpu = BackendCpu(watch)
+            await cpu.begin()
+            t0 = time.perf_counter()
+            await start_many(engine, workflows.ONE_STEP, n, callers=callers)
+            elapsed = time.perf_counter() - t0
+            used = await cpu.end()
     progress(_rate_line("start", n, "runs", elapsed))
     return {
+        **cpu_per(used, n),
         "value": n / elapsed,
         "unit": "runs/s",
         "runs": n,
