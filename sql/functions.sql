@@ -71,7 +71,7 @@ $$;
 -- holds stay (their worker finds the run finished), and so does the lease of a paused run
 -- (its holder's to settle). ensure_jobs_v1 decides this for a finished run, and
 -- finished_v1, which knows the run just finished, calls it directly: reading the run's
--- state and jobs again there cost a tenth of a one-step run's PostgreSQL CPU
+-- state and jobs again there cost about 8% of a one-step run's PostgreSQL CPU
 -- (docs/performance.md).
 CREATE OR REPLACE FUNCTION __SCHEMA__.drop_jobs_v1(p_run text, p_paused boolean) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
