@@ -264,21 +264,28 @@ async def test_sigkill_chaos_keeps_a_per_key_bound_and_a_shared_limit(
         async with pool.acquire() as conn:
             while await _unfinished(conn):
                 assert time.monotonic() - t0 < DEADLINE, "runs did not finish in time"
-                await asyncio.sleep(rng.uniform(0.3, 0.8))
+                await asyncio.sleep(rng.uniform(0.15, 0.4))
                 ready = [n for n, i in enumerate(live) if f.ready(i)]
                 if not ready:
                     continue
-                # Kill a worker with work in flight when there is one: the point of the
-                # chaos (a quiet machine finishes between random kills otherwise).
-                working = [
-                    n
-                    for n in ready
-                    if await conn.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
-                        "AND backend_xid IS NOT NULL",
-                        f.name(live[n]),
-                    )
-                ]
+                # Kill a worker with work in flight: the point of the chaos (a quiet
+                # machine finishes between random kills otherwise, and runs of this
+                # workflow wait for their key's slot much of the time). Watch for one for
+                # up to half a second, then kill any.
+                watch_until = time.monotonic() + 0.5
+                while True:
+                    working = [
+                        n
+                        for n in ready
+                        if await conn.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE application_name = $1 AND backend_xid IS NOT NULL",
+                            f.name(live[n]),
+                        )
+                    ]
+                    if working or time.monotonic() > watch_until:
+                        break
+                    await asyncio.sleep(0.01)
                 n = rng.choice(working or ready)
                 busy = bool(working)
                 f.kill(live[n])
