@@ -39,11 +39,11 @@ class BackendCpu:
         self.before: dict[int, float] = {}
 
     async def _sample(self) -> dict[int, float] | None:
-        db: str = await self.conn.fetchval("SELECT current_database()")
-        rows = await self.conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        row = await self.conn.fetchrow(
+            "SELECT current_database() AS db, array_agg(pid) AS pids FROM pg_stat_activity "
+            "WHERE datname = current_database()"
         )
-        return _backend_cpu([r[0] for r in rows], db)
+        return _backend_cpu(list(row["pids"] or ()), row["db"])
 
     async def begin(self) -> None:
         self.before = await self._sample() or {}

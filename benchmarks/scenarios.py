@@ -43,7 +43,9 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
     async with engine, engine.worker(**sizes.worker_options()):
         await engine.wait(await engine.start(workflows.ONE_STEP), timeout=30)
         progress(f"chain: one run of {sizes.chain_steps} steps")
-        async with engine.pool.acquire() as watch:
+        # Its own connection, not one of the engine's pool the measured calls use.
+        watch = await asyncpg.connect(dsn)
+        try:
             cpu = BackendCpu(watch)
             await cpu.begin()
             t0 = time.perf_counter()
@@ -51,6 +53,8 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
             await engine.wait(run_id, timeout=sizes.scenario_timeout)
             elapsed = time.perf_counter() - t0
             used = await cpu.end()
+        finally:
+            await watch.close()
     progress(_rate_line("chain", sizes.chain_steps, "steps", elapsed))
     return {
         **cpu_per(used, sizes.chain_steps),
@@ -209,13 +213,17 @@ async def start(dsn: str, sizes: Sizes) -> dict[str, Any]:
     async with engine:
         await start_many(engine, workflows.ONE_STEP, callers, callers=callers)
         progress(f"start: {n} starts from {callers} callers")
-        async with engine.pool.acquire() as watch:
+        # Its own connection: the engine's pool is sized to the callers.
+        watch = await asyncpg.connect(dsn)
+        try:
             cpu = BackendCpu(watch)
             await cpu.begin()
             t0 = time.perf_counter()
             await start_many(engine, workflows.ONE_STEP, n, callers=callers)
             elapsed = time.perf_counter() - t0
             used = await cpu.end()
+        finally:
+            await watch.close()
     progress(_rate_line("start", n, "runs", elapsed))
     return {
         **cpu_per(used, n),
