@@ -37,6 +37,7 @@ class BackendCpu:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.before: dict[int, float] = {}
+        self.process = 0.0  # this process's CPU (client and worker), set by `end()`
 
     async def _sample(self) -> dict[int, float] | None:
         row = await self.conn.fetchrow(
@@ -47,9 +48,12 @@ class BackendCpu:
 
     async def begin(self) -> None:
         self.before = await self._sample() or {}
+        self.process = -time.process_time()
 
     async def end(self) -> float | None:
-        """Seconds of backend CPU since `begin()`, or None (see the class)."""
+        """Seconds of backend CPU since `begin()`, or None (see the class). It also sets
+        `process`, the seconds of CPU this process (the engine's client and worker) spent."""
+        self.process += time.process_time()
         after = await self._sample()
         if not after:
             return None
@@ -75,9 +79,13 @@ def _backend_cpu(pids: list[int], db: str) -> dict[int, float] | None:
     return out
 
 
-def cpu_per(seconds: float | None, n: int) -> dict[str, float]:
-    """`{"pg_cpu_us": ...}`, the backends' CPU per unit of work in µs, or nothing."""
-    return {} if seconds is None else {"pg_cpu_us": seconds * 1e6 / n}
+def cpu_per(seconds: float | None, n: int, process: float) -> dict[str, float]:
+    """`{"pg_cpu_us": ..., "py_cpu_us": ...}`: the backends' CPU per unit of work in µs (left
+    out when unknown) and this process's."""
+    out = {"py_cpu_us": process * 1e6 / n}
+    if seconds is not None:
+        out["pg_cpu_us"] = seconds * 1e6 / n
+    return out
 
 
 @dataclass(frozen=True)

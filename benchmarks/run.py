@@ -142,8 +142,14 @@ def _rate_row(
         return row
     value = float(result["value"])
     row.figure, row.data = f"{fmt_int(value)} {unit}", result
-    if "pg_cpu_us" in result:  # the server's CPU per unit, when it runs on this machine
-        row.figure += f" ({fmt_int(result['pg_cpu_us'])} us server CPU each)"
+    # CPU per unit: the server's when it runs on this machine, and the benchmark process's
+    cpu = [
+        f"{fmt_int(result[key])} us {name}"
+        for key, name in (("pg_cpu_us", "server CPU"), ("py_cpu_us", "Python"))
+        if key in result
+    ]
+    if cpu:
+        row.figure += f" ({', '.join(cpu)} each)"
     met = minimum is None or value >= minimum
     if base_name is not None:
         if isinstance(base, dict):

@@ -57,7 +57,7 @@ async def chain(dsn: str, sizes: Sizes) -> dict[str, Any]:
             await watch.close()
     progress(_rate_line("chain", sizes.chain_steps, "steps", elapsed))
     return {
-        **cpu_per(used, sizes.chain_steps),
+        **cpu_per(used, sizes.chain_steps, cpu.process),
         "value": sizes.chain_steps / elapsed,
         "unit": "steps/s",
         "steps": sizes.chain_steps,
@@ -104,7 +104,11 @@ async def _fanout_once(
         used = await cpu.end()
     elapsed = t1 - t0
     progress(_rate_line(label, runs * steps, "steps", elapsed))
-    return {"value": runs * steps / elapsed, "seconds": elapsed, **cpu_per(used, runs * steps)}
+    return {
+        "value": runs * steps / elapsed,
+        "seconds": elapsed,
+        **cpu_per(used, runs * steps, cpu.process),
+    }
 
 
 async def _fanout(
@@ -138,8 +142,12 @@ async def _fanout(
 
 
 def _median_cpu(samples: list[dict[str, Any]]) -> dict[str, float]:
-    cpu = [s["pg_cpu_us"] for s in samples if "pg_cpu_us" in s]
-    return {"pg_cpu_us": statistics.median(cpu)} if cpu else {}
+    out = {}
+    for key in ("pg_cpu_us", "py_cpu_us"):
+        values = [s[key] for s in samples if key in s]
+        if values:
+            out[key] = statistics.median(values)
+    return out
 
 
 async def fanout(dsn: str, sizes: Sizes) -> dict[str, Any]:
@@ -198,7 +206,7 @@ async def drain(dsn: str, sizes: Sizes) -> dict[str, Any]:
         "unit": "runs/s",
         "runs": n,
         "seconds": elapsed,
-        **cpu_per(used, n),
+        **cpu_per(used, n, cpu.process),
     }
 
 
@@ -226,7 +234,7 @@ async def start(dsn: str, sizes: Sizes) -> dict[str, Any]:
             await watch.close()
     progress(_rate_line("start", n, "runs", elapsed))
     return {
-        **cpu_per(used, n),
+        **cpu_per(used, n, cpu.process),
         "value": n / elapsed,
         "unit": "runs/s",
         "runs": n,

@@ -26,6 +26,10 @@ DEFAULT_BATCH_SIZE = 1
 #: transaction (handlers' own savepoints count too) PostgreSQL's snapshots slow down for
 #: every session, so the bound stays well under that.
 MAX_BATCH_SIZE = 32
+#: The most consecutive steps of one run a slot runs in one transaction (a chain, see
+#: `durable.working.Working._work`). Handlers that use `ctx.conn` set a savepoint each, so
+#: the bound stays well under PostgreSQL's 64 subtransactions, as the batch's does.
+DEFAULT_CHAIN_SIZE = 16
 #: Seconds of user code (handlers) after which a batch commits, leaving its unrun jobs to
 #: any worker; a batch also commits after `WALL_WINDOWS` windows of wall-clock time.
 DEFAULT_BATCH_WINDOW = 0.005
@@ -77,6 +81,7 @@ class BatchSizer:
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_BATCH_WINDOW",
+    "DEFAULT_CHAIN_SIZE",
     "MAX_BATCH_SIZE",
     "WALL_WINDOWS",
     "BatchSizer",

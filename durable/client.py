@@ -222,35 +222,44 @@ class Client(RunControl, Waiting):
     async def _fetch_run(self, run_id: str, *, primary: bool, journal: bool = False) -> Run:
         run_id = run_id_arg(run_id)
         async with self._acquire() if primary else self._read_acquire() as conn:
-            row = await conn.fetchrow(self.queries["get_run"], run_id)
-            if row is None:
-                raise RunNotFound(f"no run with id {run_id!r}")
-            run = _run_from_record(row)
             if not journal:
-                return run
-            entries = tuple(
-                JournalEntry(
-                    key=r["key"],
-                    node=r["node"],
-                    status=r["status"],
-                    result=loads(r["result"]),
-                    error=r["error"],
-                    attempts=r["attempts"],
-                    started_at=r["started_at"],
-                    finished_at=r["finished_at"],
-                )
-                for r in await conn.fetch(self.queries["get_journal"], run_id)
+                row = await conn.fetchrow(self.queries["get_run"], run_id)
+                if row is None:
+                    raise RunNotFound(f"no run with id {run_id!r}")
+                return _run_from_record(row)
+            # The run, its journal and its attempts as of one moment: read one by one, a
+            # commit in between (a node's) would show a run behind its own journal.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await self._read_run_history(conn, run_id)
+
+    async def _read_run_history(self, conn: Connection, run_id: str) -> Run:
+        row = await conn.fetchrow(self.queries["get_run"], run_id)
+        if row is None:
+            raise RunNotFound(f"no run with id {run_id!r}")
+        run = _run_from_record(row)
+        entries = tuple(
+            JournalEntry(
+                key=r["key"],
+                node=r["node"],
+                status=r["status"],
+                result=loads(r["result"]),
+                error=r["error"],
+                attempts=r["attempts"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
             )
-            attempts = tuple(
-                Attempt(
-                    key=r["key"],
-                    attempt=r["attempt"],
-                    error=r["error"],
-                    started_at=r["started_at"],
-                    failed_at=r["failed_at"],
-                )
-                for r in await conn.fetch(self.queries["get_attempts"], run_id)
+            for r in await conn.fetch(self.queries["get_journal"], run_id)
+        )
+        attempts = tuple(
+            Attempt(
+                key=r["key"],
+                attempt=r["attempt"],
+                error=r["error"],
+                started_at=r["started_at"],
+                failed_at=r["failed_at"],
             )
+            for r in await conn.fetch(self.queries["get_attempts"], run_id)
+        )
         return Run(**{**run.__dict__, "journal": entries, "attempts": attempts})
 
     async def list_runs(
@@ -313,7 +322,8 @@ class Client(RunControl, Waiting):
         `dedupe_key`: the run records one signal per key, however often it is sent (a
         webhook delivered twice, a client retrying after a timeout): a later signal with a
         key the run's mailbox already holds, consumed or not, records nothing and returns
-        True. The first one's name and payload stand.
+        True, also once the run has finished (a retried request gets the first answer).
+        The first one's name and payload stand.
         """
         run_id = run_id_arg(run_id)
         text_arg(name, "signal name", empty=False)
@@ -340,8 +350,8 @@ class Client(RunControl, Waiting):
             run = await conn.fetchrow(self.queries["run_queue"], run_id)
             if run is None:
                 raise RunNotFound(f"no run with id {run_id!r}")
-            if run["finished"]:
-                return False
+            if run["finished"] and args[3] is None:
+                return False  # with a dedupe key, signal_v2 looks for the first answer
             self._check_signal_name(run["queue"], name)
             accepted: bool | None = await conn.fetchval(self.queries["signal"], *args)
         if accepted is None:

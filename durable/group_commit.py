@@ -133,7 +133,7 @@ class Batches:
                 last = job
                 started = time.monotonic()
                 if index == 0:
-                    first = await w._run_one(conn, tx, job)
+                    first = await w._run_one(conn, tx, job, chained=False)
                     if first is None:  # rolled back, the whole batch released; rescheduled
                         ran = 1
                         w._wakeups.wake_one()

@@ -160,6 +160,9 @@ ClaimHook = Callable[[Connection, Sequence[str]], Awaitable[Job | None]]
 #: Commits the open transaction, opens the next one and claims a known job in it (a run
 #: continuing on the same slot); None if the job is not due and free.
 FollowHook = Callable[[Connection, int], Awaitable[Job | None]]
+#: The known job a run continuing on the same slot goes on with in the open transaction,
+#: or None: it is then committed and claimed (`FollowHook`).
+ChainHook = Callable[[int], Job | None]
 #: Records, in a new transaction, that a job's work failed outside its handler's own
 #: bookkeeping (the job's transaction was rolled back).
 ErrorHook = Callable[[Connection, Job, Exception], Awaitable[None]]

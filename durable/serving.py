@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from durable import metrics
-from durable.batch import DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW
+from durable.batch import DEFAULT_BATCH_SIZE, DEFAULT_BATCH_WINDOW, DEFAULT_CHAIN_SIZE
 from durable.db import create_pool
 from durable.errors import ConfigurationError
 from durable.flow import Limit
@@ -67,6 +67,7 @@ class Serving(Operations, History, ScheduleClient):
         grace_period: float = 10.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         batch_window: float = DEFAULT_BATCH_WINDOW,
+        chain_size: int = DEFAULT_CHAIN_SIZE,
         task_status: anyio.abc.TaskStatus[Worker] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run a worker for every registered workflow until cancelled.
@@ -86,6 +87,14 @@ class Serving(Operations, History, ScheduleClient):
         up to `batch_window` plus one handler's time. Off by default (`batch_size=1`); they pay
         where slots wait on commits rather than on CPU: with 4 slots, `batch_size=16` about
         doubled the drain of one-step runs on 2 cores (docs/performance.md).
+
+        Chains (group commit of one run's steps): when a node moves its run on to a step
+        that may share a transaction (a transactional step without a named limit), the
+        slot runs that step in the same transaction, and commits up to
+        `chain_size` consecutive steps together, or fewer once they spent `batch_window`
+        seconds of user code. A crash rolls back the chain's steps, which run again; the
+        locks their handlers take are held until the chain commits. `chain_size=1` commits
+        every step on its own.
         """
         if not self._versions:
             raise ConfigurationError("register at least one workflow before running a worker")
@@ -146,6 +155,8 @@ class Serving(Operations, History, ScheduleClient):
             batchable=runner.batchable,
             batch_size=batch_size,
             batch_window=batch_window,
+            chain=runner.chain,
+            chain_size=chain_size,
         )
         scheduler = (
             Scheduler(
@@ -187,6 +198,7 @@ class Serving(Operations, History, ScheduleClient):
         grace_period: float = 10.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         batch_window: float = DEFAULT_BATCH_WINDOW,
+        chain_size: int = DEFAULT_CHAIN_SIZE,
     ) -> AsyncIterator[Worker]:
         """Run a worker in the background for the duration of the block (e.g. a lifespan).
 
@@ -203,6 +215,7 @@ class Serving(Operations, History, ScheduleClient):
                         grace_period=grace_period,
                         batch_size=batch_size,
                         batch_window=batch_window,
+                        chain_size=chain_size,
                         task_status=task_status,
                     )
                 )

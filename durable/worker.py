@@ -25,11 +25,12 @@ from collections.abc import Callable, Mapping, Sequence
 import anyio
 import asyncpg
 
-from durable.batch import DEFAULT_BATCH_WINDOW, MAX_BATCH_SIZE, BatchSizer
+from durable.batch import DEFAULT_BATCH_WINDOW, DEFAULT_CHAIN_SIZE, MAX_BATCH_SIZE, BatchSizer
 from durable.db import Connection, is_connection_error
 from durable.group_commit import Batches
 from durable.queue import (
     BatchClaimHook,
+    ChainHook,
     ClaimHook,
     ErrorHook,
     FollowHook,
@@ -68,6 +69,8 @@ class Worker(Working):
         batchable: Callable[[Job], bool] | None = None,
         batch_size: int = 1,
         batch_window: float = DEFAULT_BATCH_WINDOW,
+        chain: ChainHook | None = None,
+        chain_size: int = DEFAULT_CHAIN_SIZE,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -77,12 +80,19 @@ class Worker(Working):
             raise ValueError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {batch_size}")
         if batch_window <= 0:
             raise ValueError(f"batch_window must be > 0 seconds, got {batch_window}")
+        if not 1 <= chain_size <= MAX_BATCH_SIZE:
+            raise ValueError(f"chain_size must be 1..{MAX_BATCH_SIZE}, got {chain_size}")
         self.pool = pool
         self.queries = queries
         self.jobs = JobQueue(queries)
         self._claim_hook: ClaimHook = claim or self.jobs.claim
         self._follow_hook: FollowHook = claim_follow or self._commit_and_claim
         self._on_error = on_error
+        # Chains (group commit of one run's steps, see `Working._work`): off without a
+        # chain hook or with a chain size of 1.
+        self._chain_hook = chain if chain_size > 1 else None
+        self.chain_size = chain_size
+        self._unchained = set()
         # Batches (group commit, `durable.group_commit`): without a batch claim or with a
         # batch size of 1, every claim takes one job, exactly as without batching.
         self.batch_size = batch_size if claim_batch is not None else 1

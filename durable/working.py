@@ -11,9 +11,18 @@ from typing import Any
 import anyio
 import asyncpg
 
-from durable.batch import BatchSizer
+from durable.batch import WALL_WINDOWS, BatchSizer
 from durable.db import Connection, is_connection_error
-from durable.queue import ErrorHook, FollowHook, Handler, Job, JobQueue, Outcome, retry_delay
+from durable.queue import (
+    ChainHook,
+    ErrorHook,
+    FollowHook,
+    Handler,
+    Job,
+    JobQueue,
+    Outcome,
+    retry_delay,
+)
 from durable.stepconn import StepConnection, swallowed_error, undo
 from durable.wakeup import Wakeups
 
@@ -32,6 +41,11 @@ class Working:
     _no_inflight: asyncio.Event
     _wakeups: Wakeups
     _follow_hook: FollowHook
+    _chain_hook: ChainHook | None
+    #: Jobs whose run goes on one job at a time: a chain with them failed (`_run_one`).
+    _unchained: set[int]
+    chain_size: int
+    batch_window: float
     _on_error: ErrorHook | None
 
     @property
@@ -61,14 +75,27 @@ class Working:
         do after the commit (or None); ("broken", None, None): discard the connection.
         A cancellation propagates with the transaction still open (the slot discards it).
         The job's claim already counted it in flight; this ends that count.
+
+        A chain: when a job hands its run on to a step that may share the transaction
+        (the chain hook says which), that step runs in the same transaction, without a
+        commit and a re-lock in between; up to `chain_size` jobs, `batch_window` seconds
+        of user code or `WALL_WINDOWS` windows of wall-clock time, then the transaction
+        commits them together (group commit, as a batch does for the jobs of different
+        runs). A crash rolls back the whole chain, whose steps then run again, each one's
+        writes rolled back with it; so does a failure outside a handler (see `_run_one`).
         """
+        links = 0  # jobs run in this transaction after the first
+        began = time.monotonic()
+        busy = 0.0  # seconds of user code in this transaction
         try:
             while True:
-                began = time.monotonic()
-                outcome = await self._run_one(conn, tx, job)
+                started = time.monotonic()
+                outcome = await self._run_one(conn, tx, job, chained=links > 0)
+                took = time.monotonic() - started
+                if outcome is not None and outcome.busy is not None:
+                    took = outcome.busy
                 if sizer is not None:
-                    busy = None if outcome is None else outcome.busy
-                    sizer.observe(time.monotonic() - began if busy is None else busy)
+                    sizer.observe(took)
                 if outcome is None:  # rolled back and rescheduled
                     self._wakeups.poke()
                     if conn.is_closed():
@@ -76,9 +103,17 @@ class Working:
                     return "open", await self._begin(conn), None
                 after = outcome.after_commit
                 if outcome.follow is not None and after is None and not self.stopping:
+                    busy += took
+                    link = self._next_link(outcome.follow, links, began, busy)
+                    if link is not None:
+                        links += 1
+                        self.processed += 1
+                        job = link
+                        continue
                     # The hook commits and opens the next transaction (in one round trip);
                     # `tx` stays the top transaction, so handlers' savepoints still work.
                     follow = await self._follow_hook(conn, outcome.follow)
+                    links, began, busy = 0, time.monotonic(), 0.0
                     self.processed += 1
                     if follow is not None:
                         job = follow
@@ -109,6 +144,18 @@ class Working:
         finally:
             self._finished()
 
+    def _next_link(self, job_id: int, links: int, began: float, busy: float) -> Job | None:
+        """The job a chain goes on with in this transaction, or None (see `_work`)."""
+        if (
+            self._chain_hook is None
+            or job_id in self._unchained
+            or links + 1 >= self.chain_size
+            or busy >= self.batch_window
+            or time.monotonic() - began >= WALL_WINDOWS * self.batch_window
+        ):
+            return None
+        return self._chain_hook(job_id)
+
     async def _after_commit(self, after: Callable[[], Awaitable[None]], job: Job) -> None:
         self._started()
         try:
@@ -138,13 +185,17 @@ class Working:
         return tx
 
     async def _run_one(
-        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job
+        self, conn: Connection, tx: asyncpg.transaction.Transaction, job: Job, chained: bool
     ) -> Outcome | None:
         """Run one claimed job up to its commit.
 
         A failing isolated handler is rolled back to its savepoint and its retry scheduled in
         the same transaction (the worker then commits both); otherwise the whole transaction
-        rolls back and the retry is scheduled in a new one (None is returned).
+        rolls back and the retry is scheduled in a new one (None is returned). A job of a
+        chain (`chained`: not the transaction's first) has no savepoint of its own, which
+        would cost a round trip on every step: its failure rolls back the whole chain,
+        whose jobs run again, and its run goes on unchained on this worker, so that the
+        failure, should it come again, is recorded as that job's own (None is returned).
         """
         fields = self.log_fields(job)
         handler_conn: Any = StepConnection(conn) if self.isolate else conn
@@ -160,6 +211,22 @@ class Working:
                 await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
                 return Outcome(settled=True)
             with anyio.CancelScope(shield=True):
+                if chained:
+                    if len(self._unchained) > 10_000:
+                        self._unchained.clear()
+                    self._unchained.add(job.id)
+                    log.warning(
+                        "job %s failed outside its handler in a chain; the chain rolls "
+                        "back and its run goes on one job at a time: %r",
+                        job.id,
+                        exc,
+                        extra=fields,
+                    )
+                    # The job is locked once more and committed, so that the next claim
+                    # does not take its rolled-back lock for a worker's death (`_lost`).
+                    await conn.execute("ROLLBACK; BEGIN; " + self.jobs.q["lock_job"] % job.id)
+                    await tx.commit()
+                    return None
                 # `tx` stays the top transaction across the raw ROLLBACK and BEGIN (as
                 # across `COMMIT; BEGIN` below), and its commit ends the new one.
                 await conn.execute("ROLLBACK; BEGIN; " + self.jobs.q["lock_job"] % job.id)

@@ -833,6 +833,7 @@ AS $$
 DECLARE
     v_now timestamptz := __SCHEMA__.now_v1();
     v_paused boolean;
+    v_held boolean;
 BEGIN
     clock := v_now;
     IF p_consume IS NOT NULL THEN
@@ -871,13 +872,31 @@ BEGIN
         attempt = 1, wake_at = NULL, waiting_for = NULL, child_id = NULL, branches = NULL,
         updated_at = v_now
     WHERE id = p_run
-    RETURNING xmin, paused_at IS NOT NULL INTO written_by, v_paused;
+    -- Whether the worker may go on with the run as written (`written_by`, see relock_v1):
+    -- not when a cancel was requested, a client waits to take the run (take_run_v1), the next
+    -- node has a journal row to replay (a retried run), or the workflow is paused; it then
+    -- claims the job afresh, and the claim sees why. Read here, in the statement that
+    -- writes the run, not in a statement of relock_v1's after the commit: something that
+    -- comes later is seen at the next node's end, as if it had come while that node ran.
+    RETURNING xmin, paused_at IS NOT NULL,
+        p_job IS NOT NULL AND (
+            NOT (pg_try_advisory_lock_shared(hashtext(p_run), 1)
+                 AND pg_advisory_unlock_shared(hashtext(p_run), 1))
+            OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests c WHERE c.run_id = p_run)
+            OR EXISTS (SELECT 1 FROM __SCHEMA__.journal e
+                       WHERE e.run_id = p_run AND e.key = p_next)
+            OR EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows w
+                       WHERE w.workflow = runs.workflow))
+    INTO written_by, v_paused, v_held;
     IF v_paused THEN
         -- An operator paused the run while this node ran: it stops here, without a job.
         follow := __SCHEMA__.ensure_jobs_v1(p_run);
         written_by := NULL;
     ELSE
         follow := coalesce(p_job, __SCHEMA__.ensure_jobs_v1(p_run));
+        IF v_held THEN
+            written_by := NULL;
+        END IF;
     END IF;
 END
 $$;
@@ -886,17 +905,15 @@ $$;
 -- transaction that moved the run to its next node: the worker goes on with the run as
 -- it wrote it, without reading it back. Sent in one message with that COMMIT and the next
 -- BEGIN. Raises DU040 when that is not safe: another worker took the job, a client holds
--- the run, someone wrote the run row since, a cancel was requested, the node there has
--- a journal row to replay (a retried run), or its workflow is paused; the worker then
--- rolls back and claims afresh.
+-- the run, or someone wrote the run row since; the worker then rolls back and claims
+-- afresh. What else stops a run there (a cancel request, a journal row to replay, a
+-- paused workflow) complete_node_v2 read as it wrote `p_written_by`.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
     SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     v_run text;
-    v_node text;
-    v_workflow text;
 BEGIN
     SELECT run_id INTO v_run FROM __SCHEMA__.jobs
     WHERE id = p_job AND task = 'advance' AND lease_token IS NULL
@@ -907,16 +924,10 @@ BEGIN
     END IF;
     -- Locked and checked in one statement: a row version written since (the xmin test) is
     -- not returned, also when the lock waited for its writer, as a locking read re-checks
-    -- its conditions on the newest version. The tables read next are read in statements
-    -- of their own, which see what that writer committed (see claim_v1).
-    SELECT current_node, workflow INTO v_node, v_workflow FROM __SCHEMA__.runs
-    WHERE id = v_run AND xmin = p_written_by
+    -- its conditions on the newest version.
+    PERFORM 1 FROM __SCHEMA__.runs WHERE id = v_run AND xmin = p_written_by
     FOR NO KEY UPDATE;
-    -- The workflow from the locked row: the paused check reads `runs` no second time.
-    IF NOT FOUND
-       OR EXISTS (SELECT 1 FROM __SCHEMA__.cancel_requests WHERE run_id = v_run)
-       OR EXISTS (SELECT 1 FROM __SCHEMA__.journal WHERE run_id = v_run AND key = v_node)
-       OR EXISTS (SELECT 1 FROM __SCHEMA__.paused_workflows WHERE workflow = v_workflow) THEN
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'run % moved since', v_run USING ERRCODE = 'DU040';
     END IF;
 END
@@ -1205,6 +1216,30 @@ $$;
 -- parent, all in the caller's transaction: a crash cancels all of them or none. Each run's
 -- advisory lock waits for the worker transaction in flight on it (claims of its jobs then
 -- leave it alone), then its row is locked. Returns NULL for an unknown run.
+-- Take run `p_run` for this transaction against its node in flight: wait for the worker
+-- transaction that holds the run's advisory lock (shared, from its claim). While it waits,
+-- it holds a session-level lock that complete_node_v2 looks at: a worker running the run's
+-- steps one after the other in one transaction (a chain) then commits at the end of the
+-- step in flight instead of going on, so a client's cancel or pause waits for one node,
+-- as without chains. A wait cut short (a statement timeout, a cancelled query) lets go of
+-- that lock; a lost session does too, and so does the pool's reset of a connection.
+CREATE OR REPLACE FUNCTION __SCHEMA__.take_run_v1(p_run text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_xact_lock(hashtextextended(p_run, 0)) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_lock(hashtext(p_run), 1);
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        PERFORM pg_advisory_unlock(hashtext(p_run), 1);
+        RAISE;
+    END;
+    PERFORM pg_advisory_unlock(hashtext(p_run), 1);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
@@ -1213,7 +1248,7 @@ DECLARE
     v_child text;
     v_done boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     PERFORM 1 FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
@@ -1233,7 +1268,8 @@ $$;
 -- Put a signal in a run's mailbox and wake the run if it waits for that name. NULL for an
 -- unknown run, false when no wait can ever consume it (finished or compensating). When the
 -- run's mailbox already holds a signal with key `p_dedupe` (consumed or not), nothing is
--- recorded and the answer is still true; a NULL key always records.
+-- recorded and the answer is still true, also once the run has finished: a retried
+-- request gets the answer the first one got. A NULL key always records.
 CREATE OR REPLACE FUNCTION __SCHEMA__.signal_v2(
     p_run text, p_name text, p_payload text, p_dedupe text
 ) RETURNS boolean
@@ -1248,7 +1284,9 @@ BEGIN
         RETURN NULL;
     END IF;
     IF v_status IN ('completed', 'failed', 'cancelled', 'compensating') THEN
-        RETURN false;
+        RETURN p_dedupe IS NOT NULL AND EXISTS (
+            SELECT 1 FROM __SCHEMA__.signals WHERE run_id = p_run AND dedupe_key = p_dedupe
+        );
     END IF;
     INSERT INTO __SCHEMA__.signals (run_id, name, payload, dedupe_key)
     VALUES (p_run, p_name, p_payload::jsonb, p_dedupe)
@@ -1428,7 +1466,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_done boolean;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     PERFORM 1 FROM __SCHEMA__.jobs WHERE run_id = p_run AND lease_token IS NULL FOR UPDATE;
     UPDATE __SCHEMA__.runs SET paused_at = __SCHEMA__.now_v1(), updated_at = __SCHEMA__.now_v1()
     WHERE id = p_run AND finished_at IS NULL AND paused_at IS NULL;

@@ -33,6 +33,21 @@ class _Memo(NamedTuple):
     written_by: int | None = None
 
 
+def _continued(job_id: int, memo: _Memo) -> Job:
+    """The job of a run this worker moved on to a step, as it wrote it (`memo.moved`)."""
+    return Job(
+        id=job_id,
+        queue=memo.queue,
+        task="advance",
+        run_id=memo.run_id,
+        payload={},
+        priority=0,
+        attempts=0,
+        lease_token=None,
+        prefetched=memo.moved,
+    )
+
+
 class Claiming:
     """The claim hooks of a `durable.runtime.runner.Runner` and what it remembers of the
     runs it hands on to itself."""
@@ -101,6 +116,21 @@ class Claiming:
         node = wf.nodes[s.cursor]
         return not (isinstance(node, Step) and (not node.transactional or node.limit is not None))
 
+    def chain(self, job_id: int) -> Job | None:
+        """Worker chain hook: the job the last transition handed on, to run in the same
+        transaction, or None. Only when that transition moved the run on to a step that
+        may share a transaction with others (`batchable`) and nothing stopped the run there
+        (complete_node_v2 then gave `written_by`): the job and the run are still locked by
+        this transaction, and the run is as it wrote it, so nothing is read again."""
+        memo = self._memos.get(job_id)
+        if memo is None or memo.moved is None:
+            return None
+        job = _continued(job_id, memo)
+        if not self.batchable(job):
+            return None
+        del self._memos[job_id]
+        return job
+
     async def claim_follow(self, conn: Connection, job_id: int) -> Job | None:
         """Worker follow hook: commit, then claim the job the last transition handed on.
 
@@ -121,17 +151,7 @@ class Claiming:
                     raise
                 await conn.execute("ROLLBACK; BEGIN")
             else:
-                return Job(
-                    id=job_id,
-                    queue=memo.queue,
-                    task="advance",
-                    run_id=memo.run_id,
-                    payload={},
-                    priority=0,
-                    attempts=0,
-                    lease_token=None,
-                    prefetched=memo.moved,
-                )
+                return _continued(job_id, memo)
         else:
             await conn.execute("COMMIT; BEGIN")
         row = await conn.fetchrow(self.q["claim_by_id"], job_id, memo is None)

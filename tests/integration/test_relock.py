@@ -129,7 +129,73 @@ async def test_relock_refuses_a_run_a_client_holds(moved: dict[str, Any]) -> Non
         await other.close()
 
 
-async def test_relock_refuses_a_run_with_a_cancel_requested(moved: dict[str, Any]) -> None:
+async def _complete_first(db: Any, before: str | None = None) -> asyncpg.Record:
+    """Claim the run's job and complete its first step, as a worker does; `before` runs on
+    another connection (and commits) while the step runs, with the run id as $1."""
+    async with durable.Engine(db.dsn, workflows=[WF]) as engine:
+        run_id = await engine.start(WF)
+    conn = await asyncpg.connect(db.dsn)
+    try:
+        async with conn.transaction():
+            job = await conn.fetchrow(Q["claim"], [WF.queue])
+            assert job is not None
+            if before is not None:
+                other = await asyncpg.connect(db.dsn)
+                try:
+                    await other.execute(before, run_id)
+                finally:
+                    await other.close()
+            done = await conn.fetchrow(
+                Q["complete_node"],
+                run_id,
+                "first",
+                "null",
+                1,
+                None,
+                False,
+                1,
+                "second",
+                None,
+                job["id"],
+            )
+        assert done["follow"] == job["id"]  # the job stays the run's, due at once
+        return done
+    finally:
+        await conn.close()
+
+
+async def test_a_step_that_nothing_stopped_hands_its_run_on_as_written(db: Any) -> None:
+    assert (await _complete_first(db))["written_by"] is not None
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        "INSERT INTO durable.cancel_requests (run_id, reason) VALUES ($1, 'stop')",
+        "INSERT INTO durable.journal (run_id, key, node, status, result)"
+        " VALUES ($1, 'second', 'second', 'completed', 'null')",
+        "INSERT INTO durable.paused_workflows (workflow)"
+        " SELECT workflow FROM durable.runs WHERE id = $1",
+    ],
+    ids=["cancel-requested", "journal-row-to-replay", "workflow-paused"],
+)
+async def test_a_step_whose_run_was_stopped_meanwhile_does_not_hand_it_on_as_written(
+    db: Any, before: str
+) -> None:
+    """A cancel requested, a journal row at the next node (a retried run) or a paused
+    workflow, committed while the step ran: complete_node_v2 gives no `written_by`, so the
+    worker neither re-locks the run as it wrote it nor goes on with it in the same
+    transaction (a chain); it claims the job afresh, and the claim sees why."""
+    assert (await _complete_first(db, before))["written_by"] is None
+
+
+async def test_relock_takes_a_run_whose_cancel_came_after_the_commit(
+    moved: dict[str, Any],
+) -> None:
+    """What stops a run is read as the step's outcome is written; a cancel requested after
+    that commit is seen at the end of the node the re-lock goes on with, as if it had come
+    while that node ran (the canceller waits for the run's lock meanwhile)."""
+
     async def request(c: asyncpg.Connection) -> None:
         await c.execute(
             "INSERT INTO durable.cancel_requests (run_id, reason) VALUES ($1, 'stop')",
@@ -137,23 +203,11 @@ async def test_relock_refuses_a_run_with_a_cancel_requested(moved: dict[str, Any
         )
 
     await _in_other(moved, request)
-    await _refused(moved)
+    await relock(moved)
     await _in_other(
         moved,
         lambda c: c.execute("DELETE FROM durable.cancel_requests WHERE run_id = $1", moved["run"]),
     )
-
-
-async def test_relock_refuses_a_node_with_a_journal_row_to_replay(moved: dict[str, Any]) -> None:
-    async def journal(c: asyncpg.Connection) -> None:
-        await c.execute(
-            "INSERT INTO durable.journal (run_id, key, node, status, result)"
-            " VALUES ($1, 'second', 'second', 'completed', 'null')",
-            moved["run"],
-        )
-
-    await _in_other(moved, journal)
-    await _refused(moved)
 
 
 async def _relock_behind(m: dict[str, Any], sql: str) -> asyncpg.PostgresError | None:

@@ -569,6 +569,23 @@ async def test_dedupe_keys_are_per_run_and_concurrent_duplicates_record_one(db: 
     assert counts == {a: 1, b: 1}
 
 
+async def test_a_retried_signal_gets_the_first_answer_after_its_run_finished(db: Any) -> None:
+    """A client whose request signalled the run, then retries it (same dedupe key) after the
+    run consumed the signal and finished, is told True again, not that the run finished:
+    the retry's answer must not depend on how fast the run went on."""
+    wf = durable.Workflow("answered")
+    wf.wait_for_signal("decision", "decided")
+    async with running_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        assert await engine.signal(run_id, "decided", {"ok": True}, dedupe_key="req-1") is True
+        await engine.wait(run_id, timeout=10)
+        assert await engine.signal(run_id, "decided", {"ok": True}, dedupe_key="req-1") is True
+        # A new request (another key, or none) reaches a finished run: no wait will take it.
+        assert await engine.signal(run_id, "decided", {"ok": False}, dedupe_key="req-2") is False
+        assert await engine.signal(run_id, "decided", {"ok": False}) is False
+        assert await _mailbox(engine, run_id) == [("decided", {"ok": True}, "decision")]
+
+
 async def test_a_handler_signalling_its_own_run_with_a_dedupe_key_records_once(db: Any) -> None:
     wf = durable.Workflow("self_dedupe")
     engine_box: list[durable.Engine] = []
