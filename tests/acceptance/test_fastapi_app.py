@@ -255,8 +255,10 @@ async def ship_blocked(
                     break
                 await anyio.sleep(0.05)
         body = (await server.client.get(f"/runs/{run_id}")).json()
-        assert body["current_node"] == "ship", body
-        assert body["status"] == "running", body
+        # A reader sees the run's last commit. `ship` runs in the transaction that
+        # completed `approval` (a chain), so the run still reads as waiting there.
+        assert (body["current_node"], body["status"]) == ("approval", "waiting"), body
+        assert body["results"] == {"reserve": {"reserved": 1}}, body
         yield
     finally:
         await lock.rollback()  # releases the lock
