@@ -110,12 +110,15 @@ class Sizes:
     concurrency: int
     scenario_timeout: float  # seconds before a scenario is abandoned (and reported as such)
     batch_size: int | None = None  # the workers' batch size (None: the engine's default)
+    chain_size: int | None = None  # the workers' chain size (None: the engine's default)
 
     def worker_options(self) -> dict[str, int]:
         """The keyword arguments of the scenarios' `engine.worker(...)`."""
         options = {"concurrency": self.concurrency}
         if self.batch_size is not None:
             options["batch_size"] = self.batch_size
+        if self.chain_size is not None:
+            options["chain_size"] = self.chain_size
         return options
 
 

@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-size", type=int, default=None, help="worker batch size (default: the engine's)"
     )
     parser.add_argument(
+        "--chain-size", type=int, default=None, help="worker chain size (default: the engine's)"
+    )
+    parser.add_argument(
         "--scale-rows",
         type=int,
         default=None,
@@ -433,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = Sizes(**{**asdict(sizes), "concurrency": args.concurrency})
     if args.batch_size is not None:
         sizes = Sizes(**{**asdict(sizes), "batch_size": args.batch_size})
+    if args.chain_size is not None:
+        sizes = Sizes(**{**asdict(sizes), "chain_size": args.chain_size})
     if args.scale_rows is not None:
         if args.scale_rows < 1:
             parser.error("--scale-rows must be at least 1")
