@@ -122,3 +122,19 @@ async def until_blocked(
 
     blockers: list[int] = await eventually(check, timeout=timeout)
     return blockers
+
+
+def refusing_journal(key: str) -> str:
+    """SQL (an engine's `setup`) for a trigger that makes the database refuse the completed
+    journal row of `key`, with the error text `journal refuses <key>`."""
+    return f"""
+        CREATE FUNCTION refuse_{key}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.key = '{key}' AND NEW.status = 'completed' THEN
+                RAISE EXCEPTION 'journal refuses {key}';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_{key} BEFORE INSERT ON durable.journal
+            FOR EACH ROW EXECUTE FUNCTION refuse_{key}();
+    """

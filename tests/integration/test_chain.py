@@ -8,7 +8,7 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from helpers import eventually, fetch, fetchval, open_engine, until_blocked
+from helpers import eventually, fetch, fetchval, open_engine, refusing_journal, until_blocked
 
 import durable
 
@@ -128,17 +128,7 @@ async def test_a_failure_recording_a_chained_step_is_a_bounded_attempt_of_that_s
     the transaction of `a` and `b`. The chain rolls back whole (a and b run again), the run
     goes on one job at a time, and the refusal is then recorded as attempts of `c`, which
     count against its budget: the run fails at `c` instead of re-running the chain forever."""
-    setup = """
-        CREATE FUNCTION refuse_c() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.key = 'c' AND NEW.status = 'completed' THEN
-                RAISE EXCEPTION 'journal refuses c';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_c BEFORE INSERT ON durable.journal
-            FOR EACH ROW EXECUTE FUNCTION refuse_c();
-    """
+    setup = refusing_journal("c")
     calls: Counter[str] = Counter()
     wf = durable.Workflow("refused_in_chain")
     wf.step("a", counting("a", calls))

@@ -24,39 +24,49 @@ async def noop(ctx: durable.Context) -> None:
 WF = durable.Workflow("relocked").step("first", noop).step("second", noop)
 
 
+async def complete_first(
+    db: Any, conn: asyncpg.Connection, before: str | None = None
+) -> tuple[str, int, asyncpg.Record]:
+    """Start a run, claim its job on `conn` and complete its first step there, as a worker
+    does, and commit; `before` runs on another connection (and commits) while the step
+    runs, with the run id as $1. The run id, the job id and complete_node_v2's row."""
+    async with durable.Engine(db.dsn, workflows=[WF]) as engine:
+        run_id = await engine.start(WF)
+    async with conn.transaction():
+        job = await conn.fetchrow(Q["claim"], [WF.queue])
+        assert job is not None
+        assert job["run_id"] == run_id
+        if before is not None:
+            other = await asyncpg.connect(db.dsn)
+            try:
+                await other.execute(before, run_id)
+            finally:
+                await other.close()
+        done = await conn.fetchrow(
+            Q["complete_node"],
+            run_id,
+            "first",
+            "null",
+            1,
+            None,
+            False,
+            1,
+            "second",
+            None,
+            job["id"],
+        )
+    assert done["follow"] == job["id"]  # the job stays the run's, due at once
+    return run_id, job["id"], done
+
+
 @pytest.fixture
 async def moved(db: Any) -> AsyncIterator[dict[str, Any]]:
     """A run whose first step a worker connection completed and committed, as the worker
     does before it re-locks: the job id, the run id and the transaction that moved it."""
-    async with durable.Engine(db.dsn, workflows=[WF]) as engine:
-        run_id = await engine.start(WF)
     conn = await asyncpg.connect(db.dsn)
     try:
-        async with conn.transaction():
-            job = await conn.fetchrow(Q["claim"], [WF.queue])
-            assert job is not None
-            assert job["run_id"] == run_id
-            done = await conn.fetchrow(
-                Q["complete_node"],
-                run_id,
-                "first",
-                "null",
-                1,
-                None,
-                False,
-                1,
-                "second",
-                None,
-                job["id"],
-            )
-        assert done["follow"] == job["id"]
-        yield {
-            "conn": conn,
-            "dsn": db.dsn,
-            "job": job["id"],
-            "run": run_id,
-            "xid": done["written_by"],
-        }
+        run_id, job_id, done = await complete_first(db, conn)
+        yield {"conn": conn, "dsn": db.dsn, "job": job_id, "run": run_id, "xid": done["written_by"]}
     finally:
         await conn.close()
 
@@ -129,43 +139,16 @@ async def test_relock_refuses_a_run_a_client_holds(moved: dict[str, Any]) -> Non
         await other.close()
 
 
-async def _complete_first(db: Any, before: str | None = None) -> asyncpg.Record:
-    """Claim the run's job and complete its first step, as a worker does; `before` runs on
-    another connection (and commits) while the step runs, with the run id as $1."""
-    async with durable.Engine(db.dsn, workflows=[WF]) as engine:
-        run_id = await engine.start(WF)
+async def _written_by(db: Any, before: str | None = None) -> int | None:
     conn = await asyncpg.connect(db.dsn)
     try:
-        async with conn.transaction():
-            job = await conn.fetchrow(Q["claim"], [WF.queue])
-            assert job is not None
-            if before is not None:
-                other = await asyncpg.connect(db.dsn)
-                try:
-                    await other.execute(before, run_id)
-                finally:
-                    await other.close()
-            done = await conn.fetchrow(
-                Q["complete_node"],
-                run_id,
-                "first",
-                "null",
-                1,
-                None,
-                False,
-                1,
-                "second",
-                None,
-                job["id"],
-            )
-        assert done["follow"] == job["id"]  # the job stays the run's, due at once
-        return done
+        return (await complete_first(db, conn, before))[2]["written_by"]
     finally:
         await conn.close()
 
 
 async def test_a_step_that_nothing_stopped_hands_its_run_on_as_written(db: Any) -> None:
-    assert (await _complete_first(db))["written_by"] is not None
+    assert await _written_by(db) is not None
 
 
 @pytest.mark.parametrize(
@@ -186,7 +169,7 @@ async def test_a_step_whose_run_was_stopped_meanwhile_does_not_hand_it_on_as_wri
     workflow, committed while the step ran: complete_node_v2 gives no `written_by`, so the
     worker neither re-locks the run as it wrote it nor goes on with it in the same
     transaction (a chain); it claims the job afresh, and the claim sees why."""
-    assert (await _complete_first(db, before))["written_by"] is None
+    assert await _written_by(db, before) is None
 
 
 async def test_relock_takes_a_run_whose_cancel_came_after_the_commit(

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import eventually, fetch, fetchval, open_engine, running_engine
+from helpers import eventually, fetch, fetchval, open_engine, refusing_journal, running_engine
 
 import durable
 
@@ -943,17 +943,7 @@ async def test_a_database_error_while_recording_an_outcome_is_a_bounded_attempt(
     """Bounded failure everywhere: when recording a node's outcome fails in the database (here
     a trigger refuses the journal row of `b`), the failure is an attempt of `b` that counts
     against its budget; the run fails and compensates instead of retrying the job forever."""
-    setup = """
-        CREATE FUNCTION refuse_b() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.key = 'b' AND NEW.status = 'completed' THEN
-                RAISE EXCEPTION 'journal refuses b';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse_b BEFORE INSERT ON durable.journal
-            FOR EACH ROW EXECUTE FUNCTION refuse_b();
-    """
+    setup = refusing_journal("b")
     calls: Counter[str] = Counter()
     wf = durable.Workflow("refused")
     wf.step("a", counting("a", calls))
