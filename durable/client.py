@@ -209,7 +209,8 @@ class Client(RunControl, Waiting):
         return self._acquire()
 
     async def get_run(self, run_id: str, *, journal: bool = False, primary: bool = False) -> Run:
-        """The run `run_id`; with `journal=True` also its journal and failed attempts.
+        """The run `run_id`; with `journal=True` also its journal and failed attempts, all
+        read as of one moment (one snapshot), so the run is never behind its own history.
 
         Its input, results and journal are in their JSON form (what is stored), also for a
         workflow with an `input=` model and handlers with typed results. With

@@ -190,3 +190,32 @@ async def test_a_client_cancel_waits_for_the_node_in_flight_not_for_the_chain(db
     assert run.status.value == "cancelled"
     assert ("b", "completed") in [(e.key, e.status) for e in run.journal]
     assert calls == Counter(a=1, b=1)
+
+
+async def test_get_run_with_its_journal_reads_one_moment(db: Any) -> None:
+    """`get_run(journal=True)` reads the run, its journal and its attempts in three
+    statements. A node's commit between them (more likely now that a chain commits several
+    nodes at once) showed a run behind its own history: here the attempts' read waits for a
+    transaction that records an attempt and touches the run, and the answer must show all
+    of that transaction or none of it, never the attempt without the run's change."""
+    wf = durable.Workflow("one_moment")
+    wf.step("a", counting("a", Counter()))
+    async with open_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        async with engine.pool.acquire() as writer:
+            tx = writer.transaction()
+            await tx.start()
+            await writer.execute("LOCK TABLE durable.attempts IN ACCESS EXCLUSIVE MODE")
+            read = asyncio.ensure_future(engine.get_run(run_id, journal=True))
+            await until_blocked(engine, 'FROM "durable".attempts')
+            await writer.execute(
+                "INSERT INTO durable.attempts (run_id, key, attempt, error, started_at, epoch)"
+                " VALUES ($1, 'a', 1, 'boom', now(), 0)",
+                run_id,
+            )
+            await writer.execute(
+                "UPDATE durable.runs SET updated_at = '2030-01-01' WHERE id = $1", run_id
+            )
+            await tx.commit()
+        run = await asyncio.wait_for(read, 10)
+    assert (run.updated_at.year == 2030) == (len(run.attempts) == 1), run
