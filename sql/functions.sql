@@ -1212,17 +1212,14 @@ BEGIN
 END
 $$;
 
--- Cancel a run and its unfinished children, grandchildren first locked after their
--- parent, all in the caller's transaction: a crash cancels all of them or none. Each run's
--- advisory lock waits for the worker transaction in flight on it (claims of its jobs then
--- leave it alone), then its row is locked. Returns NULL for an unknown run.
 -- Take run `p_run` for this transaction against its node in flight: wait for the worker
 -- transaction that holds the run's advisory lock (shared, from its claim). While it waits,
 -- it holds a session-level lock that complete_node_v2 looks at: a worker running the run's
 -- steps one after the other in one transaction (a chain) then commits at the end of the
--- step in flight instead of going on, so a client's cancel or pause waits for one node,
--- as without chains. A wait cut short (a statement timeout, a cancelled query) lets go of
--- that lock; a lost session does too, and so does the pool's reset of a connection.
+-- step in flight instead of going on, so a client's cancel, pause, signal or upgrade waits
+-- for one node, as without chains. A wait cut short (a statement timeout, a cancelled
+-- query) lets go of that lock; a lost session does too, and so does the pool's reset of a
+-- connection.
 CREATE OR REPLACE FUNCTION __SCHEMA__.take_run_v1(p_run text) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -1240,6 +1237,10 @@ BEGIN
 END
 $$;
 
+-- Cancel a run and its unfinished children, grandchildren first locked after their
+-- parent, all in the caller's transaction: a crash cancels all of them or none. Each run is
+-- taken (take_run_v1) from the worker transaction in flight on it (claims of its jobs then
+-- leave it alone), then its row is locked. Returns NULL for an unknown run.
 CREATE OR REPLACE FUNCTION __SCHEMA__.cancel_tree_v1(p_run text, p_reason text)
 RETURNS boolean
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
@@ -1278,7 +1279,7 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 DECLARE
     v_status text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     SELECT status INTO v_status FROM __SCHEMA__.runs WHERE id = p_run FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
@@ -1490,7 +1491,7 @@ DECLARE
     v_workflow text;
     v_queued_key text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     UPDATE __SCHEMA__.runs SET paused_at = NULL, updated_at = __SCHEMA__.now_v1()
     WHERE id = p_run AND paused_at IS NOT NULL AND finished_at IS NULL
     RETURNING workflow, CASE WHEN slot = 'queued' THEN concurrency_key END
@@ -1865,7 +1866,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_child text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     PERFORM 1 FROM __SCHEMA__.jobs j WHERE j.run_id = p_run ORDER BY j.id FOR UPDATE;
     SELECT r.child_id INTO v_child FROM __SCHEMA__.runs r WHERE r.id = p_run FOR NO KEY UPDATE;
     IF NOT FOUND THEN
@@ -1900,7 +1901,7 @@ CREATE OR REPLACE FUNCTION __SCHEMA__.upgrade_run_v1(
 ) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_run, 0));
+    PERFORM __SCHEMA__.take_run_v1(p_run);
     UPDATE __SCHEMA__.runs
     SET queue = p_to, version = __SCHEMA__.queue_version_v1(p_to), cursor = p_cursor,
         updated_at = __SCHEMA__.now_v1()
