@@ -3,6 +3,7 @@ small SQL shortcuts and a deadline-bounded wait for a database condition."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -138,3 +139,14 @@ def refusing_journal(key: str) -> str:
         CREATE TRIGGER refuse_{key} BEFORE INSERT ON durable.journal
             FOR EACH ROW EXECUTE FUNCTION refuse_{key}();
     """
+
+
+def counting(name: str, calls: Counter[str]) -> Any:
+    """A handler that counts its calls in `calls[name]` and returns `name`."""
+
+    async def handler(ctx: durable.Context) -> str:
+        calls[name] += 1
+        return name
+
+    handler.__name__ = name
+    return handler

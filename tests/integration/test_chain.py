@@ -8,18 +8,17 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from helpers import eventually, fetch, fetchval, open_engine, refusing_journal, until_blocked
+from helpers import (
+    counting,
+    eventually,
+    fetch,
+    fetchval,
+    open_engine,
+    refusing_journal,
+    until_blocked,
+)
 
 import durable
-
-
-def counting(name: str, calls: Counter[str]) -> Any:
-    async def handler(ctx: durable.Context) -> str:
-        calls[name] += 1
-        return name
-
-    handler.__name__ = name
-    return handler
 
 
 def steps(name: str, n: int, calls: Counter[str], **options: Any) -> durable.Workflow:

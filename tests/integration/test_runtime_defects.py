@@ -11,7 +11,15 @@ from typing import Any
 
 import anyio
 import pytest
-from helpers import eventually, fetch, fetchval, open_engine, refusing_journal, running_engine
+from helpers import (
+    counting,
+    eventually,
+    fetch,
+    fetchval,
+    open_engine,
+    refusing_journal,
+    running_engine,
+)
 
 import durable
 
@@ -112,17 +120,6 @@ async def until_blocked_or_done(
 
     found: tuple[int | None] = await eventually(check, timeout=timeout)
     return found[0]
-
-
-def counting(name: str, calls: Counter[str]) -> Any:
-    """A handler that counts its calls in `calls[name]` and returns `name`."""
-
-    async def handler(ctx: durable.Context) -> str:
-        calls[name] += 1
-        return name
-
-    handler.__name__ = name
-    return handler
 
 
 # -- 1: an interrupted cancel ----------------------------------------------------------------
