@@ -234,6 +234,8 @@ class Client(RunControl, Waiting):
                 return await self._read_run_history(conn, run_id)
 
     async def _read_run_history(self, conn: Connection, run_id: str) -> Run:
+        """The run with its journal and attempts, read on `conn` in the caller's snapshot
+        (the dashboard's run page reads its mailbox in the same one)."""
         row = await conn.fetchrow(self.queries["get_run"], run_id)
         if row is None:
             raise RunNotFound(f"no run with id {run_id!r}")

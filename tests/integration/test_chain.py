@@ -218,3 +218,31 @@ async def test_get_run_with_its_journal_reads_one_moment(db: Any) -> None:
             await tx.commit()
         run = await asyncio.wait_for(read, 10)
     assert (run.updated_at.year == 2030) == (len(run.attempts) == 1), run
+
+
+async def test_the_dashboards_run_page_reads_one_moment(db: Any) -> None:
+    """The same root as above in the dashboard's run page, which read the mailbox on a
+    connection of its own after `get_run`: here the mailbox's read waits for a transaction
+    that puts a signal in it and touches the run; the page shows all of it or none."""
+    from durable.web import data
+
+    wf = durable.Workflow("page_moment")
+    wf.wait_for_signal("go", "go")
+    async with open_engine(db, wf) as engine:
+        run_id = await engine.start(wf)
+        async with engine.pool.acquire() as writer:
+            tx = writer.transaction()
+            await tx.start()
+            await writer.execute("LOCK TABLE durable.signals IN ACCESS EXCLUSIVE MODE")
+            page = asyncio.ensure_future(data.run_detail(engine, run_id))
+            await until_blocked(engine, 'FROM "durable".signals')
+            await writer.execute(
+                "INSERT INTO durable.signals (run_id, name, payload) VALUES ($1, 'go', '1')",
+                run_id,
+            )
+            await writer.execute(
+                "UPDATE durable.runs SET updated_at = '2030-01-01' WHERE id = $1", run_id
+            )
+            await tx.commit()
+        detail = await asyncio.wait_for(page, 10)
+    assert detail["updated_at"].startswith("2030") == (len(detail["mailbox"]) == 1), detail

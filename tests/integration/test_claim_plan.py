@@ -323,8 +323,6 @@ async def test_every_statement_of_the_engine_claim_stays_on_indexes(
                 "SELECT xmin FROM durable.runs WHERE id = $1", job["run_id"]
             ),
             v_run=job["run_id"],
-            v_node=job["current_node"],
-            v_workflow=job["workflow"],
         )
     for statement in statements:
         nodes = await explain(conn, statement, mode, values)

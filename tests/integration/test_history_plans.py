@@ -157,8 +157,6 @@ async def test_no_statement_of_a_claim_reads_a_partition_of_another_month(
                 "SELECT xmin FROM durable.runs WHERE id = $1", job["run_id"]
             ),
             v_run=job["run_id"],
-            v_node=job["current_node"],
-            v_workflow=job["workflow"],
         )
     own = {f"{t}_{this_month()}" for t in HISTORY}
     old = {f"{t}_y{m:%Y}m{m:%m}" for t in HISTORY for m in OLD_MONTHS}
