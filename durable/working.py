@@ -211,28 +211,31 @@ class Working:
                 await self.jobs.retry(conn, job.id, retry_delay(job.attempts + 1))
                 return Outcome(settled=True)
             with anyio.CancelScope(shield=True):
-                if chained:
-                    if len(self._unchained) > 10_000:
-                        self._unchained.clear()
-                    self._unchained.add(job.id)
-                    log.warning(
-                        "job %s failed outside its handler in a chain; the chain rolls "
-                        "back and its run goes on one job at a time: %r",
-                        job.id,
-                        exc,
-                        extra=fields,
-                    )
-                    # The job is locked once more and committed, so that the next claim
-                    # does not take its rolled-back lock for a worker's death (`_lost`).
-                    await conn.execute("ROLLBACK; BEGIN; " + self.jobs.q["lock_job"] % job.id)
-                    await tx.commit()
-                    return None
                 # `tx` stays the top transaction across the raw ROLLBACK and BEGIN (as
-                # across `COMMIT; BEGIN` below), and its commit ends the new one.
+                # across `COMMIT; BEGIN` below), and its commit ends the new one. The job
+                # is locked again in the same message: no other slot takes it up meanwhile,
+                # and the next claim does not take a rolled-back lock for a worker's death.
                 await conn.execute("ROLLBACK; BEGIN; " + self.jobs.q["lock_job"] % job.id)
-                await self._retry(conn, job, exc, fields)
+                if chained:
+                    self._unchain(job, exc, fields)
+                else:
+                    await self._retry(conn, job, exc, fields)
                 await tx.commit()
             return None
+
+    def _unchain(self, job: Job, exc: Exception, fields: dict[str, object]) -> None:
+        """A job of a chain failed outside its handler: the chain rolled back, nothing is
+        recorded, and the job's run goes on one job at a time on this worker."""
+        if len(self._unchained) > 10_000:  # runs that finished long ago, most likely
+            self._unchained.clear()
+        self._unchained.add(job.id)
+        log.warning(
+            "job %s failed outside its handler in a chain; the chain rolls back and its "
+            "run goes on one job at a time: %r",
+            job.id,
+            exc,
+            extra=fields,
+        )
 
     def log_fields(self, job: Job) -> dict[str, object]:
         """The fields a log line about `job` carries."""

@@ -906,8 +906,9 @@ $$;
 -- it wrote it, without reading it back. Sent in one message with that COMMIT and the next
 -- BEGIN. Raises DU040 when that is not safe: another worker took the job, a client holds
 -- the run, or someone wrote the run row since; the worker then rolls back and claims
--- afresh. What else stops a run there (a cancel request, a journal row to replay, a
--- paused workflow) complete_node_v2 read as it wrote `p_written_by`.
+-- afresh. What else stops a run there (a cancel request, a client waiting to take the
+-- run, a journal row to replay, a paused workflow) complete_node_v2 read as it wrote
+-- `p_written_by`.
 CREATE OR REPLACE FUNCTION __SCHEMA__.relock_v1(p_job bigint, p_written_by xid) RETURNS void
 LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
     SET plan_cache_mode = force_generic_plan

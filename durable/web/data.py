@@ -44,14 +44,16 @@ def summary(run: Run) -> dict[str, Any]:
 async def run_detail(engine: Engine, run_id: str) -> dict[str, Any]:
     """A run with its journal, attempts, mailbox, parent, children and timeline (raises
     `RunNotFound`)."""
-    async with engine.read_pool.acquire() as conn:
-        # One snapshot for the run, its history, its mailbox and its relatives, as in
-        # get_run: a node's commit between the reads would show, say, a signal consumed by
-        # a node the run has not passed yet.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            run = await engine._read_run_history(conn, run_id)
-            mailbox = await conn.fetch(engine.queries["run_mailbox"], run_id)
-            relatives = await conn.fetch(engine.queries["run_relatives"], run_id)
+    # One snapshot for the run, its history, its mailbox and its relatives, as in get_run:
+    # a node's commit between the reads would show, say, a signal consumed by a node the
+    # run has not passed yet.
+    async with (
+        engine.read_pool.acquire() as conn,
+        conn.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        run = await engine._read_run_history(conn, run_id)
+        mailbox = await conn.fetch(engine.queries["run_mailbox"], run_id)
+        relatives = await conn.fetch(engine.queries["run_relatives"], run_id)
     data = {**run_to_json(run, journal=True), **summary(run), "result": run.result}
     data["mailbox"] = [
         {
