@@ -246,7 +246,9 @@ class Worker(Working):
                         self._finished()
                         self._left()
                         sizer.done(0, 0)
-                        await tx.rollback()
+                        # Committed, not rolled back: a claim that found only a job whose
+                        # run is gone deleted it (claim_v1).
+                        await tx.commit()
                         tx = None
                 except Exception as exc:
                     if conn is not None:

@@ -364,6 +364,11 @@ BEGIN
            v_suspicious
     FROM __SCHEMA__.runs r
     WHERE r.id = j.run_id;
+    IF NOT FOUND THEN
+        -- Its run is gone (jobs have no foreign key to runs, see sql/schema.sql): nothing
+        -- can serve the job, which would otherwise head the queue for good.
+        DELETE FROM __SCHEMA__.jobs WHERE jobs.id = j.id;
+    END IF;
 END
 $$;
 
@@ -421,6 +426,7 @@ DECLARE
     v_runs text[] := '{}';
     v_suspicious boolean[] := '{}';
     v_branch bigint;
+    v_count integer;
     v_now timestamptz := __SCHEMA__.now_v1();
     c refcursor;
 BEGIN
@@ -502,6 +508,12 @@ BEGIN
     JOIN __SCHEMA__.jobs b ON b.id = u.job
     JOIN __SCHEMA__.runs r ON r.id = b.run_id
     ORDER BY u.ord;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count < cardinality(v_ids) THEN
+        -- Jobs whose run is gone, as in claim_v1.
+        DELETE FROM __SCHEMA__.jobs b WHERE b.id = ANY (v_ids)
+          AND NOT EXISTS (SELECT 1 FROM __SCHEMA__.runs r WHERE r.id = b.run_id);
+    END IF;
 END
 $$;
 

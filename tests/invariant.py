@@ -1,6 +1,7 @@
 """The global invariant, checked after every test that had a database: every unfinished
-run has exactly the jobs its state needs, or a recorded reason to wait for none; and no
-workflow's bound on active runs is exceeded, nor a run queued for a slot while one is free.
+run has exactly the jobs its state needs, or a recorded reason to wait for none; no job
+names a run that does not exist (jobs have no foreign key to runs); and no workflow's
+bound on active runs is exceeded, nor a run queued for a slot while one is free.
 
 Written from the rules of the run's state (docs/architecture.md), not by calling
 ensure_jobs_v1, so that a wrong job set is caught whichever path produced it.
@@ -38,6 +39,11 @@ WHERE j.run_id IS NOT NULL
   -- a paused run's lease in flight is its holder's to settle
   AND NOT (j.lease_token IS NOT NULL AND EXISTS (
       SELECT 1 FROM durable.runs r WHERE r.id = j.run_id AND r.paused_at IS NOT NULL))
+"""
+ORPHANS = """
+SELECT j.id, j.run_id, j.task FROM durable.jobs j
+WHERE j.run_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM durable.runs r WHERE r.id = j.run_id)
 """
 
 
@@ -94,9 +100,10 @@ async def violations(dsn: str) -> list[str]:
         jobs: dict[str, Counter[tuple[str, str | None]]] = {}
         for job in await conn.fetch(JOBS):
             jobs.setdefault(job["run_id"], Counter())[(job["task"], job["branch"])] += 1
+        orphans = await conn.fetch(ORPHANS)
     finally:
         await conn.close()
-    found = []
+    found = [f"job {o['id']} ({o['task']}) names run {o['run_id']}, which does not exist" for o in orphans]
     for run in runs:
         found += bounds(run)
         have = jobs.get(run["id"], Counter())

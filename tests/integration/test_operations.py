@@ -314,6 +314,62 @@ async def test_purge_refuses_a_negative_age(db: Any) -> None:
             await engine.purge(older_than=timedelta(seconds=-1))
 
 
+
+# -- a job whose run is gone ---------------------------------------------------------------
+# jobs.run_id has no foreign key to the partitioned runs (migration 0012): a job can outlive
+# its run when a purge races a job insert. The claim that finds one deletes it.
+
+ORPHAN = (
+    "INSERT INTO durable.jobs (queue, task, run_id, priority) "
+    "VALUES ($1, 'advance', $2, 100) RETURNING id"
+)
+
+
+def tick() -> durable.Workflow:
+    wf = durable.Workflow("tick")
+
+    @wf.step()
+    async def only(ctx: durable.Context) -> int:
+        return 1
+
+    return wf
+
+
+async def test_a_job_whose_run_is_gone_is_deleted_by_the_claim_and_the_queue_goes_on(
+    db: Any,
+) -> None:
+    async with open_engine(db, tick()) as engine:
+        run_id = await engine.start("tick")
+        queue = await fetchval(engine, "SELECT queue FROM durable.runs WHERE id = $1", run_id)
+        # At the head of the queue (the highest priority): every claim finds it first.
+        orphan = await fetchval(engine, ORPHAN, queue, "01GONE0000000000000000000")
+        # One slot: the claim that finds the orphan returns no job, and its transaction must
+        # commit the deletion, or the orphan heads the queue again and the run is stranded.
+        async with engine.worker(concurrency=1, poll_interval=0.05):
+            assert await engine.wait(run_id, timeout=10) == {"only": 1}
+        assert (
+            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan)
+            == 0
+        )
+
+
+async def test_a_batch_claim_deletes_the_jobs_whose_run_is_gone(db: Any) -> None:
+    async with open_engine(db, tick()) as engine:
+        run_id = await engine.start("tick")
+        queue = await fetchval(engine, "SELECT queue FROM durable.runs WHERE id = $1", run_id)
+        orphan = await fetchval(engine, ORPHAN, queue, "01GONE0000000000000000000")
+        async with engine.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT * FROM durable.claim_batch_v1($1::text[], 4, '{}')", [queue]
+            )
+            # The orphan headed the queue; the batch holds the run's job.
+            assert [r["run_id"] for r in rows] == [run_id]
+        assert (
+            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan)
+            == 0
+        )
+
+
 # -- logs ----------------------------------------------------------------------------------
 
 
