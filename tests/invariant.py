@@ -103,7 +103,10 @@ async def violations(dsn: str) -> list[str]:
         orphans = await conn.fetch(ORPHANS)
     finally:
         await conn.close()
-    found = [f"job {o['id']} ({o['task']}) names run {o['run_id']}, which does not exist" for o in orphans]
+    found = [
+        f"job {o['id']} ({o['task']}) names run {o['run_id']}, which does not exist"
+        for o in orphans
+    ]
     for run in runs:
         found += bounds(run)
         have = jobs.get(run["id"], Counter())

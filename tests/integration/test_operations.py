@@ -314,7 +314,6 @@ async def test_purge_refuses_a_negative_age(db: Any) -> None:
             await engine.purge(older_than=timedelta(seconds=-1))
 
 
-
 # -- a job whose run is gone ---------------------------------------------------------------
 # jobs.run_id has no foreign key to the partitioned runs (migration 0012): a job can outlive
 # its run when a purge races a job insert. The claim that finds one deletes it.
@@ -348,8 +347,7 @@ async def test_a_job_whose_run_is_gone_is_deleted_by_the_claim_and_the_queue_goe
         async with engine.worker(concurrency=1, poll_interval=0.05):
             assert await engine.wait(run_id, timeout=10) == {"only": 1}
         assert (
-            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan)
-            == 0
+            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan) == 0
         )
 
 
@@ -365,8 +363,7 @@ async def test_a_batch_claim_deletes_the_jobs_whose_run_is_gone(db: Any) -> None
             # The orphan headed the queue; the batch holds the run's job.
             assert [r["run_id"] for r in rows] == [run_id]
         assert (
-            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan)
-            == 0
+            await fetchval(engine, "SELECT count(*) FROM durable.jobs WHERE id = $1", orphan) == 0
         )
 
 
